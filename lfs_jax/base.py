@@ -1,0 +1,85 @@
+"""The frozen base model and the concept list of a run, both from the config."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import jax
+import jax.numpy as jnp
+
+from lfs_jax import datasets
+from lfs_jax.errors import ConfigError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str, field: str):
+  if name not in DTYPES:
+    raise ConfigError(f"{field} must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
+def load_base(model_cfg, seed: int):
+  """The base Stable Diffusion as a `weights.Pipeline` (params in model.param_dtype).
+
+  Modules compute in model.compute_dtype; trainable leaves are kept in float32 by
+  the session code whatever the storage dtype of the frozen base.
+  """
+  from lfs_jax.models import tiny  # pylint: disable=g-import-not-at-top
+  from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
+
+  param_dtype = _dtype(model_cfg.param_dtype, "model.param_dtype")
+  compute = _dtype(model_cfg.compute_dtype, "model.compute_dtype")
+  if model_cfg.source == "tiny":
+    pipe = tiny.pipeline(seed, dtype=param_dtype, attention=model_cfg.attention)
+  elif model_cfg.source == "local":
+    if not model_cfg.path:
+      raise ConfigError(
+          "model.source='local' needs --config.model.path=/path/to/a diffusers "
+          "Stable Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)")
+    pipe = loaders.load_pipeline(model_cfg.path, dtype=param_dtype,
+                                 attention=model_cfg.attention,
+                                 variant=model_cfg.variant or None)
+  else:
+    raise ConfigError(f"model.source must be 'tiny' or 'local', got {model_cfg.source!r}")
+  return pipe._replace(unet=pipe.unet.clone(dtype=compute),
+                       vae=pipe.vae.clone(dtype=compute),
+                       text_encoder=pipe.text_encoder.clone(dtype=compute))
+
+
+def parse_classes(text: str) -> Dict[str, str]:
+  """"dog=dog,teddy=teddy bear" -> {"dog": "dog", "teddy": "teddy bear"}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    if "=" not in item:
+      raise ConfigError(f"data.classes entry {item!r} is not concept=class")
+    name, cls = (s.strip() for s in item.split("=", 1))
+    out[name] = cls
+  return out
+
+
+def session_specs(data_cfg) -> List[List[datasets.ConceptSpec]]:
+  """The concepts of each session, in order, from the dataset the config names."""
+  fmt = data_cfg.format
+  root = data_cfg.root
+  if fmt == "folders":
+    root = root or datasets.bundled_root()
+    found = datasets.read_folders(root, parse_classes(data_cfg.classes) or None)
+  elif fmt in ("dreambooth", "customconcept101"):
+    if not root:
+      raise ConfigError(f"data.format={fmt!r} needs --config.data.root=/path/to/dataset")
+    reader = datasets.read_dreambooth if fmt == "dreambooth" else datasets.read_customconcept101
+    found = reader(root)
+  else:
+    raise ConfigError(
+        f"data.format must be folders, dreambooth or customconcept101, got {fmt!r}")
+  if root and not os.path.isdir(root):
+    raise ConfigError(f"data.root {root!r} does not exist")
+  return datasets.select(found, data_cfg.sessions)
+
+
+def replicate(tree, mesh):
+  """Puts a tree on every device of the mesh."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, sharding)

@@ -1,0 +1,138 @@
+"""The Orbax layout of a run directory (DESIGN section 3).
+
+    <workdir>/config.json     resolved config (written once; a restart must match it)
+    <workdir>/concepts.json   the registry after the last finished session
+    <workdir>/sessions/<k>/   delta (selected UNet leaves + all token rows so far),
+                              context bank of session k's concepts, optimizer state,
+                              meta (registry, config)
+    <workdir>/progress/<s>/   the in-session train state at step s, for --resume
+
+Only the trainable delta is ever written, never the frozen base. A finished session
+is never rewritten. Orbax writes each checkpoint to a temporary directory and
+renames it when complete, so an interrupted save leaves no half-written session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+SESSIONS = "sessions"
+PROGRESS = "progress"
+
+
+class CheckpointError(RuntimeError):
+  """A run directory that cannot be used as asked (names what is wrong)."""
+
+
+def _manager(path: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(path),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False))
+
+
+def finished_sessions(workdir: str) -> List[int]:
+  """Session indices with a complete checkpoint, ascending."""
+  path = os.path.join(workdir, SESSIONS)
+  if not os.path.isdir(path):
+    return []
+  return sorted(_manager(path).all_steps())
+
+
+def save_session(workdir: str, session: int, *, delta, bank, opt_state,
+                 meta: Dict[str, Any]) -> None:
+  """Writes sessions/<session>/; refuses to overwrite a finished session."""
+  mngr = _manager(os.path.join(workdir, SESSIONS))
+  if session in mngr.all_steps():
+    raise CheckpointError(
+        f"session {session} already exists in {workdir}/{SESSIONS}: finished sessions "
+        "are never rewritten (use a new --workdir)")
+  mngr.save(session, args=ocp.args.Composite(
+      delta=ocp.args.StandardSave(delta),
+      bank=ocp.args.StandardSave(bank),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def restore_session(workdir: str, session: int, *, delta_target=None,
+                    bank_target=None, with_opt_state: bool = False) -> Dict[str, Any]:
+  """Reads sessions/<session>/: {"delta", "bank", "meta"[, "opt_state"]}.
+
+  Targets (abstract trees with shardings) place the arrays; without one the arrays
+  come back as stored.
+  """
+  mngr = _manager(os.path.join(workdir, SESSIONS))
+  if session not in mngr.all_steps():
+    raise CheckpointError(
+        f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
+  items = dict(delta=ocp.args.StandardRestore(delta_target),
+               bank=ocp.args.StandardRestore(bank_target),
+               meta=ocp.args.JsonRestore())
+  if with_opt_state:
+    items["opt_state"] = ocp.args.StandardRestore()
+  out = mngr.restore(session, args=ocp.args.Composite(**items))
+  mngr.close()
+  return dict(out.items())
+
+
+def save_progress(workdir: str, step: int, state, meta: Dict[str, Any], keep: int) -> None:
+  """Writes progress/<step>/ (the in-session TrainState), keeping the newest `keep`."""
+  mngr = _manager(os.path.join(workdir, PROGRESS), max_to_keep=keep)
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def latest_progress(workdir: str, state_target) -> Optional[Dict[str, Any]]:
+  """The newest progress checkpoint as {"state", "meta"}, or None."""
+  path = os.path.join(workdir, PROGRESS)
+  if not os.path.isdir(path):
+    return None
+  mngr = _manager(path)
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(state_target), meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return dict(out.items())
+
+
+def progress_meta(workdir: str) -> Optional[Dict[str, Any]]:
+  """The meta of the newest progress checkpoint (which session it belongs to), or None."""
+  path = os.path.join(workdir, PROGRESS)
+  if not os.path.isdir(path):
+    return None
+  mngr = _manager(path)
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
+  return meta
+
+
+def clear_progress(workdir: str) -> None:
+  """Drops the progress checkpoints once their session is saved for good."""
+  path = os.path.join(workdir, PROGRESS)
+  if os.path.isdir(path) and jax.process_index() == 0:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Process 0 writes run metadata; tmp file + rename so readers never see half a file."""
+  if jax.process_index() != 0:
+    return
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,146 @@
+"""The concept registry: modifier tokens, class words, photos and the session of each.
+
+Concept k (1-based, over the whole run) owns the token `token_format.format(k)`,
+which the tokenizer maps to id `vocab_size + k - 1`, i.e. row k-1 of the extra
+embedding table that the CLIP text model appends to its frozen vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from lfs_jax import data as data_lib
+from lfs_jax.datasets import ConceptSpec
+
+
+class ConceptError(ValueError):
+  """A concept that cannot join the registry (names it and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+  name: str                      # dataset name, e.g. "dog2"
+  token: str                     # modifier token, e.g. "<c3>"
+  class_word: str                # e.g. "dog"
+  initializer: str               # word whose embedding initialises the token row
+  session: int                   # 1-based session that learned it
+  images: Tuple[data_lib.ImageRecord, ...]
+  prompts: Tuple[str, ...] = ()  # evaluation prompts with "{}" for "<token> <class>"
+
+  def phrase(self) -> str:
+    """"<c3> dog": what "{}" in a template becomes."""
+    return f"{self.token} {self.class_word}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+  concepts: Tuple[Concept, ...] = ()
+
+  @property
+  def tokens(self) -> List[str]:
+    return [c.token for c in self.concepts]
+
+  def in_session(self, session: int) -> List[Concept]:
+    return [c for c in self.concepts if c.session == session]
+
+  def before(self, session: int) -> List[Concept]:
+    return [c for c in self.concepts if c.session < session]
+
+  def up_to(self, session: int) -> "Registry":
+    return Registry(tuple(c for c in self.concepts if c.session <= session))
+
+  def add_session(self, specs: Sequence[ConceptSpec], session: int, *,
+                  token_format: str, vocab: Sequence[str] = ()) -> "Registry":
+    """Returns a registry with `specs` learned in `session` (tokens numbered on).
+
+    Raises:
+      ConceptError: a concept without images, a name or token already taken, or a
+        token that is already a word of the tokenizer's vocabulary.
+    """
+    if any(c.session >= session for c in self.concepts):
+      raise ConceptError(f"session {session} is not after the registry's last session")
+    concepts = list(self.concepts)
+    names = {c.name for c in concepts}
+    vocab = set(vocab)
+    for spec in specs:
+      if not spec.images:
+        raise ConceptError(f"concept {spec.name!r} has no images")
+      if spec.name in names:
+        raise ConceptError(f"concept {spec.name!r} was already learned in an earlier session")
+      token = token_format.format(len(concepts) + 1)
+      if token in vocab or token in {c.token for c in concepts}:
+        raise ConceptError(
+            f"modifier token {token!r} for concept {spec.name!r} already exists in the "
+            "tokenizer; choose another concepts.token_format")
+      records = tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p)) for p in spec.images)
+      concepts.append(Concept(
+          name=spec.name, token=token, class_word=spec.class_word,
+          initializer=spec.class_word.split()[-1], session=session, images=records,
+          prompts=tuple(spec.prompts)))
+      names.add(spec.name)
+    return Registry(tuple(concepts))
+
+  def to_json(self) -> str:
+    return json.dumps([dataclasses.asdict(c) for c in self.concepts], indent=2)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Registry":
+    out = []
+    for d in json.loads(text):
+      d["images"] = tuple(data_lib.ImageRecord(**r) for r in d["images"])
+      d["prompts"] = tuple(d["prompts"])
+      out.append(Concept(**d))
+    return cls(tuple(out))
+
+  def save(self, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(self.to_json())
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "Registry":
+    with open(path) as f:
+      return cls.from_json(f.read())
+
+
+def add_tokens(tokenizer, registry: Registry, vocab_size: int) -> None:
+  """Adds the registry's tokens to `tokenizer` so token k-1 gets id vocab_size + k-1."""
+  if len(tokenizer) < vocab_size:
+    raise ConceptError(
+        f"the tokenizer has {len(tokenizer)} entries but the text encoder {vocab_size}")
+  for i, token in enumerate(registry.tokens):
+    want = vocab_size + i
+    have = tokenizer.convert_tokens_to_ids(token)
+    if have == want:
+      continue
+    if len(tokenizer) != want:
+      raise ConceptError(
+          f"cannot give {token!r} id {want}: the tokenizer already has {len(tokenizer)} "
+          "entries (a tokenizer with added tokens of its own is not supported)")
+    tokenizer.add_tokens([token])
+    if tokenizer.convert_tokens_to_ids(token) != want:
+      raise ConceptError(f"tokenizer gave {token!r} an unexpected id")
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> np.ndarray:
+  """Prompts -> int32 ids [N, max_length] (padded, truncated), as SD pipelines do."""
+  out = tokenizer(list(prompts), padding="max_length", max_length=max_length,
+                  truncation=True, return_tensors="np")
+  return np.asarray(out["input_ids"], np.int32)
+
+
+def initial_rows(tokenizer, concepts: Sequence[Concept], table: np.ndarray) -> np.ndarray:
+  """Initial embedding rows [len(concepts), D]: the mean embedding of each initializer."""
+  rows = []
+  for c in concepts:
+    ids = tokenizer(c.initializer, add_special_tokens=False)["input_ids"]
+    if not ids:
+      raise ConceptError(f"initializer word {c.initializer!r} of {c.name!r} has no tokens")
+    rows.append(np.asarray(table)[ids].mean(axis=0))
+  return np.stack(rows).astype(np.float32) if rows else np.zeros((0, table.shape[1]), np.float32)

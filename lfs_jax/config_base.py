@@ -1,0 +1,86 @@
+"""Every config field of lfs_jax, with its default and what it means.
+
+The files in configs/ start from `get_config()` and change what their setup needs;
+nothing in the library reads a field that is not defined here (strict `cfg.x`
+access on a locked ConfigDict), so a typo on the command line is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The defaults: the tiny in-process model on the bundled photos (CPU, minutes)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # the one seed; everything random is split from it
+  c.method = "lfs"                # "lfs" (DFKD; ICGen at sampling) | "custom_diffusion" (sequential baseline)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "tiny"         # "tiny": random tiny SD built in process | "local": diffusers folder at model.path
+  c.model.path = ""               # local Stable Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)
+  c.model.variant = ""            # weight-file variant to read, e.g. "fp16"; "" = plain files
+  c.model.param_dtype = "float32"   # storage dtype of the frozen base: float32 | bfloat16
+  c.model.compute_dtype = "float32"  # activations: float32 | bfloat16 (trainable weights stay float32)
+  c.model.attention = "xla"       # attention kernel: xla | cudnn | auto
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "folders"       # folders | dreambooth | customconcept101
+  c.data.root = ""                # dataset folder; "" = the bundled 64 px DreamBooth photos
+  c.data.classes = "dog=dog,cat=cat,dog2=dog"  # folders format: concept=class word, comma separated
+  c.data.sessions = "dog;cat;dog2"  # session order: ';' between sessions, ',' within one
+  c.data.resolution = 32          # training image size in pixels
+  c.data.flip = True              # random horizontal flip (applied to the latents)
+  c.data.rescale = True           # Custom Diffusion's random rescale with a loss mask
+  c.data.rescale_min = 0.4        # [choice] range of the rescale factor (done in latent space)
+  c.data.rescale_max = 1.4
+
+  c.concepts = ml_collections.ConfigDict()
+  c.concepts.token_format = "<c{}>"  # modifier token of the k-th concept (1-based)
+  c.concepts.templates = ("photo of a {}", "a photo of a {}", "a picture of a {}")
+  # ^ training prompts; "{}" becomes "<token> <class>" (or "<class>" for DFKD class prompts)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 40              # optimiser steps per session
+  c.train.batch_size = 2          # concept images per step
+  c.train.learning_rate = 1e-5    # Custom Diffusion's base rate ...
+  c.train.scale_lr = True         # ... multiplied by the batch size
+  c.train.weight_decay = 1e-2
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-8
+  c.train.grad_clip = 1.0         # global-norm clip
+  c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn
+  c.train.train_tokens = True     # learn the new modifier tokens' embedding rows
+  c.train.log_every = 10          # steps between metric syncs (progress bar, TensorBoard)
+  c.train.progress_every = 20     # steps between in-session progress checkpoints (0 = never)
+
+  c.kd = ml_collections.ConfigDict()
+  c.kd.weight = 1.0               # lambda of the DFKD loss (ignored for method=custom_diffusion)
+  c.kd.mode = "trajectory"        # noise: z at t=T-1 | trajectory: points of the teacher's DDIM path from z
+  c.kd.steps = 4                  # T_tau: DDIM steps of the teacher trajectory
+  c.kd.prompts = "class,previous,empty"  # DFKD conditions: any of class, previous, empty
+  c.kd.batch_size = 2             # pure-noise latents per step
+  c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep_progress = 1  # progress checkpoints kept within a session
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # devices on the data axis (-1 = all that remain)
+  c.mesh.fsdp = 1                 # devices that shard the frozen base
+  return c
+
+
+def use_local_sd(c: ml_collections.ConfigDict, resolution: int) -> ml_collections.ConfigDict:
+  """Switches a config to a local Stable Diffusion folder with Custom Diffusion's recipe."""
+  c.model.source = "local"
+  c.model.path = ""               # required: --config.model.path=/path/to/model
+  c.model.compute_dtype = "bfloat16"
+  c.model.attention = "auto"
+  c.data.root = ""                # required: your concept folders
+  c.data.resolution = resolution
+  c.train.steps = 250             # Custom Diffusion's single-concept recipe
+  c.train.batch_size = 8
+  c.train.log_every = 25
+  c.train.progress_every = 100
+  c.kd.batch_size = 8
+  return c

@@ -1,0 +1,407 @@
+"""Dataset adapters: folders of few-shot photos -> ConceptSpec (name, class, images, prompts).
+
+Three layouts are read; none decodes an image (lfs_jax.data does that):
+
+- DreamBooth (github.com/google/dreambooth, folder `dataset/`): one folder per
+  subject and `prompts_and_classes.txt` with the subject->class table and the two
+  prompt lists of the paper, written as Python `'a {0} {1} ...'.format(unique_token,
+  class_token)` lines. They are parsed with regular expressions, never evaluated.
+- Plain folders: `root/<concept>/*.{jpg,jpeg,png,webp}` with class words from an
+  argument, `root/<concept>/class.txt` or `root/classes.txt`.
+- CustomConcept101 (github.com/adobe-research/custom-diffusion, folder
+  `customconcept101/`): `dataset.json` plus `prompts/*.txt` and the unzipped
+  `benchmark_dataset/`.
+
+Prompts keep one `{}` where "<token> <class>" goes ("a {} in the jungle" ->
+"a <c1> dog in the jungle"); fill them with `ConceptSpec.render(token)`, not
+`str.format` (a prompt may hold other braces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from lfs_jax import data as data_lib
+
+PLACEHOLDER = "{}"
+# Generic evaluation prompts for the plain-folder layout (no prompts.txt).
+DEFAULT_PROMPTS = (
+    "photo of a {}",
+    "a {} on the beach",
+    "a {} in the snow",
+    "a {} in the jungle",
+    "a {} on a cobblestone street",
+    "a {} with a city in the background",
+    "a {} on top of a wooden floor",
+    "a watercolor painting of a {}",
+)
+# DreamBooth's README: "9 out of these subjects are live subjects (dogs and cats)".
+# A subject is live iff its class word is one of these (cat, cat2, dog, dog2, dog3,
+# dog5, dog6, dog7, dog8; backpack_dog is a backpack, an object).
+DREAMBOOTH_LIVE_CLASSES = ("dog", "cat")
+DREAMBOOTH_FILE = "prompts_and_classes.txt"
+# Image types we refuse loudly inside a concept folder instead of skipping silently.
+_REFUSED_IMAGE_EXTENSIONS = (".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+                             ".jxl", ".jp2", ".ico", ".ppm", ".pgm", ".tga")
+
+# Class words of the bundled 64 px DreamBooth photos (bundled_root(); see its
+# NOTICE.md), for the tiny config: read_folders(bundled_root(), bundled_classes).
+bundled_classes = {"dog": "dog", "cat": "cat", "dog2": "dog"}
+
+
+class DatasetError(ValueError):
+  """A dataset layout that cannot be read (names the file or folder)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptSpec:
+  """One concept to learn: its photos and the prompts that evaluate it.
+
+  Attributes:
+    name: subject folder name, e.g. "dog2".
+    class_word: e.g. "dog", "stuffed animal".
+    images: sorted absolute image paths.
+    prompts: evaluation prompts, each with exactly one "{}" for "<token> <class>".
+  """
+  name: str
+  class_word: str
+  images: Tuple[str, ...]
+  prompts: Tuple[str, ...]
+
+  def __post_init__(self):
+    if not self.name:
+      raise DatasetError("a concept needs a non-empty name")
+    if not self.class_word or not self.class_word.strip():
+      raise DatasetError(f"concept {self.name!r}: empty class word")
+    if not self.images:
+      raise DatasetError(f"concept {self.name!r}: no images")
+    if not self.prompts:
+      raise DatasetError(f"concept {self.name!r}: no prompts")
+    for p in self.prompts:
+      if p.count(PLACEHOLDER) != 1:
+        raise DatasetError(
+            f"concept {self.name!r}: prompt {p!r} must hold exactly one '{{}}'")
+
+  def render(self, token: str) -> Tuple[str, ...]:
+    """The prompts with "{}" replaced by "<token> <class_word>"."""
+    return tuple(p.replace(PLACEHOLDER, f"{token} {self.class_word}") for p in self.prompts)
+
+
+def bundled_root() -> str:
+  """The folder of bundled 64 px photos (dog/, cat/, dog2/; 3 jpgs each)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "concepts")
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+
+def _read_text(path: str, what: str) -> str:
+  if not os.path.isfile(path):
+    raise DatasetError(f"{what} {path} is missing")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      return f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DatasetError(f"cannot read {what} {path}: {e}") from None
+
+
+def _list_images(folder: str, concept: str) -> Tuple[str, ...]:
+  """Sorted absolute paths of the photos directly inside `folder`."""
+  if not os.path.isdir(folder):
+    raise DatasetError(f"image folder {folder} of concept {concept!r} does not exist")
+  found = []
+  for n in sorted(os.listdir(folder)):
+    full = os.path.join(folder, n)
+    if n.startswith(".") or not os.path.isfile(full):
+      continue
+    ext = os.path.splitext(n)[1].lower()
+    if ext in data_lib.ALLOWED_EXTENSIONS:
+      found.append(os.path.abspath(full))
+    elif ext in _REFUSED_IMAGE_EXTENSIONS:
+      raise DatasetError(
+          f"{full}: {ext} images are not supported (allowed: "
+          f"{', '.join(data_lib.ALLOWED_EXTENSIONS)}); convert or remove it")
+  if not found:
+    raise DatasetError(f"image folder {folder} of concept {concept!r} holds no "
+                       f"{'/'.join(data_lib.ALLOWED_EXTENSIONS)} images")
+  return tuple(found)
+
+
+def _read_prompt_file(path: str) -> Tuple[str, ...]:
+  """One prompt per line, each with exactly one "{}"; blank and '#' lines skipped."""
+  prompts = []
+  for i, line in enumerate(_read_text(path, "prompt file").splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    if line.count(PLACEHOLDER) != 1:
+      raise DatasetError(f"{path}:{i}: prompt {line!r} must hold exactly one '{{}}' "
+                         "(where '<token> <class>' goes)")
+    prompts.append(line)
+  if not prompts:
+    raise DatasetError(f"prompt file {path} holds no prompts")
+  return tuple(prompts)
+
+
+def _read_class_table(path: str) -> Dict[str, str]:
+  """'name,class' lines (blank, '#' and a 'subject_name,class' header skipped)."""
+  table: Dict[str, str] = {}
+  for i, line in enumerate(_read_text(path, "class table").splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#") or line.replace(" ", "") in (
+        "subject_name,class", "name,class"):
+      continue
+    name, sep, cls = line.partition(",")
+    name, cls = name.strip(), cls.strip()
+    if not sep or not name or not cls:
+      raise DatasetError(f"{path}:{i}: expected 'name,class', got {line!r}")
+    if name in table:
+      raise DatasetError(f"{path}:{i}: concept {name!r} listed twice")
+    table[name] = cls
+  return table
+
+
+# ---------------------------------------------------------------------------
+# DreamBooth
+
+# 'a {0} {1} in the jungle'.format(unique_token, class_token),   (quotes ' or ")
+_DB_PROMPT = re.compile(
+    r"""^\s*(?P<q>['"])(?P<t>.*)(?P=q)\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)"""
+    r"""\s*,?\s*$""")
+_DB_CLASS_ROW = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*,\s*(\S.*?)\s*$")
+
+
+def _dreambooth_template(path: str, lineno: int, t: str) -> str:
+  if t.count("{0} {1}") != 1 or t.replace("{0} {1}", "").count("{") != 0:
+    raise DatasetError(f"{path}:{lineno}: prompt {t!r} does not hold '{{0}} {{1}}' "
+                       "exactly once (token then class)")
+  return t.replace("{0} {1}", PLACEHOLDER)
+
+
+def _parse_dreambooth(path: str) -> Tuple[Dict[str, str], Tuple[str, ...], Tuple[str, ...]]:
+  """(subject -> class, object prompts, live prompts) from prompts_and_classes.txt."""
+  lines = _read_text(path, "DreamBooth table").splitlines()
+  heads = {}
+  for i, line in enumerate(lines):
+    key = line.strip().lower()
+    if key in ("subject_name,class", "object prompts", "live subject prompts"):
+      heads.setdefault(key, i)
+  for key in ("subject_name,class", "object prompts", "live subject prompts"):
+    if key not in heads:
+      raise DatasetError(f"{path}: no {key!r} line; is this DreamBooth's {DREAMBOOTH_FILE}?")
+  if not heads["subject_name,class"] < heads["object prompts"] < heads["live subject prompts"]:
+    raise DatasetError(f"{path}: expected the class table, then 'Object Prompts', then "
+                       "'Live Subject Prompts'")
+
+  classes: Dict[str, str] = {}
+  for i in range(heads["subject_name,class"] + 1, heads["object prompts"]):
+    line = lines[i].strip()
+    if not line:
+      if classes:
+        break  # the table ends at its first blank line
+      continue
+    m = _DB_CLASS_ROW.match(line)
+    if not m:
+      if classes:
+        break  # e.g. the "Prompts" title after the table
+      raise DatasetError(f"{path}:{i + 1}: expected 'subject,class', got {line!r}")
+    if m.group(1) in classes:
+      raise DatasetError(f"{path}:{i + 1}: subject {m.group(1)!r} listed twice")
+    classes[m.group(1)] = m.group(2)
+  if not classes:
+    raise DatasetError(f"{path}: the subject_name,class table is empty")
+
+  def prompts(start: int, stop: int, section: str) -> Tuple[str, ...]:
+    out = []
+    for i in range(start, stop):
+      line = lines[i].strip()
+      if line[:1] in ("'", '"') or "format(" in line:
+        m = _DB_PROMPT.match(line)
+        if not m:
+          raise DatasetError(f"{path}:{i + 1}: cannot parse prompt line {line!r}")
+        out.append(_dreambooth_template(path, i + 1, m.group("t")))
+    if not out:
+      raise DatasetError(f"{path}: no prompts under {section!r}")
+    return tuple(out)
+
+  obj = prompts(heads["object prompts"] + 1, heads["live subject prompts"], "Object Prompts")
+  live = prompts(heads["live subject prompts"] + 1, len(lines), "Live Subject Prompts")
+  return classes, obj, live
+
+
+def read_dreambooth(root: str) -> Dict[str, ConceptSpec]:
+  """Reads the DreamBooth dataset.
+
+  Args:
+    root: the `dataset/` folder (holding prompts_and_classes.txt and one folder per
+      subject), or its parent.
+
+  Returns:
+    {subject: ConceptSpec} in the table's order; dog*/cat* subjects (class "dog" or
+    "cat") get the 25 live-subject prompts, the others the 25 object prompts.
+  """
+  if not os.path.isdir(root):
+    raise DatasetError(f"DreamBooth folder {root} does not exist")
+  if not os.path.isfile(os.path.join(root, DREAMBOOTH_FILE)) and os.path.isfile(
+      os.path.join(root, "dataset", DREAMBOOTH_FILE)):
+    root = os.path.join(root, "dataset")
+  classes, obj, live = _parse_dreambooth(os.path.join(root, DREAMBOOTH_FILE))
+  out = {}
+  for name, cls in classes.items():
+    out[name] = ConceptSpec(
+        name=name, class_word=cls,
+        images=_list_images(os.path.join(root, name), name),
+        prompts=live if cls in DREAMBOOTH_LIVE_CLASSES else obj)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Plain folders
+
+def read_folders(root: str, classes: Optional[Mapping[str, str]] = None
+                 ) -> Dict[str, ConceptSpec]:
+  """Reads `root/<concept>/*.{jpg,jpeg,png,webp}`, one concept per sub-folder.
+
+  Class words come from `classes` if it names the concept, else from
+  `root/<concept>/class.txt` (one line) or `root/classes.txt` ('name,class' lines);
+  the two files must agree when both name a concept. Prompts come from
+  `root/<concept>/prompts.txt`, else `root/prompts.txt`, else DEFAULT_PROMPTS (one
+  per line, each with one "{}").
+
+  Args:
+    root: the folder of concept folders.
+    classes: optional {concept: class word}; every concept it names must exist.
+
+  Returns:
+    {concept: ConceptSpec}, sorted by name.
+  """
+  if not os.path.isdir(root):
+    raise DatasetError(f"concept folder {root} does not exist")
+  names = sorted(n for n in os.listdir(root)
+                 if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+  if not names:
+    raise DatasetError(f"{root} holds no concept folders (expected root/<concept>/*.jpg)")
+  classes = dict(classes or {})
+  table_path = os.path.join(root, "classes.txt")
+  table = _read_class_table(table_path) if os.path.isfile(table_path) else {}
+  for n, source in [(n, "the classes argument") for n in classes] + [
+      (n, table_path) for n in table]:
+    if n not in names:
+      raise DatasetError(f"{source} names concept {n!r} but {os.path.join(root, n)} "
+                         "does not exist")
+  root_prompts_path = os.path.join(root, "prompts.txt")
+  root_prompts = (_read_prompt_file(root_prompts_path)
+                  if os.path.isfile(root_prompts_path) else DEFAULT_PROMPTS)
+
+  out = {}
+  for n in names:
+    folder = os.path.join(root, n)
+    own_path = os.path.join(folder, "class.txt")
+    own = _read_text(own_path, "class file").strip() if os.path.isfile(own_path) else None
+    if own is not None and (not own or "\n" in own):
+      raise DatasetError(f"{own_path} must hold one class word on one line, got {own!r}")
+    if n in classes:
+      cls = classes[n]
+    else:
+      if own is not None and n in table and own != table[n]:
+        raise DatasetError(f"class of {n!r} disagrees: {own!r} in {own_path}, "
+                           f"{table[n]!r} in {table_path}")
+      cls = own if own is not None else table.get(n)
+    if not cls:
+      raise DatasetError(
+          f"concept {n!r} ({folder}) has no class word: pass classes={{{n!r}: ...}}, "
+          f"write {own_path} or add '{n},<class>' to {table_path}")
+    prompts_path = os.path.join(folder, "prompts.txt")
+    prompts = (_read_prompt_file(prompts_path) if os.path.isfile(prompts_path)
+               else root_prompts)
+    out[n] = ConceptSpec(name=n, class_word=cls, images=_list_images(folder, n),
+                         prompts=prompts)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# CustomConcept101
+
+_CC101_KEYS = ("class_prompt", "instance_data_dir", "prompt_filename")
+
+
+def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
+  """Reads CustomConcept101's single-concept benchmark.
+
+  Layout (adobe-research/custom-diffusion, folder customconcept101/, with
+  benchmark_dataset.zip unzipped into it): `root/dataset.json` is a list of entries
+  {"class_prompt": "dog", "instance_data_dir": "./benchmark_dataset/pet_dog1",
+  "prompt_filename": "prompts/dog.txt", "instance_prompt": ..., "class_data_dir":
+  ...}; both paths are relative to `root`. A prompt file holds one prompt per line
+  with "{}" for "<token> <class>" ("{} swimming in a pool."). The multi-concept
+  file (dataset_multiconcept.json, "{0}"/"{1}" prompts) is not read.
+
+  Returns:
+    {instance dir basename: ConceptSpec} in the file's order.
+  """
+  if not os.path.isdir(root):
+    raise DatasetError(f"CustomConcept101 folder {root} does not exist")
+  path = os.path.join(root, "dataset.json")
+  try:
+    entries = json.loads(_read_text(path, "CustomConcept101 index"))
+  except json.JSONDecodeError as e:
+    raise DatasetError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(entries, list) or not entries:
+    raise DatasetError(f"{path} must be a non-empty JSON list of concept entries")
+  out: Dict[str, ConceptSpec] = {}
+  prompt_cache: Dict[str, Tuple[str, ...]] = {}
+  for i, e in enumerate(entries):
+    if not isinstance(e, dict):
+      raise DatasetError(f"{path}: entry {i} is not an object")
+    missing = [k for k in _CC101_KEYS if not isinstance(e.get(k), str) or not e[k].strip()]
+    if missing:
+      raise DatasetError(f"{path}: entry {i} lacks {', '.join(missing)}")
+    folder = os.path.normpath(os.path.join(root, e["instance_data_dir"]))
+    name = os.path.basename(folder)
+    if name in out:
+      raise DatasetError(f"{path}: entry {i} repeats concept {name!r}")
+    prompt_path = os.path.normpath(os.path.join(root, e["prompt_filename"]))
+    if prompt_path not in prompt_cache:
+      prompt_cache[prompt_path] = _read_prompt_file(prompt_path)
+    out[name] = ConceptSpec(name=name, class_word=e["class_prompt"].strip(),
+                            images=_list_images(folder, name),
+                            prompts=prompt_cache[prompt_path])
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Sessions
+
+def select(concepts: Mapping[str, ConceptSpec], sessions: str) -> List[List[ConceptSpec]]:
+  """Orders concepts into sessions: "dog,cat;dog2" -> [[dog, cat], [dog2]].
+
+  Sessions are separated by ';', concepts within one by ','; spaces are ignored.
+  A concept may appear only once in the whole run.
+  """
+  if not isinstance(sessions, str) or not sessions.strip():
+    raise DatasetError("no sessions given (expected e.g. 'dog,cat;dog2')")
+  known = ", ".join(sorted(concepts))
+  seen: Dict[str, int] = {}
+  out = []
+  for k, part in enumerate(sessions.split(";"), 1):
+    names = [n.strip() for n in part.split(",")]
+    if not part.strip():
+      raise DatasetError(f"session {k} of {sessions!r} is empty")
+    session = []
+    for n in names:
+      if not n:
+        raise DatasetError(f"session {k} of {sessions!r} has an empty concept name")
+      if n not in concepts:
+        raise DatasetError(f"unknown concept {n!r} in session {k}; known: {known}")
+      if n in seen:
+        where = "twice in that session" if seen[n] == k else f"also in session {seen[n]}"
+        raise DatasetError(f"concept {n!r} in session {k} is {where}; each concept is "
+                           "learned once")
+      seen[n] = k
+      session.append(concepts[n])
+    out.append(session)
+  return out

@@ -1,0 +1,54 @@
+"""Command line: `python -m lfs_jax.main --config=configs/tiny.py --workdir=DIR`.
+
+Modes: train (default) runs every session of the config that the run directory
+has not finished yet.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "tiny.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "ml_collections config file (configs/*.py[:arg]).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+_RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lfs_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from lfs_jax.train import session  # pylint: disable=g-import-not-at-top
+
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  try:
+    results = session.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+  except session.Preempted as e:
+    print(f"preempted: {e}; continue with --resume", file=sys.stderr)
+    return 0
+  except (ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for r in results:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in r.items()))
+  print(f"run directory: {os.path.abspath(_WORKDIR.value)}")
+  return 0
+
+
+def run():
+  """Console-script entry point (`lfs-jax`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,227 @@
+"""The session loss: denoising on the concept photos plus data-free distillation.
+
+Everything here is a pure function of arrays; the modules (UNet, text encoder) and
+the static `LossSpec` come in as arguments, never closed-over weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from lfs_jax.diffusion import schedule as schedule_lib
+from lfs_jax.diffusion import steps as steps_lib
+from lfs_jax.train import params as params_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static (hashable) description of the loss; built once from the config."""
+  batch_size: int
+  kd_batch_size: int
+  kd_weight: float
+  use_kd: bool               # False for method=custom_diffusion (no teacher at all)
+  kd_points: int             # points per teacher trajectory (1 = kd.mode "noise")
+  kd_cached: bool            # targets from a per-session cache instead of fresh teacher calls
+  flip: bool
+  rescale: bool
+  rescale_min: float
+  rescale_max: float
+  scaling_factor: float      # VAE latent scale
+  scheduler: Any             # diffusion.schedule.SchedulerConfig (frozen dataclass)
+  batch_sharding: Any = None  # NamedSharding splitting the UNet batch over the data axis
+
+
+class SessionData(NamedTuple):
+  """Device arrays of one session, built once at its start."""
+  latent_mean: jax.Array     # [N, h, w, c] VAE posterior means of the photos (unscaled)
+  latent_logvar: jax.Array   # [N, h, w, c]
+  prompt_ids: jax.Array      # [N, n_templates, L] int32: each photo's concept prompts
+  kd_context: jax.Array      # [NC, L, D] text embeddings of the DFKD conditions
+  kd_cache: Optional[Dict[str, jax.Array]] = None  # x, t, cond, target (see kd_cache)
+
+
+class Models(NamedTuple):
+  """The Flax modules (structure only; hashable, so static under jit)."""
+  unet: Any
+  text: Any
+
+
+def trajectory_timesteps(num_train_timesteps: int, points: int) -> jax.Array:
+  """[choice] DFKD points: T-1 (pure noise) then evenly spaced down, e.g. 999,749,499,249."""
+  stride = num_train_timesteps // points
+  return jnp.asarray([num_train_timesteps - 1 - i * stride for i in range(points)], jnp.int32)
+
+
+def teacher_trajectory(models: Models, unet_params, schedule, spec: LossSpec,
+                       z: jax.Array, context: jax.Array):
+  """Runs the teacher from pure noise z along `spec.kd_points` DDIM (eta=0) steps.
+
+  Args:
+    unet_params: the full teacher UNet tree.
+    z: [K, h, w, c] Gaussian noise (the input at t = T-1).
+    context: [K, L, D] text conditions.
+
+  Returns:
+    (xs [P, K, h, w, c], ts [P], outputs [P, K, h, w, c]): the points of the path and
+    the teacher's predictions there; no gradient flows through them.
+  """
+  ts = trajectory_timesteps(spec.scheduler.num_train_timesteps, spec.kd_points)
+  prev = jnp.concatenate([ts[1:], jnp.asarray([-1], jnp.int32)])
+
+  def body(x, tt):
+    t, t_prev = tt
+    out = models.unet.apply({"params": unet_params}, x,
+                            jnp.full((x.shape[0],), t, jnp.int32), context)
+    x_next = steps_lib.ddim_step(schedule, spec.scheduler, out, t, t_prev, x, 0.0,
+                                 jnp.zeros_like(x))
+    return x_next, (x, out)
+
+  _, (xs, outs) = jax.lax.scan(body, z, (ts, prev))
+  return jax.lax.stop_gradient(xs), ts, jax.lax.stop_gradient(outs)
+
+
+def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec) -> Tuple[jax.Array, jax.Array]:
+  """Random flip and Custom Diffusion's random rescale, on latents [B, h, w, c].
+
+  [choice] The rescale happens in latent space (latents are encoded once per
+  session): a factor s in [min, max] shrinks the latent into a random spot of a
+  zero canvas (s < 1) or zooms into a random crop (s > 1); the returned mask
+  [B, h, w, 1] keeps the loss to where the photo is.
+  """
+  b, h, w, _ = z.shape
+  k_flip, k_scale, k_pos = jax.random.split(rng, 3)
+  if spec.flip:
+    flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+    z = jnp.where(flip, z[:, :, ::-1, :], z)
+  mask = jnp.ones((b, h, w, 1), z.dtype)
+  if spec.rescale:
+    s = jax.random.uniform(k_scale, (b,), minval=spec.rescale_min, maxval=spec.rescale_max)
+    # translation puts the scaled image at a random offset inside (or over) the canvas
+    u = jax.random.uniform(k_pos, (b, 2))
+    size = jnp.asarray([h, w], z.dtype)
+    trans = u * (size[None] - s[:, None] * size[None])
+
+    def one(img, m, scale, tr):
+      sc = jnp.stack([scale, scale])
+      img = jax.image.scale_and_translate(img, img.shape, (0, 1), sc, tr, "linear")
+      m = jax.image.scale_and_translate(m, m.shape, (0, 1), sc, tr, "linear")
+      return img, m
+
+    z, mask = jax.vmap(one)(z, mask, s, trans)
+    mask = (mask > 0.5).astype(z.dtype)
+  return z, mask
+
+
+def _text(models: Models, text_params, rows, ids):
+  return models.text.apply({"params": text_params}, ids, extra_embeddings=rows)
+
+
+def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
+            models: Models, spec: LossSpec):
+  """Total loss and metrics for one step.
+
+  Args:
+    trainable: {"unet": selected UNet leaves, "tokens": [n_new, D] new token rows}.
+    frozen: {"unet": the other UNet leaves, "text": text encoder, "old_tokens": [n_old, D]}.
+    teacher: {"unet": the previous session's selected leaves} or None (no DFKD).
+    batch: the session's SessionData.
+    schedule: diffusion.schedule.NoiseSchedule.
+    rng: this step's key.
+
+  Returns:
+    (loss, {"denoise": ..., "kd": ...}).
+  """
+  k_idx, k_lat, k_aug, k_noise, k_t, k_tpl, k_kd = jax.random.split(rng, 7)
+  n = batch.latent_mean.shape[0]
+  idx = jax.random.randint(k_idx, (spec.batch_size,), 0, n)
+  mean, logvar = batch.latent_mean[idx], batch.latent_logvar[idx]
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
+  z, mask = _augment(z * spec.scaling_factor, k_aug, spec)
+  noise = jax.random.normal(k_noise, z.shape, z.dtype)
+  t = jax.random.randint(k_t, (spec.batch_size,), 0, spec.scheduler.num_train_timesteps)
+  x_t = schedule_lib.add_noise(schedule, z, noise, t)
+  target = schedule_lib.training_target(schedule, spec.scheduler.prediction_type, z, noise, t)
+  tpl = jax.random.randint(k_tpl, (spec.batch_size,), 0, batch.prompt_ids.shape[1])
+  ids = batch.prompt_ids[idx, tpl]
+  rows = jnp.concatenate([frozen["old_tokens"], trainable["tokens"]], axis=0)
+  context = _text(models, frozen["text"], rows, ids)
+  unet_params = params_lib.merge(trainable["unet"], frozen["unet"])
+
+  x_in, t_in, c_in = x_t, t, context
+  if spec.use_kd:
+    x_kd, t_kd, c_kd, target_kd = _kd_inputs(teacher, frozen, batch, schedule, k_kd,
+                                             models=models, spec=spec)
+    x_in = jnp.concatenate([x_t, x_kd.astype(x_t.dtype)])
+    t_in = jnp.concatenate([t, t_kd])
+    c_in = jnp.concatenate([context, c_kd.astype(context.dtype)])
+  if spec.batch_sharding is not None:
+    x_in, t_in, c_in = (jax.lax.with_sharding_constraint(a, spec.batch_sharding)
+                        for a in (x_in, t_in, c_in))
+  out = models.unet.apply({"params": unet_params}, x_in, t_in, c_in).astype(jnp.float32)
+  out_data = out[:spec.batch_size]
+
+  sq = jnp.square(out_data - target.astype(jnp.float32)) * mask
+  per_image = sq.sum(axis=(1, 2, 3)) / (mask.sum(axis=(1, 2, 3)) * z.shape[-1])
+  denoise = per_image.mean()
+  metrics = {"denoise": denoise}
+  loss = denoise
+  if spec.use_kd:
+    kd = jnp.mean(jnp.square(out[spec.batch_size:] - target_kd.astype(jnp.float32)))
+    loss = loss + spec.kd_weight * kd
+    metrics["kd"] = kd
+  return loss, metrics
+
+
+def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, spec):
+  """(x, t, context, teacher output) for `spec.kd_batch_size` distillation points."""
+  k = spec.kd_batch_size
+  k_pick, k_z, k_c, k_p = jax.random.split(rng, 4)
+  if spec.kd_cached:
+    cache = batch.kd_cache
+    j = jax.random.randint(k_pick, (k,), 0, cache["x"].shape[0])
+    return cache["x"][j], cache["t"][j], batch.kd_context[cache["cond"][j]], cache["target"][j]
+  shape = (k,) + batch.latent_mean.shape[1:]
+  z = jax.random.normal(k_z, shape, jnp.float32)
+  cond = jax.random.randint(k_c, (k,), 0, batch.kd_context.shape[0])
+  context = batch.kd_context[cond]
+  teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
+  xs, ts, outs = teacher_trajectory(models, teacher_unet, schedule, spec, z, context)
+  p = jax.random.randint(k_p, (k,), 0, spec.kd_points)
+  rows = jnp.arange(k)
+  return xs[p, rows], ts[p], context, outs[p, rows]
+
+
+def kd_cache(teacher, frozen, kd_context, schedule, rng, *, size: int,
+             latent_shape: Tuple[int, int, int], models: Models,
+             spec: LossSpec) -> Dict[str, jax.Array]:
+  """Teacher targets for `size` noises, all trajectory points: computed once a session.
+
+  The teacher is frozen for the whole session, so its prediction at a given
+  (x, t, condition) never changes; caching trades memory (size x points latents)
+  for the teacher forwards of every step.
+
+  Returns:
+    {"x": [size*P, h, w, c], "t": [size*P], "cond": [size*P], "target": [size*P, h, w, c]}.
+  """
+  k_z, k_c = jax.random.split(rng)
+  chunk = spec.kd_batch_size
+  n_chunks = -(-size // chunk)
+  teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
+  shape = (n_chunks, chunk) + tuple(latent_shape)
+  z = jax.random.normal(k_z, shape, jnp.float32)
+  cond = jax.random.randint(k_c, (n_chunks, chunk), 0, kd_context.shape[0])
+
+  def one(args):
+    zc, cc = args
+    xs, ts, outs = teacher_trajectory(models, teacher_unet, schedule, spec, zc, kd_context[cc])
+    return xs, jnp.broadcast_to(ts[:, None], (ts.shape[0], chunk)), outs, jnp.broadcast_to(
+        cc[None], (ts.shape[0], chunk))
+
+  xs, ts, outs, conds = jax.lax.map(one, (z, cond))
+  flat = lambda a: a.reshape((-1,) + a.shape[3:])[: size * spec.kd_points]
+  return {"x": flat(xs), "t": flat(ts), "cond": flat(conds), "target": flat(outs)}
+

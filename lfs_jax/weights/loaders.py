@@ -1,0 +1,132 @@
+"""Entry points: a local diffusers Stable Diffusion folder -> Flax modules and params.
+
+Each loader takes either the whole model folder (with unet/, vae/, text_encoder/,
+tokenizer/, scheduler/) or the one component folder. Loading is all-or-nothing:
+the config is validated, every tensor is read and checked against the module built
+from that config, and only then are parameters put on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple, Optional, Tuple
+
+import jax.numpy as jnp
+
+from lfs_jax.models import clip, unet, vae
+from lfs_jax.weights import convert, files
+
+_EXPECTED_CLASS = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+}
+
+
+def _check_class(folder: str, config: dict, component: str) -> None:
+  name = config.get("_class_name")
+  if name is not None and name not in _EXPECTED_CLASS[component]:
+    raise ValueError(
+        f"{folder}/config.json describes a {name}, expected "
+        f"{' or '.join(_EXPECTED_CLASS[component])} for the {component}")
+
+
+def load_unet(path: str, *, dtype=jnp.float32, attention: str = "xla",
+              variant: Optional[str] = None) -> Tuple[unet.UNet2DConditionModel, dict]:
+  """Loads a diffusers UNet2DConditionModel folder (or a model folder's unet/).
+
+  Args:
+    path: the model folder or its unet/ subfolder.
+    dtype: parameter dtype (float32 default; bfloat16 halves memory).
+    attention: "xla", "cudnn" or "auto" (see models.attention).
+    variant: weight-file variant, e.g. "fp16".
+
+  Returns:
+    (module, params) with `module.apply({"params": params}, x, t, ctx)`.
+  """
+  folder = files.component_folder(path, "unet")
+  config = files.read_config(folder)
+  _check_class(folder, config, "unet")
+  cfg = unet.UNetConfig.from_diffusers(config)
+  params = convert.torch_to_flax(
+      files.read_state(folder, variant), unet.abstract_params(cfg), dtype=dtype,
+      source=folder)
+  return unet.UNet2DConditionModel(cfg, dtype=dtype, attention=attention), params
+
+
+def load_vae(path: str, *, dtype=jnp.float32, attention: str = "xla",
+             variant: Optional[str] = None) -> Tuple[vae.AutoencoderKL, dict]:
+  """Loads a diffusers AutoencoderKL folder (or a model folder's vae/); see load_unet."""
+  folder = files.component_folder(path, "vae")
+  config = files.read_config(folder)
+  _check_class(folder, config, "vae")
+  cfg = vae.VAEConfig.from_diffusers(config)
+  params = convert.torch_to_flax(
+      files.read_state(folder, variant), vae.abstract_params(cfg), dtype=dtype,
+      rename=vae.legacy_rename, source=folder)
+  return vae.AutoencoderKL(cfg, dtype=dtype, attention=attention), params
+
+
+def load_text_encoder(path: str, *, dtype=jnp.float32, attention: str = "xla",
+                      variant: Optional[str] = None) -> Tuple[clip.CLIPTextModel, dict]:
+  """Loads a transformers CLIPTextModel folder (or a model folder's text_encoder/)."""
+  folder = files.component_folder(path, "text_encoder")
+  cfg = clip.CLIPTextConfig.from_transformers(files.read_config(folder))
+  params = convert.torch_to_flax(
+      files.read_state(folder, variant), clip.abstract_params(cfg), dtype=dtype,
+      ignore=clip.IGNORED_KEYS, rename=clip.torch_rename, source=folder)
+  return clip.CLIPTextModel(cfg, dtype=dtype, attention=attention), params
+
+
+def load_tokenizer(path: str):
+  """transformers' CLIPTokenizer from local files only (model folder or tokenizer/)."""
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+
+  folder = files.component_folder(path, "tokenizer")
+  for name in ("vocab.json", "merges.txt"):
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise files.WeightsNotFoundError(
+          f"tokenizer file {name} is missing in {folder}")
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_scheduler_config(path: str):
+  """The scheduler/scheduler_config.json of a model folder, validated."""
+  from lfs_jax.diffusion import schedule  # pylint: disable=g-import-not-at-top
+
+  folder = files.component_folder(path, "scheduler")
+  cfg_path = os.path.join(folder, "scheduler_config.json")
+  if not os.path.isfile(cfg_path):
+    raise files.WeightsNotFoundError(f"{cfg_path} is missing")
+  with open(cfg_path) as f:
+    return schedule.SchedulerConfig.from_diffusers(json.load(f))
+
+
+class Pipeline(NamedTuple):
+  """Every component of a Stable Diffusion folder, modules and parameter trees."""
+  unet: Any
+  unet_params: dict
+  vae: Any
+  vae_params: dict
+  text_encoder: Any
+  text_encoder_params: dict
+  tokenizer: Any
+  scheduler: Any  # diffusion.schedule.SchedulerConfig
+
+
+def load_pipeline(path: str, *, dtype=jnp.float32, attention: str = "xla",
+                  variant: Optional[str] = None) -> Pipeline:
+  """Loads a whole diffusers Stable Diffusion folder (see the loaders above)."""
+  if not os.path.isdir(path):
+    raise files.WeightsNotFoundError(f"model folder {path!r} does not exist")
+  for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    if not os.path.isdir(os.path.join(path, sub)):
+      raise files.WeightsNotFoundError(
+          f"{path} is not a Stable Diffusion folder: {sub}/ is missing")
+  scheduler = load_scheduler_config(path)
+  tokenizer = load_tokenizer(path)
+  text, text_params = load_text_encoder(path, dtype=dtype, attention=attention,
+                                        variant=variant)
+  u, u_params = load_unet(path, dtype=dtype, attention=attention, variant=variant)
+  v, v_params = load_vae(path, dtype=dtype, attention=attention, variant=variant)
+  return Pipeline(u, u_params, v, v_params, text, text_params, tokenizer, scheduler)

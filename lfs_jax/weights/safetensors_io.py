@@ -1,0 +1,120 @@
+"""Reading and writing safetensors files without torch, bfloat16 included.
+
+The format is tiny (an 8-byte little-endian header length, a JSON header, raw
+little-endian data), so we parse it here: the `safetensors` package's numpy backend
+cannot represent bfloat16, and parsing ourselves lets a truncated download be named
+precisely instead of failing deep inside a memory map.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from typing import Dict, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+  """A safetensors file that cannot be read as such (names the file)."""
+
+
+def read_header(path: str) -> Dict[str, dict]:
+  """Returns the header {name: {dtype, shape, data_offsets}} of a safetensors file."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
+    n = int.from_bytes(prefix, "little")
+    if n <= 0 or 8 + n > size:
+      raise SafetensorsError(
+          f"{path}: truncated or not a safetensors file (header of {n} bytes, "
+          f"file of {size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+  header.pop("__metadata__", None)
+  end = max((h["data_offsets"][1] for h in header.values()), default=0)
+  if 8 + n + end > size:
+    raise SafetensorsError(
+        f"{path}: truncated: the header promises {8 + n + end} bytes, the file has "
+        f"{size}; download it again")
+  for name, h in header.items():
+    if h["dtype"] not in _DTYPES:
+      raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {h['dtype']}")
+  return header
+
+
+def load_file(path: str, names: Iterable[str] | None = None) -> Dict[str, np.ndarray]:
+  """Reads tensors of a safetensors file into numpy arrays (copies, file closed).
+
+  Args:
+    path: the .safetensors file.
+    names: the tensors to read; all when None.
+  """
+  header = read_header(path)
+  n = int.from_bytes(open(path, "rb").read(8), "little")
+  wanted = header.keys() if names is None else names
+  out = {}
+  with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    for name in wanted:
+      h = header[name]
+      start, stop = h["data_offsets"]
+      dtype = _DTYPES[h["dtype"]]
+      buf = mm[8 + n + start: 8 + n + stop]
+      arr = np.frombuffer(buf, dtype=dtype)
+      expected = int(np.prod(h["shape"], dtype=np.int64))
+      if arr.size != expected:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} holds {arr.size} values, its shape "
+            f"{h['shape']} needs {expected}")
+      out[name] = arr.reshape(h["shape"])
+  return out
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str,
+              metadata: Mapping[str, str] | None = None) -> None:
+  """Writes numpy arrays as a safetensors file, atomically (tmp file + rename)."""
+  header = {}
+  offset = 0
+  arrays = {}
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(np.asarray(tensors[name]))
+    if arr.dtype.byteorder == ">":
+      arr = arr.astype(arr.dtype.newbyteorder("<"))
+    key = _NAMES.get(np.dtype(arr.dtype.str if arr.dtype != ml_dtypes.bfloat16 else arr.dtype))
+    if key is None:
+      raise SafetensorsError(f"cannot store tensor {name!r} of dtype {arr.dtype}")
+    header[name] = {"dtype": key, "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    arrays[name] = arr
+  if metadata:
+    header["__metadata__"] = dict(metadata)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for name in sorted(arrays):
+      f.write(arrays[name].tobytes())
+  os.replace(tmp, path)
