@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # the one seed; everything random is split from it
   c.method = "lfs"                # "lfs" (DFKD; ICGen at sampling) | "custom_diffusion" (sequential baseline)
+  c.compile_cache = "~/.cache/lfs_jax/xla"  # persistent XLA compilation cache ("" = off)
 
   c.model = ml_collections.ConfigDict()
   c.model.source = "tiny"         # "tiny": random tiny SD built in process | "local": diffusers folder at model.path

@@ -9,6 +9,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -28,6 +29,7 @@ def main(argv):
   from lfs_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from lfs_jax.train import session  # pylint: disable=g-import-not-at-top
 
+  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   try:

@@ -10,10 +10,9 @@ import pytest
 
 from lfs_jax.errors import UnsupportedConfigError
 from lfs_jax.models import unet as unet_lib
-from lfs_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params, num_params
+from lfs_jax.models.unet import UNetConfig, abstract_params, num_params
 from lfs_jax.models.unet_blocks import timestep_embedding
-from lfs_jax.weights.convert import torch_to_flax
-from lfs_jax.weights.safetensors_io import load_file
+from lfs_jax.weights import load_unet
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -38,21 +37,6 @@ TINY_SD2 = dict(
     transformer_layers_per_block=(2, 1, 1))
 
 
-def _load(unet_dir):
-  """(module, params) through the project loader when it exists, else by hand."""
-  try:
-    from lfs_jax.weights import load_unet
-  except ImportError:
-    load_unet = None
-  if load_unet is not None:
-    return load_unet(str(unet_dir))
-  with open(unet_dir / "config.json") as f:
-    cfg = UNetConfig.from_diffusers(json.load(f))
-  state = load_file(str(unet_dir / "diffusion_pytorch_model.safetensors"))
-  params = torch_to_flax(state, abstract_params(cfg), source=str(unet_dir))
-  return UNet2DConditionModel(cfg), params
-
-
 def _torch_unet(kwargs, seed):
   torch.manual_seed(seed)
   model = diffusers.UNet2DConditionModel(**kwargs).eval()
@@ -67,7 +51,7 @@ def _torch_unet(kwargs, seed):
 def test_unet_matches_diffusers(tmp_path, kwargs, hw):
   ref = _torch_unet(kwargs, seed=0)
   ref.save_pretrained(tmp_path, safe_serialization=True)
-  module, params = _load(tmp_path)
+  module, params = load_unet(str(tmp_path))
 
   rng = np.random.default_rng(0)
   sample = rng.standard_normal((2, kwargs["in_channels"], *hw)).astype(np.float32)

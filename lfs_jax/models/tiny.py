@@ -14,6 +14,7 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lfs_jax.models import clip, unet, vae
 from lfs_jax.weights import convert, safetensors_io
@@ -73,18 +74,37 @@ SCHEDULER = {
 }
 
 
+def _init_leaf(rng: np.random.Generator, path, shape) -> np.ndarray:
+  """Flax-like default init by leaf name: lecun-normal kernels, N(0, 0.02) embeddings."""
+  name = path[-1]
+  if name == "scale":
+    return np.ones(shape, np.float32)
+  if name == "bias":
+    return np.zeros(shape, np.float32)
+  if name == "embedding":
+    return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+  fan_in = int(np.prod(shape[:-1]))
+  return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+
 def random_params(seed: int) -> Dict[str, dict]:
-  """Random parameter trees {"unet", "vae", "text_encoder"} (Flax default inits)."""
-  k_u, k_v, k_t = jax.random.split(jax.random.key(seed), 3)
-  u_cfg = unet.UNetConfig.from_diffusers(UNET)
-  v_cfg = vae.VAEConfig.from_diffusers(VAE)
-  t_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
-  init = lambda m, k, args: jax.jit(m.init)(k, *args)["params"]
-  return {
-      "unet": init(unet.UNet2DConditionModel(u_cfg), k_u, unet.init_inputs(u_cfg)),
-      "vae": init(vae.AutoencoderKL(v_cfg), k_v, vae.init_inputs(v_cfg)),
-      "text_encoder": init(clip.CLIPTextModel(t_cfg), k_t, clip.init_inputs(t_cfg)),
+  """Random parameter trees {"unet", "vae", "text_encoder"}, deterministic in `seed`.
+
+  Drawn with numpy over the shapes from `jax.eval_shape`: compiling each module's
+  `init` would cost about a minute on a CPU for no benefit.
+  """
+  abstract = {
+      "unet": unet.abstract_params(unet.UNetConfig.from_diffusers(UNET)),
+      "vae": vae.abstract_params(vae.VAEConfig.from_diffusers(VAE)),
+      "text_encoder": clip.abstract_params(clip.CLIPTextConfig.from_transformers(TEXT)),
   }
+  out = {}
+  for i, (name, tree) in enumerate(sorted(abstract.items())):
+    rng = np.random.default_rng([seed, i])
+    flat = convert.flatten(tree)
+    out[name] = convert.unflatten(
+        {p: jnp.asarray(_init_leaf(rng, p, leaf.shape)) for p, leaf in sorted(flat.items())})
+  return out
 
 
 def save_folder(params: Dict[str, dict], folder: str) -> None:

@@ -64,6 +64,9 @@ class UNetConfig:
   conv_out_kernel: int = 3
 
   def __post_init__(self):
+    for f in dataclasses.fields(self):  # lists (from JSON or by hand) -> hashable tuples
+      object.__setattr__(self, f.name, _tuples(getattr(self, f.name)))
+
     def refuse(field, why):
       raise UnsupportedConfigError(
           f"UNet config field {field}={getattr(self, field)!r}: {why}")
@@ -72,6 +75,9 @@ class UNetConfig:
                          ("resnet_time_scale_shift", "default"), ("dropout", 0.0)):
       if getattr(self, field) != value:
         refuse(field, f"only {value!r} is implemented")
+    for field in ("norm_num_groups", "cross_attention_dim", "in_channels", "out_channels"):
+      if not isinstance(getattr(self, field), int):
+        refuse(field, "must be one int")
     n = len(self.block_out_channels)
     if n == 0 or len(self.down_block_types) != n or len(self.up_block_types) != n:
       refuse("down_block_types", f"need one down and one up block per entry of "

@@ -36,11 +36,18 @@ class LossSpec:
 
 
 class SessionData(NamedTuple):
-  """Device arrays of one session, built once at its start."""
+  """Device arrays of one session, built once at its start.
+
+  Arrays are padded to the run's largest session so that every session of a run
+  has the same shapes and the step compiles once; the counts say what is real.
+  """
   latent_mean: jax.Array     # [N, h, w, c] VAE posterior means of the photos (unscaled)
   latent_logvar: jax.Array   # [N, h, w, c]
   prompt_ids: jax.Array      # [N, n_templates, L] int32: each photo's concept prompts
+  n_images: jax.Array        # int32: photos [0, n_images) are real
+  token_offset: jax.Array    # int32: row of this session's first token in the run's table
   kd_context: jax.Array      # [NC, L, D] text embeddings of the DFKD conditions
+  n_kd: jax.Array            # int32: conditions [0, n_kd) are real
   kd_cache: Optional[Dict[str, jax.Array]] = None  # x, t, cond, target (see kd_cache)
 
 
@@ -125,8 +132,9 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   """Total loss and metrics for one step.
 
   Args:
-    trainable: {"unet": selected UNet leaves, "tokens": [n_new, D] new token rows}.
-    frozen: {"unet": the other UNet leaves, "text": text encoder, "old_tokens": [n_old, D]}.
+    trainable: {"unet": selected UNet leaves, "tokens": [M, D] this session's token rows}.
+    frozen: {"unet": the other UNet leaves, "text": text encoder, "tokens": [R, D] the
+      run's token rows (earlier concepts' learned values; the rest unused)}.
     teacher: {"unet": the previous session's selected leaves} or None (no DFKD).
     batch: the session's SessionData.
     schedule: diffusion.schedule.NoiseSchedule.
@@ -136,8 +144,7 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     (loss, {"denoise": ..., "kd": ...}).
   """
   k_idx, k_lat, k_aug, k_noise, k_t, k_tpl, k_kd = jax.random.split(rng, 7)
-  n = batch.latent_mean.shape[0]
-  idx = jax.random.randint(k_idx, (spec.batch_size,), 0, n)
+  idx = jax.random.randint(k_idx, (spec.batch_size,), 0, batch.n_images)
   mean, logvar = batch.latent_mean[idx], batch.latent_logvar[idx]
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
   z, mask = _augment(z * spec.scaling_factor, k_aug, spec)
@@ -147,7 +154,9 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   target = schedule_lib.training_target(schedule, spec.scheduler.prediction_type, z, noise, t)
   tpl = jax.random.randint(k_tpl, (spec.batch_size,), 0, batch.prompt_ids.shape[1])
   ids = batch.prompt_ids[idx, tpl]
-  rows = jnp.concatenate([frozen["old_tokens"], trainable["tokens"]], axis=0)
+  rows = jax.lax.dynamic_update_slice(
+      frozen["tokens"], trainable["tokens"].astype(frozen["tokens"].dtype),
+      (batch.token_offset, 0))
   context = _text(models, frozen["text"], rows, ids)
   unet_params = params_lib.merge(trainable["unet"], frozen["unet"])
 
@@ -186,7 +195,7 @@ def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, sp
     return cache["x"][j], cache["t"][j], batch.kd_context[cache["cond"][j]], cache["target"][j]
   shape = (k,) + batch.latent_mean.shape[1:]
   z = jax.random.normal(k_z, shape, jnp.float32)
-  cond = jax.random.randint(k_c, (k,), 0, batch.kd_context.shape[0])
+  cond = jax.random.randint(k_c, (k,), 0, batch.n_kd)
   context = batch.kd_context[cond]
   teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
   xs, ts, outs = teacher_trajectory(models, teacher_unet, schedule, spec, z, context)
@@ -195,7 +204,7 @@ def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, sp
   return xs[p, rows], ts[p], context, outs[p, rows]
 
 
-def kd_cache(teacher, frozen, kd_context, schedule, rng, *, size: int,
+def kd_cache(teacher, frozen, kd_context, n_kd, schedule, rng, *, size: int,
              latent_shape: Tuple[int, int, int], models: Models,
              spec: LossSpec) -> Dict[str, jax.Array]:
   """Teacher targets for `size` noises, all trajectory points: computed once a session.
@@ -213,7 +222,7 @@ def kd_cache(teacher, frozen, kd_context, schedule, rng, *, size: int,
   teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
   shape = (n_chunks, chunk) + tuple(latent_shape)
   z = jax.random.normal(k_z, shape, jnp.float32)
-  cond = jax.random.randint(k_c, (n_chunks, chunk), 0, kd_context.shape[0])
+  cond = jax.random.randint(k_c, (n_chunks, chunk), 0, n_kd)
 
   def one(args):
     zc, cc = args

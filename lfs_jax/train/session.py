@@ -13,6 +13,7 @@ This is the only training code that touches the disk. Per session k:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from lfs_jax.train.tensorboard import SummaryWriter
 # Purposes folded into the run key (DESIGN section 3).
 _TRAIN, _KD_CACHE, _TINY = 1, 2, 3
 # Config fields that may change between a run's start and its resumption.
-_FREE_FIELDS = ("train.log_every", "train.progress_every", "checkpoint.keep_progress",
+_FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
                 "model.attention", "mesh.data", "mesh.fsdp")
 _KD_PROMPTS = ("class", "previous", "empty")
 
@@ -83,11 +84,18 @@ class _Context:
   workdir: str
   pipe: Any
   mesh: Any
-  schedule: Any
+  schedule: Any                   # NoiseSchedule, replicated
   predicate: Any
   sessions: List[list]
   images: Dict[str, np.ndarray]   # concept name -> uint8 [n, R, R, 3]
-  records: Dict[str, list]
+  registry: concepts_lib.Registry  # every concept of the run
+  max_images: int                 # largest session, in photos
+  max_new: int                    # largest session, in concepts
+  max_kd: int                     # most DFKD conditions of any session
+  encode: Any = None              # jitted VAE encoder
+  text: Any = None                # jitted text encoder
+  step_fn: Any = None             # jitted train step (built at the first session)
+  spec: Any = None
 
 
 def _kd_prompts(cfg, registry, session: int) -> List[str]:
@@ -108,17 +116,20 @@ def _kd_prompts(cfg, registry, session: int) -> List[str]:
 
 def _encode_latents(ctx: _Context, images: np.ndarray):
   """uint8 photos [N, R, R, 3] -> (mean, logvar) [N, h, w, c], float32."""
-  enc = jax.jit(lambda p, x: ctx.pipe.vae.apply({"params": p}, x, method="encode"))
   means, logvars = [], []
   x = data_lib.to_model_range(images)
   for i in range(0, len(x), 8):
-    m, lv = enc(ctx.pipe.vae_params, jnp.asarray(x[i:i + 8]))
+    m, lv = ctx.encode(ctx.pipe.vae_params, jnp.asarray(x[i:i + 8]))
     means.append(np.asarray(m, np.float32))
     logvars.append(np.asarray(lv, np.float32))
   return np.concatenate(means), np.concatenate(logvars)
 
 
-def _loss_spec(ctx: _Context, use_kd: bool, latent_shape) -> losses.LossSpec:
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+  return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
   cfg = ctx.cfg
   if cfg.kd.mode not in ("noise", "trajectory"):
     raise ConfigError(f"kd.mode must be 'noise' or 'trajectory', got {cfg.kd.mode!r}")
@@ -142,18 +153,20 @@ def _loss_spec(ctx: _Context, use_kd: bool, latent_shape) -> losses.LossSpec:
       batch_sharding=sharding)
 
 
-def _train_session(ctx: _Context, registry, session: int, prev_delta, *, resume: bool,
-                   stop) -> Dict[str, Any]:
+def _session_inputs(ctx: _Context, session: int, prev_delta):
+  """Latents, prompt ids, DFKD conditions and token rows of one session (padded)."""
   cfg, pipe = ctx.cfg, ctx.pipe
+  registry = ctx.registry.up_to(session)
   new = registry.in_session(session)
   tokenizer = pipe.tokenizer
   concepts_lib.add_tokens(tokenizer, registry, pipe.text_encoder.config.vocab_size)
   table = np.asarray(pipe.text_encoder_params["text_model"]["embeddings"]
                      ["token_embedding"]["embedding"], np.float32)
   old_rows = np.asarray(prev_delta["tokens"], np.float32)
-  new_rows = concepts_lib.initial_rows(tokenizer, new, table)
+  n_rows = len(ctx.registry.concepts) + ctx.max_new
+  token_table = _pad(old_rows, n_rows)
+  new_rows = _pad(concepts_lib.initial_rows(tokenizer, new, table), ctx.max_new)
 
-  # Photos -> latents, prompt ids per photo.
   imgs = np.concatenate([ctx.images[c.name] for c in new])
   owner = sum(([c] * len(ctx.images[c.name]) for c in new), [])
   mean, logvar = _encode_latents(ctx, imgs)
@@ -162,39 +175,56 @@ def _train_session(ctx: _Context, registry, session: int, prev_delta, *, resume:
       concepts_lib.tokenize(tokenizer, [t.format(c.phrase()) for t in cfg.concepts.templates],
                             max_len) for c in owner])
 
-  # DFKD conditions, encoded once.
-  use_kd = cfg.method == "lfs" and cfg.kd.weight > 0
-  kd_prompts = _kd_prompts(cfg, registry, session) if use_kd else [""]
-  use_kd = use_kd and bool(kd_prompts)
-  text_fn = jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
-      {"params": p}, ids, extra_embeddings=rows))
-  kd_context = text_fn(pipe.text_encoder_params,
-                       jnp.asarray(concepts_lib.tokenize(tokenizer, kd_prompts, max_len)),
-                       jnp.asarray(old_rows, pipe.text_encoder.dtype))
+  kd_prompts = _kd_prompts(cfg, registry, session) or [""]
+  kd_ids = _pad(concepts_lib.tokenize(tokenizer, kd_prompts, max_len), ctx.max_kd)
+  kd_context = ctx.text(pipe.text_encoder_params, jnp.asarray(kd_ids),
+                        jnp.asarray(token_table, pipe.text_encoder.dtype))
+  data = losses.SessionData(
+      latent_mean=jnp.asarray(_pad(mean, ctx.max_images)),
+      latent_logvar=jnp.asarray(_pad(logvar, ctx.max_images)),
+      prompt_ids=jnp.asarray(_pad(prompt_ids, ctx.max_images)),
+      n_images=jnp.asarray(len(imgs), jnp.int32),
+      token_offset=jnp.asarray(len(old_rows), jnp.int32),
+      kd_context=kd_context, n_kd=jnp.asarray(len(kd_prompts), jnp.int32))
+  bank = {f"concept{registry.concepts.index(c) + 1}": {
+      "mean": mean[[i for i, o in enumerate(owner) if o is c]],
+      "logvar": logvar[[i for i, o in enumerate(owner) if o is c]]} for c in new}
+  return registry, data, token_table, new_rows, bank
 
-  spec = _loss_spec(ctx, use_kd, mean.shape[1:])
+
+def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
+                   stop) -> Dict[str, Any]:
+  cfg, pipe = ctx.cfg, ctx.pipe
+  registry, data, token_table, new_rows, bank = _session_inputs(ctx, session, prev_delta)
+  n_new = len(registry.in_session(session))
+  use_kd = cfg.method == "lfs" and cfg.kd.weight > 0
   models = losses.Models(unet=pipe.unet, text=pipe.text_encoder)
+  spec = _loss_spec(ctx, use_kd)
+  optimizer = step_lib.make_optimizer(cfg.train)
+  if ctx.step_fn is None:
+    ctx.spec = spec
+    ctx.step_fn = step_lib.jit_train_step(ctx.mesh, models=models, spec=spec,
+                                          optimizer=optimizer,
+                                          train_tokens=cfg.train.train_tokens)
+
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = base_lib.replicate({"unet": rest, "text": pipe.text_encoder_params,
-                               "old_tokens": jnp.asarray(old_rows)}, ctx.mesh)
+                               "tokens": jnp.asarray(token_table)}, ctx.mesh)
   start_unet = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), prev_delta["unet"])
+  # The teacher gets buffers of its own: the student's are donated at every step.
   teacher = base_lib.replicate({"unet": start_unet}, ctx.mesh) if use_kd else None
   trainable = base_lib.replicate({"unet": jax.tree.map(jnp.copy, start_unet),
                                   "tokens": jnp.asarray(new_rows)}, ctx.mesh)
-  schedule = base_lib.replicate(ctx.schedule, ctx.mesh)
   root = jax.random.key(cfg.seed)
-  kd_cache = None
   if spec.kd_cached:
-    cache_fn = jax.jit(lambda t, f, c, s, r: losses.kd_cache(
-        t, f, c, s, r, size=cfg.kd.cache_size, latent_shape=mean.shape[1:],
+    cache_fn = jax.jit(functools.partial(
+        losses.kd_cache, size=cfg.kd.cache_size, latent_shape=data.latent_mean.shape[1:],
         models=models, spec=spec))
     key = jax.random.fold_in(jax.random.fold_in(root, _KD_CACHE), session)
-    kd_cache = cache_fn(teacher, frozen, kd_context, schedule, key)
-  batch = base_lib.replicate(losses.SessionData(
-      jnp.asarray(mean), jnp.asarray(logvar), jnp.asarray(prompt_ids), kd_context,
-      kd_cache), ctx.mesh)
+    data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
+                                           ctx.schedule, key))
+  data = base_lib.replicate(data, ctx.mesh)
 
-  optimizer = step_lib.make_optimizer(cfg.train)
   state = base_lib.replicate(step_lib.init_state(trainable, optimizer), ctx.mesh)
   if resume:
     got = checkpoint.latest_progress(ctx.workdir, jax.tree.map(
@@ -202,38 +232,23 @@ def _train_session(ctx: _Context, registry, session: int, prev_delta, *, resume:
     if got is not None and got["meta"]["session"] == session:
       state = got["state"]
       print(f"session {session}: resumed at step {int(state.step)}")
-  step_fn = step_lib.jit_train_step(ctx.mesh, models=models, spec=spec,
-                                    optimizer=optimizer, train_tokens=cfg.train.train_tokens)
   train_key = jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session)
 
   writer = SummaryWriter(os.path.join(ctx.workdir, "logs")) if jax.process_index() == 0 else None
-  first = int(state.step)
-  total = cfg.train.steps
+  first, total = int(state.step), cfg.train.steps
   bar = tqdm.tqdm(total=total, initial=first, desc=f"session {session}/{len(ctx.sessions)}",
                   unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
   last: Dict[str, float] = {}
   pending = []
   t0 = time.time()
   for s in range(first, total):
-    state, metrics = step_fn(state, frozen, teacher, batch, schedule, train_key)
+    state, metrics = ctx.step_fn(state, frozen, teacher, data, ctx.schedule, train_key)
     pending.append(metrics)
     done = s + 1
     if done % cfg.train.log_every == 0 or done == total:
-      host = jax.device_get(pending)
-      for i, m in enumerate(host):
-        bad = [k for k, v in m.items() if not math.isfinite(float(v))]
-        if bad:
-          raise FloatingPointError(
-              f"session {session}: non-finite {bad} between steps {done - len(host) + 1} "
-              f"and {done}")
-        if writer:
-          for k, v in m.items():
-            writer.scalar(f"session_{session}/{k}", float(v), done - len(host) + i + 1)
-      last = {k: float(v) for k, v in host[-1].items()}
+      last = _log(pending, done, session, writer)
       pending = []
       bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "grad_norm"})
-      if writer:
-        writer.flush()
     bar.update(1)
     if cfg.train.progress_every and done % cfg.train.progress_every == 0 and done < total:
       checkpoint.save_progress(ctx.workdir, done, state, {"session": session},
@@ -248,20 +263,36 @@ def _train_session(ctx: _Context, registry, session: int, prev_delta, *, resume:
     writer.close()
 
   trained = jax.device_get(state.trainable)
-  delta = {"unet": trained["unet"],
-           "tokens": np.concatenate([old_rows, np.asarray(trained["tokens"])])}
-  bank = {f"concept{registry.concepts.index(c) + 1}": {
-      "mean": mean[[i for i, o in enumerate(owner) if o is c]],
-      "logvar": logvar[[i for i, o in enumerate(owner) if o is c]]} for c in new}
+  offset = int(data.token_offset)
+  tokens = np.array(token_table[:offset + n_new])
+  tokens[offset:] = np.asarray(trained["tokens"])[:n_new]
   meta = {"session": session, "concepts": json.loads(registry.to_json()),
-          "config": ctx.cfg.to_dict(), "steps": total, "metrics": last,
+          "config": cfg.to_dict(), "steps": total, "metrics": last,
           "seconds": time.time() - t0}
-  checkpoint.save_session(ctx.workdir, session, delta=delta, bank=bank,
-                          opt_state=jax.device_get(state.opt_state), meta=_jsonable(meta))
+  checkpoint.save_session(ctx.workdir, session, delta={"unet": trained["unet"], "tokens": tokens},
+                          bank=bank, opt_state=jax.device_get(state.opt_state),
+                          meta=_jsonable(meta))
   checkpoint.clear_progress(ctx.workdir)
   if jax.process_index() == 0:
     registry.save(os.path.join(ctx.workdir, "concepts.json"))
   return {"session": session, **last}
+
+
+def _log(pending, done: int, session: int, writer) -> Dict[str, float]:
+  """Brings a window of step metrics to the host; raises on a non-finite value."""
+  host = jax.device_get(pending)
+  first = done - len(host) + 1
+  for i, m in enumerate(host):
+    bad = [k for k, v in m.items() if not math.isfinite(float(v))]
+    if bad:
+      raise FloatingPointError(
+          f"session {session}: non-finite {bad} between steps {first} and {done}")
+    if writer:
+      for k, v in m.items():
+        writer.scalar(f"session_{session}/{k}", float(v), first + i)
+  if writer:
+    writer.flush()
+  return {k: float(v) for k, v in host[-1].items()}
 
 
 def _jsonable(obj):
@@ -295,13 +326,14 @@ def run(cfg, workdir: str, *, resume: bool = False,
 
   # Everything that can fail on bad input happens before anything is written.
   sessions = base_lib.session_specs(cfg.data)
-  images, records = {}, {}
+  images = {}
   for spec in sum(sessions, []):
-    images[spec.name], records[spec.name] = data_lib.load_images(spec.images,
-                                                                 cfg.data.resolution)
+    images[spec.name], _ = data_lib.load_images(spec.images, cfg.data.resolution)
   if exists:
     with open(config_path) as f:
       check_compatible(json.load(f), cfg.to_dict())
+  if cfg.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
   pipe = base_lib.load_base(cfg.model, cfg.seed)
   mesh = step_lib.make_mesh(cfg.mesh, devices)
   registry = concepts_lib.Registry()
@@ -310,11 +342,19 @@ def run(cfg, workdir: str, *, resume: bool = False,
     registry = registry.add_session(specs, k, token_format=cfg.concepts.token_format,
                                     vocab=vocab)
 
+  kd_counts = [len(_kd_prompts(cfg, registry, k) or [""]) for k in range(1, len(sessions) + 1)]
   os.makedirs(workdir, exist_ok=True)
   if not exists:
     checkpoint.write_json_atomic(config_path, _jsonable(cfg.to_dict()))
-  ctx = _Context(cfg, workdir, pipe, mesh, schedule_lib.make_schedule(pipe.scheduler),
-                 predicate, sessions, images, records)
+  ctx = _Context(
+      cfg, workdir, pipe, mesh,
+      base_lib.replicate(schedule_lib.make_schedule(pipe.scheduler), mesh), predicate,
+      sessions, images, registry,
+      max_images=max(sum(len(images[c.name]) for c in s) for s in sessions),
+      max_new=max(len(s) for s in sessions), max_kd=max(kd_counts))
+  ctx.encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))
+  ctx.text = jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
+      {"params": p}, ids, extra_embeddings=rows))
 
   stop = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
@@ -329,8 +369,7 @@ def run(cfg, workdir: str, *, resume: bool = False,
         got = checkpoint.restore_session(workdir, k)
         prev_delta = got["delta"]
         continue
-      results.append(_train_session(ctx, registry.up_to(k), k, prev_delta,
-                                    resume=resume, stop=stop))
+      results.append(_train_session(ctx, k, prev_delta, resume=resume, stop=stop))
       prev_delta = checkpoint.restore_session(workdir, k)["delta"]
     return results
   finally:
