@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -192,17 +192,28 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
   return registry, data, token_table, new_rows, bank
 
 
-def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
-                   stop) -> Dict[str, Any]:
+class SessionSetup(NamedTuple):
+  """Everything one session's steps read, on the mesh."""
+  registry: concepts_lib.Registry
+  models: losses.Models
+  spec: losses.LossSpec
+  frozen: Any
+  teacher: Any
+  data: losses.SessionData
+  state: step_lib.TrainState
+  train_key: jax.Array
+  token_table: np.ndarray
+  bank: Dict[str, Any]
+
+
+def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
+  """Builds session `session`'s inputs and fresh train state (jits the step once a run)."""
   cfg, pipe = ctx.cfg, ctx.pipe
   registry, data, token_table, new_rows, bank = _session_inputs(ctx, session, prev_delta)
-  n_new = len(registry.in_session(session))
-  use_kd = cfg.method == "lfs" and cfg.kd.weight > 0
+  spec, use_kd = ctx.spec, ctx.spec.use_kd
   models = losses.Models(unet=pipe.unet, text=pipe.text_encoder)
-  spec = _loss_spec(ctx, use_kd)
   optimizer = step_lib.make_optimizer(cfg.train)
   if ctx.step_fn is None:
-    ctx.spec = spec
     ctx.step_fn = step_lib.jit_train_step(ctx.mesh, models=models, spec=spec,
                                           optimizer=optimizer,
                                           train_tokens=cfg.train.train_tokens)
@@ -224,15 +235,24 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
     data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
                                            ctx.schedule, key))
   data = base_lib.replicate(data, ctx.mesh)
-
   state = base_lib.replicate(step_lib.init_state(trainable, optimizer), ctx.mesh)
+  train_key = jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session)
+  return SessionSetup(registry, models, spec, frozen, teacher, data, state, train_key,
+                      token_table, bank)
+
+
+def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
+                   stop) -> Dict[str, Any]:
+  cfg = ctx.cfg
+  su = setup_session(ctx, session, prev_delta)
+  registry, frozen, teacher, data, state = su.registry, su.frozen, su.teacher, su.data, su.state
+  n_new = len(registry.in_session(session))
   if resume:
     got = checkpoint.latest_progress(ctx.workdir, jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
     if got is not None and got["meta"]["session"] == session:
       state = got["state"]
       print(f"session {session}: resumed at step {int(state.step)}")
-  train_key = jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session)
 
   writer = SummaryWriter(os.path.join(ctx.workdir, "logs")) if jax.process_index() == 0 else None
   first, total = int(state.step), cfg.train.steps
@@ -242,7 +262,7 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
   pending = []
   t0 = time.time()
   for s in range(first, total):
-    state, metrics = ctx.step_fn(state, frozen, teacher, data, ctx.schedule, train_key)
+    state, metrics = ctx.step_fn(state, frozen, teacher, data, ctx.schedule, su.train_key)
     pending.append(metrics)
     done = s + 1
     if done % cfg.train.log_every == 0 or done == total:
@@ -264,13 +284,13 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
 
   trained = jax.device_get(state.trainable)
   offset = int(data.token_offset)
-  tokens = np.array(token_table[:offset + n_new])
+  tokens = np.array(su.token_table[:offset + n_new])
   tokens[offset:] = np.asarray(trained["tokens"])[:n_new]
   meta = {"session": session, "concepts": json.loads(registry.to_json()),
           "config": cfg.to_dict(), "steps": total, "metrics": last,
           "seconds": time.time() - t0}
   checkpoint.save_session(ctx.workdir, session, delta={"unet": trained["unet"], "tokens": tokens},
-                          bank=bank, opt_state=jax.device_get(state.opt_state),
+                          bank=su.bank, opt_state=jax.device_get(state.opt_state),
                           meta=_jsonable(meta))
   checkpoint.clear_progress(ctx.workdir)
   if jax.process_index() == 0:
@@ -299,21 +319,12 @@ def _jsonable(obj):
   return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def run(cfg, workdir: str, *, resume: bool = False,
-        devices: Optional[list] = None) -> List[Dict[str, Any]]:
-  """Trains every session of `cfg` not yet finished in `workdir`.
+def prepare(cfg, workdir: str, *, resume: bool = False,
+            devices: Optional[list] = None) -> _Context:
+  """Validates everything, loads the base and the photos, writes config.json.
 
-  Args:
-    cfg: the resolved (locked) ConfigDict.
-    workdir: the run directory (created).
-    resume: continue a run directory that already has a config.json.
-    devices: the devices of the mesh (all by default).
-
-  Returns:
-    The final metrics of each session trained now.
-
-  Raises:
-    Preempted: SIGTERM arrived; progress was saved (main exits 0).
+  Everything that can fail on bad input (config, dataset, photos, tokens, model
+  folder) fails here, before anything is written.
   """
   config_path = os.path.join(workdir, "config.json")
   exists = os.path.isfile(config_path)
@@ -323,8 +334,6 @@ def run(cfg, workdir: str, *, resume: bool = False,
   if cfg.method not in ("lfs", "custom_diffusion"):
     raise ConfigError(f"method must be 'lfs' or 'custom_diffusion', got {cfg.method!r}")
   predicate = params_lib.selection_predicate(cfg.train.selection)
-
-  # Everything that can fail on bad input happens before anything is written.
   sessions = base_lib.session_specs(cfg.data)
   images = {}
   for spec in sum(sessions, []):
@@ -341,35 +350,58 @@ def run(cfg, workdir: str, *, resume: bool = False,
   for k, specs in enumerate(sessions, start=1):
     registry = registry.add_session(specs, k, token_format=cfg.concepts.token_format,
                                     vocab=vocab)
-
   kd_counts = [len(_kd_prompts(cfg, registry, k) or [""]) for k in range(1, len(sessions) + 1)]
-  os.makedirs(workdir, exist_ok=True)
-  if not exists:
-    checkpoint.write_json_atomic(config_path, _jsonable(cfg.to_dict()))
+
   ctx = _Context(
       cfg, workdir, pipe, mesh,
       base_lib.replicate(schedule_lib.make_schedule(pipe.scheduler), mesh), predicate,
       sessions, images, registry,
       max_images=max(sum(len(images[c.name]) for c in s) for s in sessions),
       max_new=max(len(s) for s in sessions), max_kd=max(kd_counts))
+  ctx.spec = _loss_spec(ctx, cfg.method == "lfs" and cfg.kd.weight > 0)
   ctx.encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))
   ctx.text = jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
       {"params": p}, ids, extra_embeddings=rows))
 
+  os.makedirs(workdir, exist_ok=True)
+  if not exists:
+    checkpoint.write_json_atomic(config_path, _jsonable(cfg.to_dict()))
+  return ctx
+
+
+def base_delta(ctx: _Context) -> Dict[str, Any]:
+  """The "session 0" delta: the base's own selected leaves and no token rows."""
+  selected, _ = params_lib.split(ctx.pipe.unet_params, ctx.predicate)
+  d = ctx.pipe.text_encoder.config.hidden_size
+  return {"unet": selected, "tokens": np.zeros((0, d), np.float32)}
+
+
+def run(cfg, workdir: str, *, resume: bool = False,
+        devices: Optional[list] = None) -> List[Dict[str, Any]]:
+  """Trains every session of `cfg` not yet finished in `workdir`.
+
+  Args:
+    cfg: the resolved (locked) ConfigDict.
+    workdir: the run directory (created).
+    resume: continue a run directory that already has a config.json.
+    devices: the devices of the mesh (all by default).
+
+  Returns:
+    The final metrics of each session trained now.
+
+  Raises:
+    Preempted: SIGTERM arrived; progress was saved (main exits 0).
+  """
+  ctx = prepare(cfg, workdir, resume=resume, devices=devices)
   stop = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   try:
     done = checkpoint.finished_sessions(workdir)
-    selected, _ = params_lib.split(pipe.unet_params, predicate)
-    d = pipe.text_encoder.config.hidden_size
-    prev_delta = {"unet": selected, "tokens": np.zeros((0, d), np.float32)}
+    prev_delta = base_delta(ctx)
     results = []
-    for k in range(1, len(sessions) + 1):
-      if k in done:
-        got = checkpoint.restore_session(workdir, k)
-        prev_delta = got["delta"]
-        continue
-      results.append(_train_session(ctx, k, prev_delta, resume=resume, stop=stop))
+    for k in range(1, len(ctx.sessions) + 1):
+      if k not in done:
+        results.append(_train_session(ctx, k, prev_delta, resume=resume, stop=stop))
       prev_delta = checkpoint.restore_session(workdir, k)["delta"]
     return results
   finally:

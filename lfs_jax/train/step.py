@@ -60,15 +60,16 @@ def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, sc
     grads = {**grads, "tokens": jnp.zeros_like(grads["tokens"])}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp) mesh over the devices; data=-1 takes all that fsdp leaves."""
+  """A (data, fsdp) mesh over the first data*fsdp devices; data=-1 takes all of them."""
   devices = jax.devices() if devices is None else devices
   fsdp = mesh_cfg.fsdp
   data = mesh_cfg.data if mesh_cfg.data > 0 else len(devices) // fsdp
+  devices = devices[:data * fsdp]
   if data * fsdp != len(devices) or data < 1:
     raise ValueError(
         f"mesh data={mesh_cfg.data} x fsdp={fsdp} does not fit {len(devices)} devices")

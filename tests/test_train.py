@@ -1,0 +1,234 @@
+"""Lifelong sessions on the tiny config: the loop, DFKD, checkpoints, resume, sharding."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lfs_jax import checkpoint, concepts
+from lfs_jax.train import losses, session
+from lfs_jax.train import step as step_lib
+from lfs_jax.weights.convert import flatten
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _assert_trees_equal(a, b):
+  fa, fb = flatten(a), flatten(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=str(k))
+
+
+def test_two_session_run_end_to_end(tmp_path, tiny_config):
+  run = str(tmp_path / "run")
+  results = session.run(tiny_config(), run)
+  assert [r["session"] for r in results] == [1, 2]
+  assert all(np.isfinite(r["loss"]) and r["kd"] >= 0 for r in results)
+  assert checkpoint.finished_sessions(run) == [1, 2]
+  assert not os.path.exists(os.path.join(run, "progress"))
+  s1, s2 = checkpoint.restore_session(run, 1), checkpoint.restore_session(run, 2)
+
+  # Only the selection (attn2 to_k / to_v) is saved, never the frozen base.
+  paths = ["/".join(p) for p in flatten(s2["delta"]["unet"])]
+  assert paths and all("/attn2/to_k/" in p or "/attn2/to_v/" in p for p in paths)
+  # Session 2 keeps <c1>'s row bit for bit and adds its own.
+  assert s1["delta"]["tokens"].shape == (1, 32) and s2["delta"]["tokens"].shape == (2, 32)
+  np.testing.assert_array_equal(s2["delta"]["tokens"][0], s1["delta"]["tokens"][0])
+  changed = [not np.array_equal(a, b) for a, b in zip(
+      flatten(s1["delta"]["unet"]).values(), flatten(s2["delta"]["unet"]).values())]
+  assert all(changed)
+  # The context bank holds session 2's concept only: 3 photos of 16x16x4 latents.
+  assert set(s2["bank"]) == {"concept2"}
+  assert s2["bank"]["concept2"]["mean"].shape == (3, 16, 16, 4)
+  assert s2["meta"]["session"] == 2 and len(s2["meta"]["concepts"]) == 2
+
+  reg = concepts.Registry.load(os.path.join(run, "concepts.json"))
+  assert reg.tokens == ["<c1>", "<c2>"] and [c.class_word for c in reg.concepts] == ["dog"] * 2
+  img = reg.concepts[1].images[0]
+  assert img.sha256 == hashlib.sha256(open(img.path, "rb").read()).hexdigest()
+
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(os.path.join(run, "logs"))
+  acc.Reload()
+  tags = acc.Tags()["scalars"]
+  assert {"session_1/loss", "session_2/kd"} <= set(tags)
+  assert [e.step for e in acc.Scalars("session_2/loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("mode,cache", [("trajectory", 0), ("noise", 4)])
+def test_kd_is_zero_at_first_step_then_positive(tmp_path, tiny_config, mode, cache):
+  ctx = session.prepare(tiny_config(kd__mode=mode, kd__cache_size=cache), str(tmp_path))
+  base_unet, base_text = _copy(ctx.pipe.unet_params), _copy(ctx.pipe.text_encoder_params)
+  su = session.setup_session(ctx, 1, session.base_delta(ctx))
+  assert su.spec.kd_cached == bool(cache)
+  loss = jax.jit(lambda *a: losses.loss_fn(*a, models=su.models, spec=su.spec))
+  key = jax.random.key(7)
+  args = (su.frozen, su.teacher, su.data, ctx.schedule, key)
+  _, aux = loss(su.state.trainable, *args)
+  assert float(aux["kd"]) == 0.0
+  old_tokens = np.array(su.frozen["tokens"])
+  state = su.state
+  for _ in range(3):
+    state, _ = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
+  _, aux = loss(state.trainable, *args)
+  assert float(aux["kd"]) > 0.0
+  # Frozen weights and the frozen token table are untouched by the steps.
+  _assert_trees_equal(ctx.pipe.unet_params, base_unet)
+  _assert_trees_equal(ctx.pipe.text_encoder_params, base_text)
+  np.testing.assert_array_equal(np.asarray(su.frozen["tokens"]), old_tokens)
+
+
+def test_loss_falls_when_overfitting_one_concept(tmp_path, tiny_config):
+  cfg = tiny_config(method="custom_diffusion", data__sessions="dog", data__flip=False,
+                    data__rescale=False, train__learning_rate=2e-3, train__scale_lr=False,
+                    train__selection="attn")
+  ctx = session.prepare(cfg, str(tmp_path))
+  su = session.setup_session(ctx, 1, session.base_delta(ctx))
+  loss = jax.jit(lambda tr, k: losses.loss_fn(tr, su.frozen, None, su.data, ctx.schedule, k,
+                                              models=su.models, spec=su.spec)[0])
+  keys = [jax.random.key(i) for i in range(16)]
+  before = np.mean([float(loss(su.state.trainable, k)) for k in keys])
+  state = su.state
+  for _ in range(40):
+    state, _ = ctx.step_fn(state, su.frozen, None, su.data, ctx.schedule, su.train_key)
+  after = np.mean([float(loss(state.trainable, k)) for k in keys])
+  assert after < 0.9 * before, (before, after)
+
+
+def _interrupt_at(monkeypatch, call: int, action):
+  """Makes the run's jitted step do `action` instead of its `call`-th step."""
+  real = step_lib.jit_train_step
+
+  def patched(*args, **kwargs):
+    fn = real(*args, **kwargs)
+    count = {"n": 0}
+
+    def step(*a):
+      count["n"] += 1
+      if count["n"] == call:
+        action()
+      return fn(*a)
+    return step
+
+  monkeypatch.setattr(step_lib, "jit_train_step", patched)
+
+
+def _kill():
+  raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_config,
+                                                             monkeypatch):
+  cfg = tiny_config(data__sessions="dog", train__steps=6, train__progress_every=2)
+  full = str(tmp_path / "full")
+  session.run(cfg, full)
+  want = checkpoint.restore_session(full, 1)["delta"]
+
+  # Killed during step 5: progress from step 4 survives; resume finishes the session.
+  killed = str(tmp_path / "killed")
+  with monkeypatch.context() as m:
+    _interrupt_at(m, 5, _kill)
+    with pytest.raises(KeyboardInterrupt):
+      session.run(cfg, killed)
+  assert checkpoint.finished_sessions(killed) == []
+  assert checkpoint.progress_meta(killed) == {"session": 1}
+  session.run(cfg, killed, resume=True)
+  _assert_trees_equal(checkpoint.restore_session(killed, 1)["delta"], want)
+
+  # SIGTERM (preemption) during step 3: saves step 3 and stops cleanly.
+  term = str(tmp_path / "term")
+  with monkeypatch.context() as m:
+    _interrupt_at(m, 3, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(session.Preempted):
+      session.run(cfg, term)
+  assert sorted(os.listdir(os.path.join(term, "progress"))) == ["3"]
+  session.run(cfg, term, resume=True)
+  _assert_trees_equal(checkpoint.restore_session(term, 1)["delta"], want)
+
+
+def test_data_parallel_step_matches_one_device(tmp_path, tiny_config):
+  assert jax.device_count() == 8
+  cfg = tiny_config(data__sessions="dog", train__batch_size=8, kd__batch_size=8, mesh__data=-1)
+  out = []
+  for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    ctx = session.prepare(cfg, str(tmp_path / name), devices=devices)
+    su = session.setup_session(ctx, 1, session.base_delta(ctx))
+    state = su.state
+    for _ in range(2):
+      state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
+                                   su.train_key)
+    out.append((jax.device_get(state.trainable), jax.device_get(metrics)))
+    assert len(state.trainable["tokens"].sharding.device_set) == len(devices)
+  (t1, m1), (t8, m8) = out
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
+  for (p, a), b in zip(flatten(t1).items(), flatten(t8).values()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=str(p))
+
+
+def _folder_dataset(root, files):
+  from PIL import Image
+  for rel, content in files.items():
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content == "image":
+      Image.new("RGB", (40, 40), (200, 30, 30)).save(path)
+    else:
+      path.write_bytes(content)
+  return str(root)
+
+
+@pytest.mark.parametrize("files,overrides,needle", [
+    ({"a/0.png": "image", "b/readme.md": b"no photos"}, {}, "b"),
+    ({"a/0.png": "image", "b/0.jpg": b"\xff\xd8\xff garbage"}, {}, "0.jpg"),
+    ({"a/0.png": "image", "b/0.png": "image"},
+     {"concepts__token_format": "<|endoftext|>"}, "<|endoftext|>"),
+    ({"a/0.png": "image", "b/0.png": "image"}, {"data__sessions": "a;zebra"}, "zebra"),
+    ({"a/0.png": "image", "b/0.png": "image"}, {"kd__prompts": "class,nonsense"}, "nonsense"),
+    ({"a/0.png": "image", "b/0.png": "image"},
+     {"model__source": "local", "model__path": "/nonexistent/sd"}, "/nonexistent/sd"),
+])
+def test_bad_input_is_named_and_nothing_is_written(tmp_path, tiny_config, files, overrides,
+                                                   needle):
+  root = _folder_dataset(tmp_path / "data", files)
+  cfg = tiny_config(**{"data__root": root, "data__classes": "a=dog,b=cat",
+                       "data__sessions": "a;b", **overrides})
+  work = tmp_path / "run"
+  with pytest.raises((ValueError, FileNotFoundError)) as e:
+    session.run(cfg, str(work))
+  assert needle in str(e.value)
+  assert not work.exists()
+
+
+def test_restart_rules(tmp_path, tiny_config):
+  run = str(tmp_path / "run")
+  session.run(tiny_config(data__sessions="dog", train__steps=2), run)
+  with pytest.raises(ValueError, match="--resume"):
+    session.run(tiny_config(data__sessions="dog", train__steps=2), run)
+  with pytest.raises(ValueError, match="seed"):
+    session.run(tiny_config(data__sessions="dog", train__steps=2, seed=1), run, resume=True)
+  with pytest.raises(ValueError, match=r"model\.(path|source)"):
+    session.run(tiny_config(data__sessions="dog", train__steps=2, model__source="local",
+                            model__path=run), run, resume=True)
+  # Appending a session is how a lifelong run goes on.
+  results = session.run(tiny_config(data__sessions="dog;cat", train__steps=2), run,
+                        resume=True)
+  assert [r["session"] for r in results] == [2]
+  assert checkpoint.finished_sessions(run) == [1, 2]
+
+
+def test_cli_refuses_unknown_config_key(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "lfs_jax.main", f"--workdir={tmp_path / 'run'}",
+       "--config.train.stepz=3"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "stepz" in proc.stderr
+  assert not (tmp_path / "run").exists()
