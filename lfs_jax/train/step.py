@@ -60,6 +60,8 @@ def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, sc
     grads = {**grads, "tokens": jnp.zeros_like(grads["tokens"])}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
+  if not train_tokens:  # weight decay would still move them
+    trainable = {**trainable, "tokens": state.trainable["tokens"]}
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
