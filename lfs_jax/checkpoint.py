@@ -82,6 +82,17 @@ def restore_session(workdir: str, session: int, *, delta_target=None,
   return dict(out.items())
 
 
+def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
+  """Reads only the context bank of sessions/<session>/ (not its delta or optimizer)."""
+  mngr = _manager(os.path.join(workdir, SESSIONS))
+  if session not in mngr.all_steps():
+    raise CheckpointError(
+        f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
+  out = mngr.restore(session, args=ocp.args.Composite(bank=ocp.args.StandardRestore()))
+  mngr.close()
+  return out["bank"]
+
+
 def save_progress(workdir: str, step: int, state, meta: Dict[str, Any], keep: int) -> None:
   """Writes progress/<step>/ (the in-session TrainState), keeping the newest `keep`."""
   mngr = _manager(os.path.join(workdir, PROGRESS), max_to_keep=keep)

@@ -68,6 +68,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # devices on the data axis (-1 = all that remain)
   c.mesh.fsdp = 1                 # devices that shard the frozen base
+
+  # Sampling (--mode=sample, evaluation). Free to change on a finished run.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"       # ddim | ddpm (diffusers' schedulers for the model's scheduler config)
+  c.sample.steps = 10             # denoising steps (tiny; 50 is the usual for Stable Diffusion)
+  c.sample.guidance = 7.5         # classifier-free guidance scale w: eps_u + w (eps_c - eps_u)
+  c.sample.eta = 0.0              # DDIM eta (0 = deterministic); ignored by ddpm
+  c.sample.num_images = 2         # images per prompt, with seeds seed, seed+1, ...
+  c.sample.seed = 0               # seed of each prompt's first image
+  c.sample.batch_size = 4         # images per sampler call (the last call is padded)
+
+  # In-Context Generation (DESIGN 1.2): start from a concept's photo latent, noised to t_s = s*T.
+  c.icgen = ml_collections.ConfigDict()
+  c.icgen.strength = 0.6          # [choice] s in (0, 1]; 1 = plain text-to-image (bank ignored)
+  c.icgen.select = "random"       # context latent: random (one photo, by image seed) | first | mean
   return c
 
 
@@ -84,4 +99,6 @@ def use_local_sd(c: ml_collections.ConfigDict, resolution: int) -> ml_collection
   c.train.log_every = 25
   c.train.progress_every = 100
   c.kd.batch_size = 8
+  c.sample.steps = 50
+  c.sample.batch_size = 8
   return c

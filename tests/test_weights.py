@@ -259,7 +259,7 @@ def test_pickle_only_folder_refused_unopened(model_dir, tmp_path, monkeypatch):
   assert os.path.abspath(bin_path) not in opened
   msg = str(e.value)
   assert "diffusion_pytorch_model.bin" in msg
-  assert "safe_serialization=True" in msg and "safetensors" in msg
+  assert "safe_serialization=True" in msg and "never unpickles" in msg
 
 
 @pytest.mark.parametrize("name", ["model.ckpt", "model.pt"])
@@ -468,6 +468,14 @@ def test_conv_kernel_oihw_to_hwio():
   np.testing.assert_array_equal(np.asarray(out["blocks_0"]["conv"]["bias"]), b)
   back = convert.flax_to_torch(out)
   np.testing.assert_array_equal(back["blocks.0.conv.weight"], w)
+
+
+def test_scalar_leaf_round_trip():
+  tree = {"gate": {"bias": jnp.float32(0.5)}}
+  state = convert.flax_to_torch(tree)
+  assert state["gate.bias"].shape == ()
+  out = convert.torch_to_flax(state, _abstract({"gate": {"bias": ()}}))
+  assert out["gate"]["bias"].shape == () and float(out["gate"]["bias"]) == 0.5
 
 
 def test_one_by_one_conv_fills_dense():

@@ -42,6 +42,8 @@ _TRAIN, _KD_CACHE, _TINY = 1, 2, 3
 # Config fields that may change between a run's start and its resumption.
 _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
                 "model.attention", "mesh.data", "mesh.fsdp")
+# Config groups that only steer sampling, never the trained weights.
+_FREE_PREFIXES = ("sample.", "icgen.")
 _KD_PROMPTS = ("class", "previous", "empty")
 
 
@@ -59,6 +61,11 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
+def is_free_field(key: str) -> bool:
+  """True for a dotted config field that may differ from the run's config.json."""
+  return key in _FREE_FIELDS or key.startswith(_FREE_PREFIXES)
+
+
 def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
   """Refuses to continue a run under a config that would change its results.
 
@@ -66,7 +73,7 @@ def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
   """
   a, b = _flat(stored), _flat(current)
   for key in sorted(set(a) | set(b)):
-    if key in _FREE_FIELDS or a.get(key) == b.get(key):
+    if is_free_field(key) or a.get(key) == b.get(key):
       continue
     if key == "data.sessions":
       old, new = str(a[key]).split(";"), str(b[key]).split(";")

@@ -169,5 +169,6 @@ def flax_to_torch(params: Mapping) -> Dict[str, np.ndarray]:
       name = "weight"
     elif name in ("scale", "embedding"):
       name = "weight"
-    out[path_to_torch_key(path[:-1] + (name,))] = np.ascontiguousarray(arr)
+    out[path_to_torch_key(path[:-1] + (name,))] = (
+        np.ascontiguousarray(arr).reshape(arr.shape))  # keeps 0-d leaves 0-d
   return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -81,7 +82,8 @@ def weight_files(folder: str, variant: Optional[str] = None) -> List[str]:
 
   found = candidates(variant)
   if found is None and variant is None:
-    variants = sorted({n.split(".")[-2] for n in names
+    # "<stem>.fp16.safetensors" and the shards "<stem>.fp16-00001-of-00002.safetensors".
+    variants = sorted({re.sub(r"-\d+-of-\d+$", "", n.split(".")[-2]) for n in names
                        if n.endswith(".safetensors") and n.count(".") >= 2})
     if len(variants) == 1:
       found = candidates(variants[0])
@@ -97,8 +99,11 @@ def weight_files(folder: str, variant: Optional[str] = None) -> List[str]:
 
 
 def _shards_from_index(index_path: str) -> List[str]:
-  with open(index_path) as f:
-    weight_map = json.load(f).get("weight_map")
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map")
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
   if not isinstance(weight_map, dict) or not weight_map:
     raise ValueError(f"{index_path} has no weight_map")
   folder = os.path.dirname(index_path)

@@ -64,17 +64,17 @@ def read_header(path: str) -> Dict[str, dict]:
 
 
 def load_file(path: str, names: Iterable[str] | None = None) -> Dict[str, np.ndarray]:
-  """Reads tensors of a safetensors file into numpy arrays (copies, file closed).
+  """Reads tensors of a safetensors file into read-only numpy arrays (copies; file closed).
 
   Args:
     path: the .safetensors file.
     names: the tensors to read; all when None.
   """
   header = read_header(path)
-  n = int.from_bytes(open(path, "rb").read(8), "little")
   wanted = header.keys() if names is None else names
   out = {}
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    n = int.from_bytes(mm[:8], "little")
     for name in wanted:
       h = header[name]
       start, stop = h["data_offsets"]
@@ -97,7 +97,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
   offset = 0
   arrays = {}
   for name in sorted(tensors):
-    arr = np.ascontiguousarray(np.asarray(tensors[name]))
+    arr = np.asarray(tensors[name])
+    arr = np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d tensors 0-d
     if arr.dtype.byteorder == ">":
       arr = arr.astype(arr.dtype.newbyteorder("<"))
     key = _NAMES.get(np.dtype(arr.dtype.str if arr.dtype != ml_dtypes.bfloat16 else arr.dtype))

@@ -1,0 +1,169 @@
+"""The jitted sampler: classifier-free guided DDIM / DDPM, one loop over a step grid.
+
+An In-Context Generation start (DESIGN 1.2) is only a different initial latent and
+start index. For the descending grid t_0 > t_1 > ... > t_{N-1}, image i with a
+context latent z_i and strength s < 1 starts at the first index whose timestep is
+<= s*T, from add_noise(z_i, eps_i, t_start); the steps before its start leave it
+unchanged (`jnp.where`), so shapes stay static and a new s never recompiles. Every
+other image (no concept named, or s >= 1) starts from eps_i at index 0, exactly as
+plain text-to-image sampling: s = 1 gives the same bits as no ICGen at all.
+
+Each image draws its randomness from its own key `jax.random.key(seed_i)` (folded
+by purpose and step), so an image never depends on the rest of its batch.
+Prompts, seeds, guidance, strength and eta are traced arrays; only the modules,
+the sampler kind and the array shapes (batch, steps, latent size) are static.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lfs_jax.diffusion import schedule as schedule_lib
+from lfs_jax.diffusion import steps as steps_lib
+
+KINDS = ("ddim", "ddpm")
+# Purposes folded into each image's key.
+_INIT, _STEP = 0, 1
+# How many times each jitted function below was traced (a retrace is a recompile).
+TRACES: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """Static (hashable) description of a sampler."""
+  kind: str                                  # "ddim" | "ddpm"
+  scheduler: schedule_lib.SchedulerConfig    # the model's noise schedule config
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"sample.sampler must be one of {list(KINDS)}, got {self.kind!r}")
+
+
+class SamplingSchedule(NamedTuple):
+  """The noise schedule and the step grid of one sampling run (a pytree of arrays)."""
+  noise: schedule_lib.NoiseSchedule
+  timesteps: jax.Array        # [N] int32, descending
+  prev_timesteps: jax.Array   # [N] int32, the timestep each step lands on (< 0: clean)
+
+
+def make_schedule(spec: SamplerSpec, num_steps: int) -> SamplingSchedule:
+  """The grid of `num_steps` steps, paired as diffusers' DDIM / DDPM schedulers pair them."""
+  ts = schedule_lib.inference_timesteps(spec.scheduler, num_steps)
+  prev = schedule_lib.previous_timesteps(spec.scheduler, ts, spec.kind)
+  return SamplingSchedule(schedule_lib.make_schedule(spec.scheduler),
+                          jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32))
+
+
+def start_index(timesteps, strength, num_train_timesteps: int):
+  """Index of the first grid timestep <= s*T (len(grid) if none), numpy or jnp.
+
+  Args:
+    timesteps: the descending grid [N] int.
+    strength: s, a scalar.
+    num_train_timesteps: T.
+
+  Returns:
+    int32 scalar in [0, N].
+  """
+  xp = jnp if isinstance(timesteps, jax.Array) or isinstance(strength, jax.Array) else np
+  t_s = xp.asarray(strength, xp.float32) * xp.float32(num_train_timesteps)
+  return xp.sum(xp.asarray(timesteps).astype(xp.float32) > t_s).astype(xp.int32)
+
+
+def _per_image_normal(keys: jax.Array, shape, fold: jax.Array) -> jax.Array:
+  """One N(0, I) draw of `shape` per key, each from fold_in(key, fold): [B, *shape]."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, fold), shape,
+                                              jnp.float32))(keys)
+
+
+def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: jax.Array,
+           seeds: jax.Array, context_latents: jax.Array, has_context: jax.Array,
+           guidance: jax.Array, strength: jax.Array, eta: jax.Array, *, unet,
+           spec: SamplerSpec) -> jax.Array:
+  """Runs the reverse process for a batch of prompts; pure (same inputs, same bits).
+
+  Args:
+    unet_params: the full UNet tree (base merged with a session's delta).
+    schedule: the step grid and noise schedule.
+    context: [B, L, D] text embeddings of the prompts.
+    uncond: [L, D] the empty prompt's embedding (classifier-free guidance).
+    seeds: [B] uint32, one per image.
+    context_latents: [B, h, w, c] ICGen start latents, already multiplied by the
+      VAE scaling factor (any values where has_context is False); also fixes the
+      latent shape.
+    has_context: [B] bool, the prompt names a concept of the bank.
+    guidance: scalar w: eps = eps_u + w (eps_c - eps_u).
+    strength: scalar s of ICGen; s >= 1 ignores the context latents.
+    eta: scalar DDIM eta (unused by DDPM).
+    unet: the UNet module (static).
+    spec: the sampler (static).
+
+  Returns:
+    [B, h, w, c] float32 clean latents (scaled, as the UNet sees them).
+  """
+  TRACES["sample"] += 1
+  n = schedule.timesteps.shape[0]
+  shape = context_latents.shape[1:]
+  keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
+  guidance = jnp.asarray(guidance, jnp.float32)
+  strength = jnp.asarray(strength, jnp.float32)
+
+  eps = _per_image_normal(keys, shape, jnp.uint32(_INIT))
+  icgen = has_context & (strength < 1.0)
+  start = jnp.where(icgen, start_index(schedule.timesteps, strength,
+                                       spec.scheduler.num_train_timesteps), 0)
+  z = context_latents.astype(jnp.float32)
+  t_start = schedule.timesteps[jnp.minimum(start, n - 1)]
+  noised = schedule_lib.add_noise(schedule.noise, z, eps, t_start)
+  # start == n: no grid timestep is <= s*T; the context comes back as it is.
+  x = jnp.where(icgen[:, None, None, None],
+                jnp.where((start < n)[:, None, None, None], noised, z), eps)
+  cond_uncond = jnp.concatenate(
+      [jnp.broadcast_to(uncond.astype(context.dtype), context.shape), context])
+
+  def step(i, x):
+    t, prev = schedule.timesteps[i], schedule.prev_timesteps[i]
+    active = i >= start
+    x_in = jnp.concatenate([x, x])
+    t_in = jnp.full((x_in.shape[0],), t, jnp.int32)
+    out = unet.apply({"params": unet_params}, x_in, t_in, cond_uncond).astype(jnp.float32)
+    out_u, out_c = jnp.split(out, 2)
+    guided = out_u + guidance * (out_c - out_u)
+    noise = _per_image_normal(jax.vmap(lambda k: jax.random.fold_in(k, _STEP))(keys),
+                              shape, i)
+    if spec.kind == "ddim":
+      x_new = steps_lib.ddim_step(schedule.noise, spec.scheduler, guided, t, prev, x, eta,
+                                  noise)
+    else:
+      x_new = steps_lib.ddpm_step(schedule.noise, spec.scheduler, guided, t, prev, x, noise)
+    return jnp.where(active[:, None, None, None], x_new, x)
+
+  # Steps before every image's start are skipped outright (no UNet call).
+  body = lambda i, x: jax.lax.cond(jnp.any(i >= start), step, lambda _, x: x, i, x)
+  return jax.lax.fori_loop(0, n, body, x)
+
+
+def encode_text(text_params, rows: jax.Array, ids: jax.Array, *, text) -> jax.Array:
+  """Prompt ids [N, L] -> text embeddings [N, L, D]; rows [R, D] are the modifier tokens'."""
+  TRACES["encode_text"] += 1
+  return text.apply({"params": text_params}, ids, extra_embeddings=rows)
+
+
+def decode(vae_params, latents: jax.Array, *, vae, scaling_factor: float) -> jax.Array:
+  """Scaled latents [B, h, w, c] -> images [B, H, W, 3] float32 in about [-1, 1]."""
+  TRACES["decode"] += 1
+  images = vae.apply({"params": vae_params}, latents / scaling_factor, method="decode")
+  return images.astype(jnp.float32)
+
+
+# Jitted once per process: the modules and the spec are static (hashable), the
+# parameter trees are arguments, never closed-over constants.
+sample_jit = jax.jit(sample, static_argnames=("unet", "spec"))
+encode_text_jit = jax.jit(encode_text, static_argnames=("text",))
+decode_jit = jax.jit(decode, static_argnames=("vae", "scaling_factor"))

@@ -1,0 +1,98 @@
+"""In-Context Generation on the host: which concept a prompt names, which latent starts it.
+
+The context bank (DESIGN 1.2) holds, per concept, the VAE posterior (mean, logvar)
+of each of its photos, unscaled, under the key "concept<i>" (i = 1-based registry
+index). A prompt names a concept by its modifier token ("a <c2> dog on a beach");
+`select` picks the start latent among its photos:
+
+  random  one photo, drawn from the image's seed (same seed, same photo)
+  first   the first photo
+  mean    the mean of the photos' latents
+
+[choice] The context latent is the posterior mean, not a draw mean + σ·ε: the
+start is then a deterministic function of the photo, and the noise that ICGen adds
+at t_s (σ(t_s) ≫ the VAE's σ) makes the posterior's own spread irrelevant.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+from lfs_jax import concepts as concepts_lib
+
+SELECTS = ("random", "first", "mean")
+# Purpose of the host RNG that draws a `random` photo from an image seed.
+_SELECT_PURPOSE = 1
+
+
+class PromptConcepts(NamedTuple):
+  """The concepts a prompt names, in order of appearance."""
+  tokens: List[str]          # every known modifier token in the prompt, first first
+  concept: Optional[str]     # the one that picks the context (the first), or None
+
+
+def token_pattern(token_format: str) -> re.Pattern:
+  """A regex for every token `token_format` can produce ("<c{}>" -> r"<c\\d+>")."""
+  if token_format.count("{}") != 1:
+    raise ValueError(f"concepts.token_format must contain '{{}}' once, got {token_format!r}")
+  head, tail = token_format.split("{}")
+  return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+
+
+def resolve(prompt: str, registry: concepts_lib.Registry, token_format: str,
+            session: Optional[int] = None) -> PromptConcepts:
+  """Finds the modifier tokens a prompt names.
+
+  A prompt naming several concepts is allowed (the text encoder sees them all);
+  ICGen then starts from the first one named, and the sidecar says so.
+
+  Raises:
+    ValueError: a token of the run's format that the registry does not know
+      (e.g. "<c9>", or a concept of a later session); the message lists the known ones.
+  """
+  known = registry.tokens
+  found = [m.group(0) for m in token_pattern(token_format).finditer(prompt)]
+  unknown = [t for t in found if t not in known]
+  if unknown:
+    where = f" at session {session}" if session is not None else ""
+    raise ValueError(
+        f"prompt {prompt!r} names {', '.join(repr(t) for t in dict.fromkeys(unknown))}, "
+        f"which this run does not know{where}; known modifier tokens: "
+        f"{', '.join(known) or '(none)'}")
+  tokens = list(dict.fromkeys(found))
+  return PromptConcepts(tokens, tokens[0] if tokens else None)
+
+
+def bank_key(registry: concepts_lib.Registry, token: str) -> str:
+  """"concept<i>": the bank entry of the concept whose token is `token`."""
+  return f"concept{registry.tokens.index(token) + 1}"
+
+
+def context_latent(bank: Dict[str, Dict[str, np.ndarray]], key: str, select: str,
+                   seed: int) -> tuple:
+  """The unscaled start latent of one image and which photo it came from.
+
+  Args:
+    bank: {"concept<i>": {"mean": [n, h, w, c], "logvar": [n, h, w, c]}}.
+    key: the concept's bank key.
+    select: random | first | mean.
+    seed: the image's seed (picks the photo for `random`).
+
+  Returns:
+    (latent [h, w, c] float32, photo index or "mean").
+  """
+  if select not in SELECTS:
+    raise ValueError(f"icgen.select must be one of {list(SELECTS)}, got {select!r}")
+  if key not in bank:
+    raise ValueError(f"the context bank has no {key!r} (have {sorted(bank)})")
+  mean = np.asarray(bank[key]["mean"], np.float32)
+  if select == "mean":
+    return mean.mean(axis=0), "mean"
+  index = 0
+  if select == "random":
+    index = int(np.random.default_rng([_SELECT_PURPOSE, int(seed)]).integers(len(mean)))
+  return mean[index], index
+

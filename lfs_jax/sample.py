@@ -1,0 +1,287 @@
+"""Images from a finished session: prompts -> (ICGen) sampling -> PNGs with JSON sidecars.
+
+    run = runs.load_run(workdir)                        # latest finished session
+    settings = SampleSettings.from_config(run.cfg)      # cfg.sample + cfg.icgen
+    prompts, seeds = expand(["a <c1> dog on a beach"], settings)
+    images, records = generate(run, prompts, seeds, settings)
+    write_outputs(run, images, records)                 # <workdir>/samples/session_<k>/
+
+Every image is one (prompt, seed) pair and depends on nothing else: batches are
+padded to `sample.batch_size`, so every call has the same shapes and the jitted
+functions of `diffusion.sampler` compile once per process and model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from PIL import Image
+
+from lfs_jax import concepts as concepts_lib
+from lfs_jax import data as data_lib
+from lfs_jax import icgen
+from lfs_jax import runs
+from lfs_jax.diffusion import sampler as sampler_lib
+from lfs_jax.errors import ConfigError
+
+_MAX_SEED = 2 ** 32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """cfg.sample and cfg.icgen, validated once (see config_base for each field)."""
+  sampler: str = "ddim"
+  steps: int = 10
+  guidance: float = 7.5
+  eta: float = 0.0
+  num_images: int = 2
+  seed: int = 0
+  batch_size: int = 4
+  strength: float = 0.6
+  select: str = "random"
+
+  def __post_init__(self):
+    def need(ok, field, what):
+      if not ok:
+        raise ConfigError(f"{field}={getattr(self, field.split('.')[-1])!r}: {what}")
+    need(self.sampler in sampler_lib.KINDS, "sample.sampler",
+         f"use one of {list(sampler_lib.KINDS)}")
+    need(self.steps >= 1, "sample.steps", "must be >= 1")
+    need(self.num_images >= 1, "sample.num_images", "must be >= 1")
+    need(self.batch_size >= 1, "sample.batch_size", "must be >= 1")
+    need(0 <= self.seed <= _MAX_SEED, "sample.seed", f"must be in [0, {_MAX_SEED}]")
+    need(self.eta >= 0, "sample.eta", "must be >= 0")
+    need(0.0 < self.strength <= 1.0, "icgen.strength",
+         "must be in (0, 1] (1 = plain text-to-image)")
+    need(self.select in icgen.SELECTS, "icgen.select", f"use one of {list(icgen.SELECTS)}")
+
+  @classmethod
+  def from_config(cls, cfg) -> "SampleSettings":
+    s = cfg.sample
+    return cls(sampler=s.sampler, steps=s.steps, guidance=float(s.guidance),
+               eta=float(s.eta), num_images=s.num_images, seed=s.seed,
+               batch_size=s.batch_size, strength=float(cfg.icgen.strength),
+               select=cfg.icgen.select)
+
+
+def expand(prompts: Sequence[str], settings: SampleSettings) -> Tuple[List[str], List[int]]:
+  """`num_images` (prompt, seed) pairs per prompt, seeds seed, seed+1, ..."""
+  if not prompts:
+    raise ValueError("no prompt given")
+  pairs = [(p, settings.seed + j) for p in prompts for j in range(settings.num_images)]
+  if pairs[-1][1] > _MAX_SEED:
+    raise ValueError(f"seeds run past {_MAX_SEED}")
+  return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def _latent_shape(run: runs.RunModel) -> Tuple[int, int, int]:
+  vae = run.pipe.vae.config
+  side = run.cfg.data.resolution // vae.downsample_factor
+  return side, side, vae.latent_channels
+
+
+def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
+          settings: SampleSettings, grid: np.ndarray):
+  """Per image: its record and its (scaled) context latent or None. Fails before sampling."""
+  token_format = run.cfg.concepts.token_format
+  named = {p: icgen.resolve(p, run.registry, token_format, run.session)
+           for p in dict.fromkeys(prompts)}
+  scale = run.pipe.vae.config.scaling_factor
+  n = len(grid)
+  start = int(sampler_lib.start_index(grid, settings.strength,
+                                      run.pipe.scheduler.num_train_timesteps))
+  records, latents = [], []
+  for prompt, seed in zip(prompts, seeds):
+    if not 0 <= int(seed) <= _MAX_SEED:
+      raise ValueError(f"seed {seed} is not in [0, {_MAX_SEED}]")
+    pc = named[prompt]
+    rec = {"prompt": prompt, "seed": int(seed), "session": run.session,
+           "sampler": settings.sampler, "steps": settings.steps,
+           "guidance": settings.guidance, "eta": settings.eta,
+           "strength": settings.strength, "select": settings.select,
+           "concept": pc.concept, "concepts_named": pc.tokens, "icgen": False,
+           "context_photo": None, "start_step": 0, "start_timestep": int(grid[0])}
+    z = None
+    if pc.concept is not None and settings.strength < 1.0:
+      key = icgen.bank_key(run.registry, pc.concept)
+      latent, photo = icgen.context_latent(run.bank, key, settings.select, seed)
+      z = latent * np.float32(scale)
+      rec.update(icgen=True, context_photo=photo, start_step=start,
+                 start_timestep=int(grid[start]) if start < n else None)
+    records.append(rec)
+    latents.append(z)
+  return records, latents
+
+
+def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
+             settings: Optional[SampleSettings] = None, *,
+             progress: bool = False) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+  """One image per (prompt, seed) pair, with ICGen for prompts that name a concept.
+
+  Args:
+    run: the session's model (runs.load_run).
+    prompts: N prompts (repeat a prompt for several seeds; see `expand`).
+    seeds: N image seeds (ints in [0, 2**32)).
+    settings: sampler and ICGen settings (default: from run.cfg).
+    progress: show a progress bar over the batches.
+
+  Returns:
+    (images uint8 [N, H, W, 3], records): one dict per image (prompt, seed,
+    settings, the concept it named and how ICGen started it).
+
+  Raises:
+    ValueError: an unknown modifier token (the message lists the known ones), a
+      bad seed or setting; raised before any sampling.
+  """
+  settings = SampleSettings.from_config(run.cfg) if settings is None else settings
+  if len(prompts) != len(seeds):
+    raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+  pipe = run.pipe
+  spec = sampler_lib.SamplerSpec(settings.sampler, pipe.scheduler)
+  schedule = sampler_lib.make_schedule(spec, settings.steps)
+  records, latents = _plan(run, prompts, seeds, settings, np.asarray(schedule.timesteps))
+
+  b = settings.batch_size
+  shape = _latent_shape(run)
+  max_len = pipe.text_encoder.config.max_position_embeddings
+  rows = jnp.asarray(run.token_rows, pipe.text_encoder.dtype)
+  encode = lambda texts: sampler_lib.encode_text_jit(
+      pipe.text_encoder_params, rows,
+      jnp.asarray(concepts_lib.tokenize(pipe.tokenizer, texts, max_len)),
+      text=pipe.text_encoder)
+  uncond = encode([""] * b)[0]  # the same shapes as every batch: no extra compile
+  scalars = [jnp.asarray(v, jnp.float32)
+             for v in (settings.guidance, settings.strength, settings.eta)]
+  images = []
+  starts = range(0, len(prompts), b)
+  for i in tqdm.tqdm(starts, desc=f"sampling session {run.session}", unit="batch",
+                     disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
+    m = min(b, len(prompts) - i)
+    pad = b - m
+    texts = list(prompts[i:i + m]) + [""] * pad
+    z = [np.zeros(shape, np.float32) if l is None else l for l in latents[i:i + m]]
+    z += [np.zeros(shape, np.float32)] * pad
+    has = [l is not None for l in latents[i:i + m]] + [False] * pad
+    out = sampler_lib.sample_jit(
+        pipe.unet_params, schedule, encode(texts), uncond,
+        jnp.asarray(list(seeds[i:i + m]) + [0] * pad, jnp.uint32), jnp.asarray(np.stack(z)),
+        jnp.asarray(has), *scalars, unet=pipe.unet, spec=spec)
+    decoded = decode_latents(run, out)
+    images.append(decoded[:m])
+  return np.concatenate(images), records
+
+
+def decode_latents(run: runs.RunModel, latents) -> np.ndarray:
+  """Scaled latents [B, h, w, c] -> uint8 images [B, H, W, 3] (the VAE decoder)."""
+  pipe = run.pipe
+  out = sampler_lib.decode_jit(pipe.vae_params, jnp.asarray(latents, jnp.float32),
+                               vae=pipe.vae, scaling_factor=pipe.vae.config.scaling_factor)
+  return data_lib.to_uint8(jax.device_get(out))
+
+
+def slug(prompt: str, max_len: int = 80) -> str:
+  """"a <c1> dog, on grass" -> "a_c1_dog_on_grass" (file-name safe; "empty" for "")."""
+  s = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:max_len].strip("_")
+  return s or "empty"
+
+
+def _slugs(prompts: Sequence[str]) -> Dict[str, str]:
+  """A distinct slug per distinct prompt (a hash suffix where two would collide)."""
+  out, taken = {}, set()
+  for p in dict.fromkeys(prompts):
+    s = slug(p)
+    if s in taken:
+      s = f"{s}_{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+    out[p] = s
+    taken.add(s)
+  return out
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+  tmp = f"{path}.tmp"
+  Image.fromarray(image).save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def _save_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def grid(images: np.ndarray) -> np.ndarray:
+  """Images [n, H, W, 3] -> one near-square grid [rows*H, cols*W, 3] (black filler)."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  canvas = np.zeros((rows * h, cols * w, c), images.dtype)
+  for i, im in enumerate(images):
+    r, q = divmod(i, cols)
+    canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+  return canvas
+
+
+def write_outputs(run: runs.RunModel, images: np.ndarray, records: Sequence[Mapping],
+                  out_dir: Optional[str] = None) -> List[str]:
+  """Writes each image, its JSON sidecar, and a grid per prompt; atomically (tmp + rename).
+
+  Files, in `<workdir>/samples/session_<k>/` by default:
+    <slug>_seed<seed>.png, <slug>_seed<seed>.json (the record + the run's config),
+    <slug>_grid.png (this call's images of the prompt, in order).
+
+  Returns:
+    The paths written.
+  """
+  if jax.process_index() != 0:
+    return []
+  out_dir = out_dir or os.path.join(run.workdir, "samples", f"session_{run.session}")
+  os.makedirs(out_dir, exist_ok=True)
+  slugs = _slugs([r["prompt"] for r in records])
+  config = json.loads(json.dumps(run.cfg.to_dict(), default=list))
+  paths = []
+  for image, rec in zip(images, records):
+    stem = os.path.join(out_dir, f"{slugs[rec['prompt']]}_seed{rec['seed']}")
+    _save_png(stem + ".png", image)
+    _save_json(stem + ".json", {**rec, "workdir": os.path.abspath(run.workdir),
+                                "config": config})
+    paths += [stem + ".png", stem + ".json"]
+  for prompt, s in slugs.items():
+    mine = np.stack([im for im, r in zip(images, records) if r["prompt"] == prompt])
+    path = os.path.join(out_dir, f"{s}_grid.png")
+    _save_png(path, grid(mine))
+    paths.append(path)
+  return paths
+
+
+def sample_run(workdir: str, prompts: Sequence[str], *, session: Optional[int] = None,
+               overrides: Optional[Mapping[str, Any]] = None,
+               progress: bool = True) -> Tuple[runs.RunModel, List[str]]:
+  """What `--mode=sample` does: load the session, sample every prompt, write the files.
+
+  Args:
+    workdir: the run directory.
+    prompts: the prompts (each gets `sample.num_images` seeds).
+    session: the session (None = the latest finished).
+    overrides: dotted config fields from the command line (sample.*, icgen.*).
+    progress: show a progress bar.
+
+  Returns:
+    (the session's RunModel, the paths written).
+  """
+  cfg = runs.run_config(workdir, overrides)
+  settings = SampleSettings.from_config(cfg)
+  run = runs.load_run(workdir, session, cfg=cfg)
+  all_prompts, seeds = expand(prompts, settings)
+  images, records = generate(run, all_prompts, seeds, settings, progress=progress)
+  return run, write_outputs(run, images, records)
