@@ -52,11 +52,12 @@ def save_session(workdir: str, session: int, *, delta, bank, opt_state,
     raise CheckpointError(
         f"session {session} already exists in {workdir}/{SESSIONS}: finished sessions "
         "are never rewritten (use a new --workdir)")
-  mngr.save(session, args=ocp.args.Composite(
-      delta=ocp.args.StandardSave(delta),
-      bank=ocp.args.StandardSave(bank),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(meta)))
+  items = dict(delta=ocp.args.StandardSave(delta),
+               opt_state=ocp.args.StandardSave(opt_state),
+               meta=ocp.args.JsonSave(meta))
+  if bank:  # Orbax refuses an empty tree; an imported session has no photos, no bank
+    items["bank"] = ocp.args.StandardSave(bank)
+  mngr.save(session, args=ocp.args.Composite(**items))
   mngr.wait_until_finished()
   mngr.close()
 
@@ -66,20 +67,40 @@ def restore_session(workdir: str, session: int, *, delta_target=None,
   """Reads sessions/<session>/: {"delta", "bank", "meta"[, "opt_state"]}.
 
   Targets (abstract trees with shardings) place the arrays; without one the arrays
-  come back as stored.
+  come back as stored. A session saved without a bank (imported) gives bank {}.
   """
   mngr = _manager(os.path.join(workdir, SESSIONS))
   if session not in mngr.all_steps():
     raise CheckpointError(
         f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
+  has_bank = _has_bank(workdir, session)
   items = dict(delta=ocp.args.StandardRestore(delta_target),
-               bank=ocp.args.StandardRestore(bank_target),
                meta=ocp.args.JsonRestore())
+  if has_bank:
+    items["bank"] = ocp.args.StandardRestore(bank_target)
   if with_opt_state:
     items["opt_state"] = ocp.args.StandardRestore()
-  out = mngr.restore(session, args=ocp.args.Composite(**items))
+  out = dict(mngr.restore(session, args=ocp.args.Composite(**items)).items())
   mngr.close()
-  return dict(out.items())
+  if not has_bank:
+    out["bank"] = {}
+  return out
+
+
+def session_meta(workdir: str, session: int) -> Dict[str, Any]:
+  """Reads only the meta of sessions/<session>/ (registry, config, ...)."""
+  mngr = _manager(os.path.join(workdir, SESSIONS))
+  if session not in mngr.all_steps():
+    raise CheckpointError(
+        f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
+  out = mngr.restore(session, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return out["meta"]
+
+
+def _has_bank(workdir: str, session: int) -> bool:
+  """False for a session saved with an empty context bank (see save_session)."""
+  return os.path.isdir(os.path.join(workdir, SESSIONS, str(session), "bank"))
 
 
 def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
@@ -88,6 +109,9 @@ def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
   if session not in mngr.all_steps():
     raise CheckpointError(
         f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
+  if not _has_bank(workdir, session):
+    mngr.close()
+    return {}
   out = mngr.restore(session, args=ocp.args.Composite(bank=ocp.args.StandardRestore()))
   mngr.close()
   return out["bank"]
@@ -102,33 +126,27 @@ def save_progress(workdir: str, step: int, state, meta: Dict[str, Any], keep: in
   mngr.close()
 
 
-def latest_progress(workdir: str, state_target) -> Optional[Dict[str, Any]]:
-  """The newest progress checkpoint as {"state", "meta"}, or None."""
+def _restore_latest_progress(workdir: str, **items) -> Optional[Dict[str, Any]]:
   path = os.path.join(workdir, PROGRESS)
   if not os.path.isdir(path):
     return None
   mngr = _manager(path)
   step = mngr.latest_step()
-  if step is None:
-    return None
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(state_target), meta=ocp.args.JsonRestore()))
+  out = None if step is None else dict(mngr.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)).items())
   mngr.close()
-  return dict(out.items())
+  return out
+
+
+def latest_progress(workdir: str, state_target) -> Optional[Dict[str, Any]]:
+  """The newest progress checkpoint as {"state", "meta"}, or None."""
+  return _restore_latest_progress(workdir, state=ocp.args.StandardRestore(state_target))
 
 
 def progress_meta(workdir: str) -> Optional[Dict[str, Any]]:
   """The meta of the newest progress checkpoint (which session it belongs to), or None."""
-  path = os.path.join(workdir, PROGRESS)
-  if not os.path.isdir(path):
-    return None
-  mngr = _manager(path)
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
-  return meta
+  got = _restore_latest_progress(workdir)
+  return None if got is None else got["meta"]
 
 
 def clear_progress(workdir: str) -> None:

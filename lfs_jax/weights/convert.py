@@ -11,6 +11,8 @@ tensor becomes, and only the layout changes:
   norm weight    [C]            -> scale  [C]
   embedding      [N, C]         -> embedding [N, C]
   bias                           -> bias
+  other names (a bare torch Parameter such as class_embedding) -> the same name,
+                                    unchanged, where the target has that leaf
 
 Loading is strict: every tensor must land on a leaf of the right shape and every
 leaf must be filled; the first offender is named. Nothing is materialised on the
@@ -82,6 +84,10 @@ def _torch_to_flax_leaf(key: str, arr: np.ndarray, module: Path,
   if name == "bias":
     return mod + ("bias",), arr
   if name != "weight":
+    # A bare nn.Parameter (class_embedding, logit_scale) keeps name and layout; the
+    # Flax leaf names that stand for a torch "weight" are not accepted verbatim.
+    if module in leaves and name not in ("kernel", "scale", "embedding"):
+      return module, arr
     raise WeightsMismatchError(f"unexpected tensor {key!r}: no such parameter in the model")
   if mod + ("kernel",) in leaves:
     target = leaves[mod + ("kernel",)]

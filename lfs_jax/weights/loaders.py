@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
-from lfs_jax.models import clip, unet, vae
+from lfs_jax.models import clip, clip_vision, unet, vae
 from lfs_jax.weights import convert, files
 
 _EXPECTED_CLASS = {
@@ -76,6 +76,47 @@ def load_text_encoder(path: str, *, dtype=jnp.float32, attention: str = "xla",
       files.read_state(folder, variant), clip.abstract_params(cfg), dtype=dtype,
       ignore=clip.IGNORED_KEYS, rename=clip.torch_rename, source=folder)
   return clip.CLIPTextModel(cfg, dtype=dtype, attention=attention), params
+
+
+def load_clip(path: str, *, dtype=jnp.float32, attention: str = "xla",
+              variant: Optional[str] = None):
+  """Loads a local Hugging Face CLIPModel folder (the evaluation model).
+
+  The folder holds config.json (model_type "clip"), model.safetensors (or shards)
+  and the preprocessor_config.json of its CLIPImageProcessor; transformers 4 and 5
+  save a CLIPModel under the same names (`text_model.`, `vision_model.`, ...).
+
+  Args:
+    path: the folder, e.g. a local copy of openai/clip-vit-base-patch32.
+    dtype: parameter dtype (float32 default).
+    attention: "xla", "cudnn" or "auto" (see models.attention).
+    variant: weight-file variant, e.g. "fp16".
+
+  Returns:
+    (module, params, preprocess_config): a clip_vision.CLIPModel, its parameters and
+    the evaluate.preprocess.PreprocessConfig that prepares its pixel_values.
+
+  Raises:
+    WeightsNotFoundError: the folder, config.json, preprocessor_config.json or the
+      weights are missing.
+    UnsupportedConfigError: naming a config field we do not implement (or a folder
+      that is not a CLIPModel).
+    ValueError: the preprocessor crops to another size than the model takes.
+    WeightsMismatchError: naming the first tensor that does not fit.
+  """
+  # Lazy: evaluate/ builds on weights/, not the other way round.
+  from lfs_jax.evaluate import preprocess  # pylint: disable=g-import-not-at-top
+
+  cfg = clip_vision.CLIPConfig.from_transformers(files.read_config(path))
+  processor = preprocess.PreprocessConfig.from_folder(path)
+  if processor.crop != (cfg.vision.image_size,) * 2:
+    raise ValueError(
+        f"{path}/preprocessor_config.json crops to {processor.crop}, but the vision "
+        f"model takes {cfg.vision.image_size}x{cfg.vision.image_size} images")
+  params = convert.torch_to_flax(
+      files.read_state(path, variant), clip_vision.abstract_params(cfg), dtype=dtype,
+      ignore=clip_vision.IGNORED_KEYS, source=path)
+  return clip_vision.CLIPModel(cfg, dtype=dtype, attention=attention), params, processor
 
 
 def load_tokenizer(path: str):
