@@ -38,10 +38,11 @@ class RunModel(NamedTuple):
   workdir: str
   session: int                    # the session whose weights these are
   finished: List[int]             # every finished session of the run
-  pipe: Any                       # weights.Pipeline: unet_params = base + delta; tokenizer knows the tokens
+  pipe: Any                       # weights.Pipeline: unet_params = base + delta; tokens added
   token_rows: np.ndarray          # [R, D] float32 rows of <c1>..<cR> (text extra_embeddings)
   registry: concepts_lib.Registry  # concepts learned up to `session`
-  bank: Dict[str, Dict[str, np.ndarray]]  # "concept<i>" -> {"mean", "logvar"} [n, h, w, c], unscaled
+  # "concept<i>" -> {"mean", "logvar"}, each [n, h, w, c] unscaled VAE latents of its photos
+  bank: Dict[str, Dict[str, np.ndarray]]
 
 
 def _fill(node: ml_collections.ConfigDict, stored: Mapping[str, Any], prefix: str,

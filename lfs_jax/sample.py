@@ -144,6 +144,8 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
       bad seed or setting; raised before any sampling.
   """
   settings = SampleSettings.from_config(run.cfg) if settings is None else settings
+  if not prompts:
+    raise ValueError("no prompt given")
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
   pipe = run.pipe

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,6 +168,65 @@ def test_new_prompts_seeds_guidance_and_strength_do_not_recompile(run):
        strength=0.3, eta=0.5, select="mean")
   _gen(run, ["something else entirely"], [99], guidance=12.0, strength=1.0)
   assert sampler.TRACES == before
+
+
+class _FakeUNet(nn.Module):
+  """A parameter-free stand-in for the UNet: a smooth function of x, t and the text."""
+
+  @nn.compact
+  def __call__(self, x, t, context):
+    return (0.5 * jnp.tanh(x) + 1e-4 * t[:, None, None, None]
+            + context.mean(axis=(1, 2))[:, None, None, None])
+
+
+@pytest.mark.parametrize("kind,strength,eta", [
+    ("ddim", 1.0, 0.0), ("ddim", 0.6, 0.0), ("ddim", 0.6, 1.0), ("ddpm", 1.0, 0.0),
+    ("ddpm", 0.6, 0.0)])
+def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
+  """The whole loop (grid, pairing, CFG, ICGen start, per-step noise) vs diffusers."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
+  from lfs_jax.models import tiny  # its scheduler config is SD 1.5's
+  config = {k: v for k, v in tiny.SCHEDULER.items() if k != "skip_prk_steps"}
+  spec = sampler.SamplerSpec(kind, sampler.schedule_lib.SchedulerConfig.from_diffusers(config))
+  steps, shape, g = 10, (4, 4, 2), 3.0
+  rng = np.random.default_rng(0)
+  context = rng.standard_normal((2, 5, 3)).astype(np.float32)
+  uncond = rng.standard_normal((5, 3)).astype(np.float32)
+  z = rng.standard_normal((2,) + shape).astype(np.float32)
+  seeds = jnp.asarray([5, 6], jnp.uint32)
+  ours = sampler.sample_jit({}, sampler.make_schedule(spec, steps), jnp.asarray(context),
+                            jnp.asarray(uncond), seeds, jnp.asarray(z), jnp.ones(2, bool),
+                            jnp.float32(g), jnp.float32(strength), jnp.float32(eta),
+                            unet=_FakeUNet(), spec=spec)
+
+  if kind == "ddim":
+    ref = diffusers.DDIMScheduler.from_config(config)
+  else:
+    ref = diffusers.DDPMScheduler.from_config(
+        {k: v for k, v in config.items() if k != "set_alpha_to_one"})
+  ref.set_timesteps(steps)
+  ts = ref.timesteps
+  start = int(sampler.start_index(ts.numpy(), strength, 1000)) if strength < 1 else 0
+  assert (start == 0) == (strength == 1.0)
+  tensor = lambda a: torch.from_numpy(np.array(a))
+  eps = tensor(sampler.initial_noise(seeds, shape))
+  x = eps if strength >= 1 else ref.add_noise(tensor(z), eps, ts[start:start + 1])
+  f = lambda x, t, c: (0.5 * torch.tanh(x) + 1e-4 * float(t)
+                       + tensor(c).mean(dim=(1, 2))[:, None, None, None])
+  for i in range(start, steps):
+    t = ts[i]
+    noise = tensor(sampler.step_noise(seeds, i, shape))
+    e_u = f(x, t, np.broadcast_to(uncond, context.shape))
+    e = e_u + g * (f(x, t, context) - e_u)
+    if kind == "ddim":
+      x = ref.step(e, t, x, eta=eta, variance_noise=noise).prev_sample
+    else:
+      monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, n=noise, **k: n)
+      x = ref.step(e, t, x).prev_sample
+  rel = np.linalg.norm(np.asarray(ours) - x.numpy()) / np.linalg.norm(x.numpy())
+  assert rel <= 1e-5, rel
 
 
 def test_cli_writes_pngs_grids_and_sidecars(run_dir):

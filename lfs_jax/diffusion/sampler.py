@@ -76,10 +76,30 @@ def start_index(timesteps, strength, num_train_timesteps: int):
   return xp.sum(xp.asarray(timesteps).astype(xp.float32) > t_s).astype(xp.int32)
 
 
-def _per_image_normal(keys: jax.Array, shape, fold: jax.Array) -> jax.Array:
+def _per_image_normal(keys: jax.Array, shape, fold) -> jax.Array:
   """One N(0, I) draw of `shape` per key, each from fold_in(key, fold): [B, *shape]."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, fold), shape,
                                               jnp.float32))(keys)
+
+
+def _keys(seeds: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.key)(jnp.asarray(seeds).astype(jnp.uint32))
+
+
+def initial_noise(seeds: jax.Array, shape) -> jax.Array:
+  """The ε each image starts from (or noises its context with): [B, *shape] float32.
+
+  Args:
+    seeds: [B] image seeds.
+    shape: the latent shape (h, w, c).
+  """
+  return _per_image_normal(_keys(seeds), tuple(shape), _INIT)
+
+
+def step_noise(seeds: jax.Array, step, shape) -> jax.Array:
+  """The ε that DDPM (or DDIM with η > 0) adds at grid index `step`: [B, *shape] float32."""
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, _STEP))(_keys(seeds))
+  return _per_image_normal(keys, tuple(shape), step)
 
 
 def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: jax.Array,
@@ -110,11 +130,10 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
   TRACES["sample"] += 1
   n = schedule.timesteps.shape[0]
   shape = context_latents.shape[1:]
-  keys = jax.vmap(jax.random.key)(seeds.astype(jnp.uint32))
   guidance = jnp.asarray(guidance, jnp.float32)
   strength = jnp.asarray(strength, jnp.float32)
 
-  eps = _per_image_normal(keys, shape, jnp.uint32(_INIT))
+  eps = initial_noise(seeds, shape)
   icgen = has_context & (strength < 1.0)
   start = jnp.where(icgen, start_index(schedule.timesteps, strength,
                                        spec.scheduler.num_train_timesteps), 0)
@@ -135,8 +154,7 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
     out = unet.apply({"params": unet_params}, x_in, t_in, cond_uncond).astype(jnp.float32)
     out_u, out_c = jnp.split(out, 2)
     guided = out_u + guidance * (out_c - out_u)
-    noise = _per_image_normal(jax.vmap(lambda k: jax.random.fold_in(k, _STEP))(keys),
-                              shape, i)
+    noise = step_noise(seeds, i, shape)
     if spec.kind == "ddim":
       x_new = steps_lib.ddim_step(schedule.noise, spec.scheduler, guided, t, prev, x, eta,
                                   noise)
