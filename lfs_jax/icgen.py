@@ -87,7 +87,9 @@ def context_latent(bank: Dict[str, Dict[str, np.ndarray]], key: str, select: str
   if select not in SELECTS:
     raise ValueError(f"icgen.select must be one of {list(SELECTS)}, got {select!r}")
   if key not in bank:
-    raise ValueError(f"the context bank has no {key!r} (have {sorted(bank)})")
+    raise ValueError(f"the context bank has no {key!r} (have {sorted(bank)}); a concept "
+                     "imported with --mode=import has no photos: sample it with "
+                     "--config.icgen.strength=1")
   mean = np.asarray(bank[key]["mean"], np.float32)
   if select == "mean":
     return mean.mean(axis=0), "mean"

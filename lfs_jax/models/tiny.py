@@ -73,6 +73,20 @@ SCHEDULER = {
     "clip_sample": False,
 }
 
+# What diffusers' StableDiffusionPipeline.from_pretrained reads to find the components.
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", SCHEDULER["_class_name"]],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", UNET["_class_name"]],
+    "vae": ["diffusers", VAE["_class_name"]],
+}
+
 
 def _init_leaf(rng: np.random.Generator, path, shape) -> np.ndarray:
   """Flax-like default init by leaf name: lecun-normal kernels, N(0, 0.02) embeddings."""
@@ -108,7 +122,11 @@ def random_params(seed: int) -> Dict[str, dict]:
 
 
 def save_folder(params: Dict[str, dict], folder: str) -> None:
-  """Writes the tiny model as a diffusers Stable Diffusion folder (safetensors)."""
+  """Writes the tiny model as a diffusers Stable Diffusion folder (safetensors).
+
+  A complete pipeline folder: diffusers' `StableDiffusionPipeline.from_pretrained`
+  loads it too (no safety checker), which the interop tests use as the client.
+  """
   files = {"unet": ("diffusion_pytorch_model.safetensors", UNET),
            "vae": ("diffusion_pytorch_model.safetensors", VAE),
            "text_encoder": ("model.safetensors", TEXT)}
@@ -129,7 +147,7 @@ def save_folder(params: Dict[str, dict], folder: str) -> None:
            open(os.path.join(tok, name), "wb") as dst:
         dst.write(src.read())
   with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    json.dump(MODEL_INDEX, f, indent=2)
 
 
 def pipeline(seed: int, *, dtype=jnp.float32, attention: str = "xla"):

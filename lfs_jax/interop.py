@@ -1,0 +1,456 @@
+"""Custom Diffusion deltas in diffusers' format: export a session, import a delta.
+
+diffusers reads a Custom Diffusion result from one folder:
+
+    pytorch_custom_diffusion_weights.safetensors   the UNet's attention processors
+        <module>.processor.to_k_custom_diffusion.weight          [out, in]  (train_kv)
+        <module>.processor.to_v_custom_diffusion.weight          [out, in]
+        <module>.processor.to_q_custom_diffusion.weight          [out, in]  (train_q_out)
+        <module>.processor.to_out_custom_diffusion.0.weight      [out, in]
+        <module>.processor.to_out_custom_diffusion.0.bias        [out]
+        <module>.processor                                       [0]: an untouched layer
+    <token>.safetensors                            {token: [D]}, one per modifier token
+
+`<module>` is an attention layer (`down_blocks.0.attentions.0.transformer_blocks.0.attn2`).
+diffusers builds one `CustomDiffusionAttnProcessor` per processor key: its to_k/to_v
+replace the layer's own (for self-attention too, whose keys come from the image
+features), to_q/to_out come along or not at all, and a layer with an empty entry
+keeps its own weights. `set_attn_processor` wants an entry for EVERY attention
+layer; diffusers' pickle format stores `{}` for the untouched ones, which
+safetensors cannot hold, so we write a 0-length tensor there: the loader turns any
+entry of length 0 into the same untouched processor.
+
+So a session is exportable when, in each attention layer, the trained leaves are
+nothing, {to_k, to_v}, or {to_q, to_k, to_v, to_out}: every `train.selection`
+(crossattn_kv, crossattn, attn) qualifies; anything else is refused by name.
+
+Import is the inverse, into a NEW run directory whose session 1 is the delta
+("imported", no photos, an empty context bank); the sessions that `--mode=train
+--resume` then trains are numbered from 2 and distil from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from lfs_jax import checkpoint
+from lfs_jax import concepts as concepts_lib
+from lfs_jax.weights import convert, files, safetensors_io
+
+WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
+CONCEPTS_NAME = "concepts.json"
+README_NAME = "README.md"
+# diffusers' name of each processor sub-layer <-> our leaf under the attention module.
+_KV = {"to_k_custom_diffusion.weight": ("to_k", "kernel"),
+       "to_v_custom_diffusion.weight": ("to_v", "kernel")}
+_Q_OUT = {"to_q_custom_diffusion.weight": ("to_q", "kernel"),
+          "to_out_custom_diffusion.0.weight": ("to_out_0", "kernel"),
+          "to_out_custom_diffusion.0.bias": ("to_out_0", "bias")}
+_TO_LEAF = {**_KV, **_Q_OUT}
+_TO_KEY = {v: k for k, v in _TO_LEAF.items()}
+_KEY_RE = re.compile(r"(?P<module>.+)\.processor(?:\.(?P<sub>.+))?")
+
+Path = Tuple[str, ...]
+
+
+class InteropError(ValueError):
+  """A delta that cannot be exported or imported as asked (names the culprit)."""
+
+
+# ---------------------------------------------------------------- UNet layers
+
+
+def attention_modules(unet_tree: Mapping) -> List[Path]:
+  """Paths of every attention layer of a UNet parameter tree (those with a to_k)."""
+  return sorted({p[:-2] for p in convert.flatten(unet_tree)
+                 if len(p) >= 3 and p[-2] == "to_k" and re.fullmatch(r"attn\d+", p[-3])})
+
+
+def processor_tensors(delta_unet: Mapping, modules: List[Path]) -> Dict[str, np.ndarray]:
+  """Selected UNet leaves -> diffusers' Custom Diffusion processor tensors.
+
+  Args:
+    delta_unet: the trained leaves (Flax paths, kernels [in, out]).
+    modules: every attention layer of the UNet (`attention_modules`).
+
+  Returns:
+    {diffusers key: float32 array}, weights [out, in], a [0] entry per untouched layer.
+
+  Raises:
+    InteropError: a leaf outside an attention layer's to_q/to_k/to_v/to_out, or a
+      layer whose trained leaves diffusers cannot express.
+  """
+  groups: Dict[Path, Dict[Path, np.ndarray]] = {m: {} for m in modules}
+  for path, leaf in sorted(convert.flatten(delta_unet).items()):
+    module, sub = path[:-2], path[-2:]
+    if module not in groups or sub not in _TO_KEY:
+      raise InteropError(
+          f"trained weight {'/'.join(path)} is not an attention layer's to_q/to_k/to_v/"
+          "to_out: diffusers' Custom Diffusion format cannot hold it")
+    groups[module][sub] = np.asarray(leaf, np.float32)
+  out = {}
+  for module, subs in groups.items():
+    key = convert.path_to_torch_key(module) + ".processor"
+    if not subs:
+      out[key] = np.zeros((0,), np.float32)
+      continue
+    _check_group(set(subs), "/".join(module))
+    for sub, arr in subs.items():
+      out[f"{key}.{_TO_KEY[sub]}"] = np.ascontiguousarray(arr.T if sub[1] == "kernel" else arr)
+  return out
+
+
+def _check_group(subs, where: str) -> None:
+  kv, q_out = set(_KV.values()), set(_Q_OUT.values())
+  if subs != kv and subs != kv | q_out:
+    names = sorted("/".join(s) for s in subs)
+    raise InteropError(
+        f"{where}: trains {names}; diffusers' Custom Diffusion processors hold to_k and "
+        "to_v, optionally with to_q and to_out (weight and bias), and nothing else")
+
+
+def read_processors(path: str) -> Dict[Path, np.ndarray]:
+  """A Custom Diffusion weights file -> {Flax leaf path: float32 array} (kernels [in, out])."""
+  state = _read_safetensors(path)
+  out: Dict[Path, np.ndarray] = {}
+  groups: Dict[Path, set] = {}
+  for key in sorted(state):
+    m = _KEY_RE.fullmatch(key)
+    arr = np.asarray(state[key])
+    if m is None or (m["sub"] is not None and m["sub"] not in _TO_LEAF):
+      raise InteropError(f"{path}: tensor {key!r} is not a Custom Diffusion processor weight")
+    module = convert.torch_key_to_path(m["module"])
+    if m["sub"] is None:
+      if arr.size:
+        raise InteropError(f"{path}: {key!r} should be empty (an untouched layer)")
+      continue
+    sub = _TO_LEAF[m["sub"]]
+    groups.setdefault(module, set()).add(sub)
+    arr = arr.astype(np.float32)
+    out[module + sub] = np.ascontiguousarray(arr.T) if sub[1] == "kernel" else arr
+  for module, subs in groups.items():
+    _check_group(subs, f"{path}: {'/'.join(module)}")
+  if not out:
+    raise InteropError(f"{path} holds no Custom Diffusion weights")
+  return out
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """Reads a safetensors file, whatever its suffix; refuses pickles by name."""
+  try:
+    return safetensors_io.load_file(path)
+  except safetensors_io.SafetensorsError:
+    with open(path, "rb") as f:
+      magic = f.read(2)
+    if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+      raise files.PickleRefusedError(
+          f"{path} is a pickle (torch.save) file; lfs_jax never unpickles (it can run "
+          "arbitrary code). Convert it once, in a trusted environment:\n"
+          "  python -c \"import sys, torch, safetensors.torch as s; d = torch.load(sys.argv[1]); "
+          "s.save_file({k: v.contiguous() for k, v in d.items() if isinstance(v, torch.Tensor)}, "
+          "sys.argv[1].rsplit('.', 1)[0] + '.safetensors')\" "
+          f"'{path}'\nthen delete the pickle.") from None
+    raise
+
+
+# ---------------------------------------------------------------- export
+
+
+def _base_description(model_cfg, seed: int) -> Tuple[str, str]:
+  """(where the base model is, its folder) for the README."""
+  if model_cfg.source == "local":
+    path = os.path.abspath(model_cfg.path)
+    variant = f" (weights variant `{model_cfg.variant}`)" if model_cfg.variant else ""
+    return f"the diffusers Stable Diffusion folder `{path}`{variant}", path
+  return (f"lfs_jax's tiny random model with seed {seed}; write it as a diffusers folder "
+          f"first: `python -c \"from lfs_jax.models import tiny; "
+          f"tiny.save_folder(tiny.random_params({seed}), 'tiny_sd')\"`", "tiny_sd")
+
+
+def _abstract_unet(model_cfg):
+  from lfs_jax.models import tiny, unet  # pylint: disable=g-import-not-at-top
+  if model_cfg.source == "local":
+    config = files.read_config(files.component_folder(model_cfg.path, "unet"))
+  else:
+    config = tiny.UNET
+  return unet.abstract_params(unet.UNetConfig.from_diffusers(config))
+
+
+def _token_filename(token: str) -> str:
+  if not token or token in (".", "..") or "/" in token or "\\" in token or "\0" in token:
+    raise InteropError(f"modifier token {token!r} cannot name a file <token>.safetensors")
+  return f"{token}.safetensors"
+
+
+def _prepare_out(out_dir: str) -> str:
+  """A fresh temporary folder next to `out_dir` (renamed into place when complete)."""
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise InteropError(f"{out_dir} already exists and is not an empty folder; choose a new one")
+  tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def _finish(tmp: str, out_dir: str) -> None:
+  if os.path.isdir(out_dir):
+    os.rmdir(out_dir)  # empty (checked before anything was written)
+  os.replace(tmp, out_dir)
+
+
+def export_session(workdir: str, out_dir: str, session: Optional[int] = None) -> Dict[str, Any]:
+  """Writes a finished session as diffusers' Custom Diffusion files (+ README, concepts.json).
+
+  Args:
+    workdir: the run directory.
+    out_dir: the folder to write (new, or empty).
+    session: the session to export; None = the latest finished.
+
+  Returns:
+    {"session", "out_dir", "tokens", "files"}.
+
+  Raises:
+    InteropError: no such session, a selection diffusers cannot express, a used out_dir.
+  """
+  from lfs_jax import runs  # pylint: disable=g-import-not-at-top
+
+  cfg = runs.run_config(workdir)
+  finished = checkpoint.finished_sessions(workdir)
+  if not finished:
+    raise InteropError(f"{workdir} has no finished session to export")
+  session = finished[-1] if session is None else session
+  if session not in finished:
+    raise InteropError(f"session {session} is not a finished session of {workdir} "
+                       f"(finished: {', '.join(map(str, finished))})")
+  stored = checkpoint.restore_session(workdir, session)
+  delta, meta = stored["delta"], stored["meta"]
+  registry = concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
+  tensors = processor_tensors(delta["unet"], attention_modules(_abstract_unet(cfg.model)))
+  rows = np.asarray(delta["tokens"], np.float32)
+  if rows.shape[0] != len(registry.concepts):
+    raise InteropError(f"session {session}: {rows.shape[0]} token rows for "
+                       f"{len(registry.concepts)} concepts {registry.tokens}")
+  names = {c.token: _token_filename(c.token) for c in registry.concepts}
+
+  tmp = _prepare_out(out_dir)
+  try:
+    safetensors_io.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    for c, row in zip(registry.concepts, rows):
+      safetensors_io.save_file({c.token: row}, os.path.join(tmp, names[c.token]),
+                               metadata={"format": "pt"})
+    with open(os.path.join(tmp, CONCEPTS_NAME), "w") as f:
+      json.dump([{"token": c.token, "class_word": c.class_word, "name": c.name,
+                  "session": c.session, "prompts": list(c.prompts)}
+                 for c in registry.concepts], f, indent=2)
+    with open(os.path.join(tmp, README_NAME), "w") as f:
+      f.write(_readme(cfg, workdir, session, registry, os.path.abspath(out_dir)))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _finish(tmp, out_dir)
+  return {"session": session, "out_dir": os.path.abspath(out_dir), "tokens": registry.tokens,
+          "files": [WEIGHTS_NAME] + list(names.values())}
+
+
+def _readme(cfg, workdir: str, session: int, registry, out_dir: str) -> str:
+  base, base_path = _base_description(cfg.model, cfg.seed)
+  q = json.dumps  # Python string literals with double quotes
+  tokens = registry.tokens
+  example = cfg.concepts.templates[0].format(registry.concepts[-1].phrase())
+  table = "\n".join(f"| `{c.token}` | {c.class_word} | {c.name} | {c.session} |"
+                    for c in registry.concepts)
+  return f"""# Custom Diffusion delta exported by lfs_jax
+
+Session {session} of the lfs_jax run `{os.path.abspath(workdir)}`: UNet selection
+`{cfg.train.selection}` and {len(tokens)} modifier token(s).
+
+Base model it needs: {base}.
+
+| token | class word | concept | learned in session |
+|---|---|---|---|
+{table}
+
+Files:
+- `{WEIGHTS_NAME}`: the trained UNet attention weights as diffusers'
+  `CustomDiffusionAttnProcessor`s (layers not trained have an empty entry).
+- `<token>.safetensors`: each modifier token's text embedding ({{token: [D]}}).
+- `{CONCEPTS_NAME}`: tokens and class words, read by `python -m lfs_jax.main --mode=import`.
+
+## Use with diffusers (PyTorch)
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+delta = {q(out_dir)}
+pipe = StableDiffusionPipeline.from_pretrained({q(base_path)}, torch_dtype=torch.float16).to("cuda")
+# _pipeline=pipe is needed: without it diffusers (0.42 at least) builds the processors
+# but never installs them (huggingface/diffusers#9320).
+pipe.unet.load_attn_procs(delta, weight_name="{WEIGHTS_NAME}",
+                          _pipeline=pipe)
+for token in {q(tokens)}:
+    pipe.load_textual_inversion(delta, weight_name=f"{{token}}.safetensors")
+image = pipe({q(example)}, num_inference_steps=50, guidance_scale=6.0).images[0]
+```
+
+lfs_jax's in-context generation (ICGen: starting from a concept photo's latent) is
+not part of this export; diffusers samples plain text-to-image.
+"""
+
+
+# ---------------------------------------------------------------- import
+
+
+def _read_tokens(from_dir: str) -> Dict[str, Tuple[np.ndarray, str]]:
+  """{token: ([D] float32, file name)} from the other *.safetensors / *.bin files."""
+  out: Dict[str, Tuple[np.ndarray, str]] = {}
+  stem = WEIGHTS_NAME.rsplit(".", 1)[0]
+  for name in sorted(os.listdir(from_dir)):
+    path = os.path.join(from_dir, name)
+    if (name.rsplit(".", 1)[0] == stem or not name.endswith((".safetensors", ".bin"))
+        or not os.path.isfile(path)):
+      continue
+    state = _read_safetensors(path)
+    if len(state) != 1:
+      raise InteropError(
+          f"{path} holds {len(state)} tensors; a token embedding file holds exactly one, "
+          "{token: [D]}")
+    (token, arr), = state.items()
+    arr = np.asarray(arr, np.float32)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+      arr = arr[0]
+    if arr.ndim != 1:
+      raise InteropError(f"{path}: embedding of {token!r} has shape {arr.shape}; only "
+                         "single-vector tokens [D] are supported")
+    if token in out:
+      raise InteropError(f"token {token!r} is in both {out[token][1]} and {name}")
+    out[token] = (arr, name)
+  return out
+
+
+def _read_concepts(from_dir: str, tokens: List[str]) -> List[Dict[str, Any]]:
+  """The tokens' class words (and names, prompts) from `from_dir/concepts.json`, in its order."""
+  path = os.path.join(from_dir, CONCEPTS_NAME)
+  example = json.dumps([{"token": t, "class_word": "dog"} for t in tokens])
+  if not os.path.isfile(path):
+    raise InteropError(
+        f"{from_dir} has no {CONCEPTS_NAME}: lfs_jax needs each token's class word (for "
+        f"its prompts and the distillation). Write {path} like\n  {example}")
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InteropError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(entries, list) or not all(
+      isinstance(e, dict) and isinstance(e.get("token"), str)
+      and isinstance(e.get("class_word"), str) and e["class_word"].strip() for e in entries):
+    raise InteropError(f"{path} must be a list of {{\"token\", \"class_word\"}} objects, e.g.\n"
+                       f"  {example}")
+  listed = [e["token"] for e in entries]
+  if sorted(listed) != sorted(tokens):
+    raise InteropError(f"{path} lists tokens {listed}, the folder has embedding files for "
+                       f"{sorted(tokens)}: they must be the same")
+  return entries
+
+
+def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
+  """Turns a Custom Diffusion delta folder into a new run whose session 1 it is.
+
+  The run's `train.selection` decides the delta's leaves: those in the export are
+  taken from it, the others from the base model; an export with weights outside the
+  selection is refused. The tokens keep their names and come first in the registry,
+  in the order of `concepts.json`. The config is recorded with `data.sessions = ""`
+  (the sessions trained later are appended); the context bank is empty, so ICGen
+  cannot start from imported concepts (sample them with icgen.strength=1).
+
+  Args:
+    from_dir: folder with pytorch_custom_diffusion_weights.safetensors, one embedding
+      file per token (.safetensors, or diffusers' safetensors-in-.bin) and concepts.json.
+    workdir: the new run directory (absent or empty).
+    cfg: the run's config (base model, train.selection, ...), locked.
+
+  Returns:
+    {"workdir", "session": 1, "tokens", "from_export", "from_base"} (leaf counts).
+  """
+  from lfs_jax import base as base_lib  # pylint: disable=g-import-not-at-top
+  from lfs_jax.train import params as params_lib  # pylint: disable=g-import-not-at-top
+  from lfs_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(from_dir):
+    raise InteropError(f"--from folder {from_dir!r} does not exist")
+  weights = os.path.join(from_dir, WEIGHTS_NAME)
+  if not os.path.isfile(weights):
+    alt = os.path.join(from_dir, WEIGHTS_NAME.replace(".safetensors", ".bin"))
+    if not os.path.isfile(alt):
+      raise InteropError(f"{from_dir} has no {WEIGHTS_NAME} (nor a .bin of that name)")
+    weights = alt
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise InteropError(f"{workdir} is not empty: an import starts a new run directory")
+  imported = read_processors(weights)
+  tokens = _read_tokens(from_dir)
+  if not tokens:
+    raise InteropError(f"{from_dir} has no token embedding files (<token>.safetensors)")
+  entries = _read_concepts(from_dir, list(tokens))
+
+  pipe = base_lib.load_base(cfg.model, cfg.seed)
+  selected, _ = params_lib.split(pipe.unet_params,
+                                 params_lib.selection_predicate(cfg.train.selection))
+  want = convert.flatten(selected)
+  for path, arr in imported.items():
+    if path not in want:
+      raise InteropError(
+          f"{weights} trains {'/'.join(path)}, which train.selection="
+          f"{cfg.train.selection!r} does not select (a wider selection takes it)")
+    if arr.shape != tuple(want[path].shape):
+      raise InteropError(f"{weights}: {'/'.join(path)} has shape {arr.shape}, the base "
+                         f"model's is {tuple(want[path].shape)}: not this base's delta")
+  delta_unet = convert.unflatten({p: imported[p] if p in imported
+                                  else np.asarray(want[p], np.float32) for p in want})
+
+  d = pipe.text_encoder.config.hidden_size
+  vocab = pipe.tokenizer.get_vocab()
+  concepts, names = [], set()
+  for e in entries:
+    row, fname = tokens[e["token"]]
+    if row.shape != (d,):
+      raise InteropError(f"{fname}: embedding of {e['token']!r} has width {row.shape[0]}, "
+                         f"the text encoder's is {d}")
+    if e["token"] in vocab:
+      raise InteropError(f"token {e['token']!r} ({fname}) is already a word of the tokenizer")
+    name = e.get("name") or e["token"].strip("<>") or e["token"]
+    if name in names:
+      raise InteropError(f"concept name {name!r} appears twice in {CONCEPTS_NAME}")
+    names.add(name)
+    concepts.append(concepts_lib.Concept(
+        name=name, token=e["token"], class_word=e["class_word"],
+        initializer=e["class_word"].split()[-1], session=1, images=(),
+        prompts=tuple(e.get("prompts") or ())))
+  registry = concepts_lib.Registry(tuple(concepts))
+  rows = np.stack([tokens[c.token][0] for c in concepts])
+
+  config = json.loads(json.dumps(cfg.to_dict(), default=list))
+  config["data"]["sessions"] = ""
+  meta = {"session": 1, "concepts": json.loads(registry.to_json()), "config": config,
+          "steps": 0, "metrics": {}, "seconds": 0.0,
+          "imported": {"from": os.path.abspath(from_dir), "weights": os.path.basename(weights),
+                       "tokens": {t: tokens[t][1] for t in registry.tokens}}}
+  optimizer = step_lib.make_optimizer(cfg.train)
+  opt_state = optimizer.init({"unet": delta_unet, "tokens": rows})
+  tmp = _prepare_out(workdir)
+  try:
+    checkpoint.save_session(tmp, 1, delta={"unet": delta_unet, "tokens": rows}, bank={},
+                            opt_state=opt_state, meta=meta)
+    checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), config)
+    registry.save(os.path.join(tmp, "concepts.json"))
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _finish(tmp, workdir)
+  return {"workdir": os.path.abspath(workdir), "session": 1, "tokens": registry.tokens,
+          "from_export": len(imported), "from_base": len(want) - len(imported)}
