@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from lfs_jax import parallel
+
 SESSIONS = "sessions"
 PROGRESS = "progress"
 
@@ -155,6 +157,7 @@ def clear_progress(workdir: str) -> None:
   if os.path.isdir(path) and jax.process_index() == 0:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(path)
+  parallel.barrier("lfs_jax: progress cleared")  # no process sees it half deleted
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -67,7 +67,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # devices on the data axis (-1 = all that remain)
-  c.mesh.fsdp = 1                 # devices that shard the frozen base
+  c.mesh.fsdp = 1                 # devices that shard the frozen base (the batch spans data x fsdp)
+  c.mesh.frozen = "replicated"    # frozen base: replicated | fsdp (each leaf split on its largest
+  # ^ dimension that mesh.fsdp divides, else replicated; see lfs_jax/parallel.py)
+
+  # Several processes (hosts) in one job; machine settings, free to change on --resume.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.cluster = "auto"  # auto: join a Slurm (srun, >1 task), Open MPI or Cloud TPU job
+  # ^ by jax.distributed.initialize() with no arguments | none: always one process
+  c.distributed.coordinator = ""  # explicit start: "host:port" of process 0 ("" = auto)
+  c.distributed.num_processes = 0  # explicit start: processes in the job
+  c.distributed.process_id = -1   # explicit start: this process, 0..num_processes-1 (0 writes metadata)
+  c.distributed.cpu_collectives = "gloo"  # CPU collectives between processes: gloo | mpi | none
 
   # Sampling (--mode=sample, evaluation). Free to change on a finished run.
   c.sample = ml_collections.ConfigDict()
@@ -83,6 +94,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.icgen = ml_collections.ConfigDict()
   c.icgen.strength = 0.6          # [choice] s in (0, 1]; 1 = plain text-to-image (bank ignored)
   c.icgen.select = "random"       # context latent: random (one photo, by image seed) | first | mean
+
+  # Evaluation (--mode=evaluate, DESIGN 1.3): CLIP TA / IA of every concept after every
+  # session. Free to change on a finished run; sampling follows sample.* and icgen.*.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.clip = ""                # local Hugging Face CLIPModel folder (ViT-B/32 for the paper); --clip overrides
+  c.eval.num_prompts = 0          # evaluation prompts per concept, the first of its list (0 = all)
+  c.eval.num_images = 2           # images per prompt, seeds sample.seed, sample.seed + 1, ...
+  c.eval.variants = "icgen,plain"  # icgen: ICGen at icgen.strength | plain: text-to-image (strength 1)
+  c.eval.keep_token = False       # TA text keeps the modifier token (default: "photo of a dog", token removed)
+  c.eval.batch_size = 32          # images or texts per CLIP call (the last call is padded)
+  c.eval.grid = 16                # tiles in each cell's sample grid (first image of every prompt first)
+  c.eval.out = "metrics"          # results folder inside the run directory
   return c
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -97,21 +97,23 @@ def _center_square(im: Image.Image, resolution: int) -> Image.Image:
                    box=(left, top, left + side, top + side))
 
 
-def load_image(path: str, resolution: int) -> np.ndarray:
-  """Reads one photo as a centred square.
+def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
+  """Reads one photo as a centred square (or whole, at its own size).
 
   Args:
     path: a .jpg/.jpeg/.png/.webp file (MPO multi-picture JPEGs give their first
       frame; animated PNG/WebP their first frame).
-    resolution: output side in pixels.
+    resolution: output side in pixels; None keeps the photo whole at its native
+      size (CLIP evaluation, whose preprocessing resizes and crops by itself).
 
   Returns:
-    uint8 [resolution, resolution, 3], RGB.
+    uint8 [resolution, resolution, 3] (or [H, W, 3] for None), RGB.
 
   Raises:
     DataError: naming `path`, for a missing, truncated, corrupt or unsupported file.
   """
-  if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
+  native = resolution is None
+  if not native and (not isinstance(resolution, (int, np.integer)) or resolution <= 0):
     raise DataError(f"resolution must be a positive integer, got {resolution!r}")
   _check_extension(path)
   if not os.path.isfile(path):
@@ -126,7 +128,8 @@ def load_image(path: str, resolution: int) -> np.ndarray:
       im.load()  # full decode here: truncated data raises now, not later
       im = ImageOps.exif_transpose(im)
       im = _to_rgb(im)
-      im = _center_square(im, int(resolution))
+      if not native:
+        im = _center_square(im, int(resolution))
       out = np.array(im, dtype=np.uint8)
   except DataError:
     raise
@@ -134,7 +137,10 @@ def load_image(path: str, resolution: int) -> np.ndarray:
     # Pillow reports truncation/corruption as OSError, and some broken headers as
     # SyntaxError/ValueError; all mean "this file is not a usable photo".
     raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-  if out.shape != (resolution, resolution, 3):
+  if native:
+    if out.ndim != 3 or out.shape[-1] != 3 or not out.size:
+      raise DataError(f"{path}: decoded to shape {out.shape}, expected [H, W, 3]")
+  elif out.shape != (resolution, resolution, 3):
     raise DataError(f"{path}: decoded to shape {out.shape}, expected "
                     f"{(resolution, resolution, 3)}")
   return out

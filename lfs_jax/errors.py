@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class UnsupportedConfigError(ConfigError):
   """A model config asks for an architecture feature lfs_jax does not implement."""
+
+
+class EvalError(ValueError):
+  """An evaluation that cannot run or resume (names the folder, file or setting)."""

@@ -68,8 +68,8 @@ def run_config(workdir: str, overrides: Optional[Mapping[str, Any]] = None
   Args:
     workdir: the run directory.
     overrides: dotted field -> value, e.g. {"sample.steps": 50, "icgen.strength": 1.0};
-      only fields that do not change the trained model (sample.*, icgen.*, and the
-      machine settings that `--resume` also lets change) are accepted.
+      only fields that do not change the trained model (sample.*, icgen.*, eval.*
+      and the machine settings that `--resume` also lets change) are accepted.
 
   Raises:
     RunError: no config.json, or an unreadable one.
@@ -92,7 +92,7 @@ def run_config(workdir: str, overrides: Optional[Mapping[str, Any]] = None
     if not session_lib.is_free_field(key):
       raise ConfigError(
           f"--config.{key}: sampling uses the run's own {key}={current!r} from {path}; "
-          "only sample.*, icgen.* and machine settings may be changed")
+          "only sample.*, icgen.*, eval.* and machine settings may be changed")
     cfg.update_from_flattened_dict({key: value})
   cfg.lock()
   return cfg

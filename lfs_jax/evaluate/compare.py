@@ -1,0 +1,133 @@
+"""`--mode=compare`: evaluated runs side by side (e.g. method=lfs vs method=custom_diffusion).
+
+Reads each run's <workdir>/<eval.out>/metrics.json (written by --mode=evaluate) and
+writes, in `out_dir` (default: the first run's <eval.out>/compare/):
+
+    compare.md    one table: per run and variant, the last session's TA, CLIPScore,
+                  IA, IAD, IAD %, then the mean IA after every session
+    compare.csv   the same rows
+    compare.json  the same, plus each run's evaluation settings
+    compare.png   mean IA and mean TA over sessions, one line per run and variant
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+
+from lfs_jax import checkpoint
+from lfs_jax.errors import EvalError
+from lfs_jax.evaluate import report
+
+_STYLES = {"icgen": "-", "plain": "--"}
+
+
+def load_metrics(workdir: str, sub: str = "metrics") -> Dict[str, Any]:
+  """A run's metrics.json.
+
+  Raises:
+    EvalError: the run was not evaluated (names the file and the command to run).
+  """
+  path = os.path.join(workdir, sub, "metrics.json")
+  if not os.path.isfile(path):
+    raise EvalError(f"{path} does not exist: evaluate the run first with "
+                    f"--mode=evaluate --workdir={workdir} --clip=DIR")
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_names(workdirs: Sequence[str]) -> List[str]:
+  """Short distinct names: the folder names, with their parents where two clash."""
+  paths = [os.path.abspath(w).rstrip(os.sep) for w in workdirs]
+  names = [os.path.basename(p) for p in paths]
+  if len(set(names)) < len(names):
+    names = [os.path.join(os.path.basename(os.path.dirname(p)), n) for p, n in zip(paths, names)]
+  if len(set(names)) < len(names):
+    names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
+  return names
+
+
+def rows_of(names: Sequence[str], runs: Sequence[Dict[str, Any]], sessions: Sequence[int]
+            ) -> List[Dict[str, Any]]:
+  """One row per (run, variant): final means, IAD and the mean IA after every session."""
+  rows = []
+  for name, m in zip(names, runs):
+    for v, r in m["variants"].items():
+      ia = dict(zip(m["sessions"], r["per_session"]["ia"]))
+      rows.append({"run": name, "method": m["method"], "variant": v,
+                   "sessions": len(m["sessions"]), **r["final"], "iad": r["iad_mean"],
+                   "iad_rel": r["iad_rel_mean"],
+                   **{f"ia@{k}": ia.get(k) for k in sessions}})
+  return rows
+
+
+def differences(runs: Sequence[Dict[str, Any]]) -> List[str]:
+  """The evaluation settings that are not the same in every run."""
+  keys = sorted(set().union(*(m["settings"] for m in runs)))
+  return [k for k in keys if len({json.dumps(m["settings"].get(k)) for m in runs}) > 1]
+
+
+def compare(workdirs: Sequence[str], *, out_dir: Optional[str] = None,
+            sub: str = "metrics") -> Dict[str, Any]:
+  """Writes compare.{md,csv,json,png} for two or more evaluated runs.
+
+  Args:
+    workdirs: the run directories (each evaluated with --mode=evaluate).
+    out_dir: where to write (default: <workdirs[0]>/<sub>/compare).
+    sub: the runs' results folder (eval.out).
+
+  Returns:
+    {"out_dir", "files", "rows", "differences"}.
+  """
+  if len(workdirs) < 2:
+    raise EvalError(f"compare needs two or more runs, got {len(workdirs)}")
+  runs = [load_metrics(w, sub) for w in workdirs]
+  names = run_names(workdirs)
+  sessions = sorted(set().union(*(m["sessions"] for m in runs)))
+  rows = rows_of(names, runs, sessions)
+  diff = differences(runs)
+  out_dir = out_dir or os.path.join(workdirs[0], sub, "compare")
+  files = [os.path.join(out_dir, f"compare.{e}") for e in ("md", "csv", "json", "png")]
+  result = {"out_dir": out_dir, "files": files, "rows": rows, "differences": diff}
+  if jax.process_index() != 0:
+    return result
+  os.makedirs(out_dir, exist_ok=True)
+
+  header = ["run", "method", "variant", "sessions", "TA", "CLIPScore", "IA", "IAD", "IAD %",
+            *(f"IA after {k}" for k in sessions)]
+  body = [[r["run"], r["method"], f"{r['variant']} ({report.VARIANT_NAMES[r['variant']]})",
+           r["sessions"], report.fmt(r["ta"]), report.fmt(r["clipscore"]), report.fmt(r["ia"]),
+           report.fmt(r["iad"]), report.fmt(r["iad_rel"], 2),
+           *(report.fmt(r[f"ia@{k}"]) for k in sessions)] for r in rows]
+  md = ["# Comparison", "", *(f"- {n}: `{m['workdir']}`" for n, m in zip(names, runs)), "",
+        "TA, CLIPScore and IA after each run's last session (means over its concepts); IAD "
+        "= mean of IA[j, s_j] − IA[j, K]; then the mean IA after every session.", "",
+        report.table(header, body), "", "![mean IA and TA over sessions](compare.png)", ""]
+  if diff:
+    md += ["**The runs were evaluated under different settings:** " +
+           ", ".join(f"`{k}`" for k in diff) + " (see compare.json).", ""]
+  report.write_text(files[0], "\n".join(md))
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"], lineterminator="\n")
+  w.writeheader()
+  w.writerows(rows)
+  report.write_text(files[1], buf.getvalue())
+  checkpoint.write_json_atomic(files[2], {
+      "runs": {n: {"workdir": m["workdir"], "method": m["method"], "settings": m["settings"]}
+               for n, m in zip(names, runs)},
+      "rows": rows, "differences": diff})
+  panels = []
+  for metric in ("ia", "ta"):
+    lines = []
+    for name, m in zip(names, runs):
+      for v, r in m["variants"].items():
+        pts = [(k, y) for k, y in zip(m["sessions"], r["per_session"][metric]) if y is not None]
+        lines.append((f"{name} {v}", [p[0] for p in pts], [p[1] for p in pts], _STYLES[v]))
+    panels.append({"title": f"mean {metric.upper()}", "lines": lines})
+  report.plot(files[3], panels, "mean over concepts", sharey=False)
+  return result
