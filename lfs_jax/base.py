@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import jax
 import jax.numpy as jnp
 
 from lfs_jax import datasets
@@ -78,8 +77,3 @@ def session_specs(data_cfg) -> List[List[datasets.ConceptSpec]]:
     raise ConfigError(f"data.root {root!r} does not exist")
   return datasets.select(found, data_cfg.sessions)
 
-
-def replicate(tree, mesh):
-  """Puts a tree on every device of the mesh."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.device_put(tree, sharding)

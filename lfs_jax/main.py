@@ -7,6 +7,18 @@ Modes:
                    finished session (the latest by default) into DIR/samples/. The
                    run's own config.json is the config; only --config.sample.* and
                    --config.icgen.* (and machine settings) may be overridden.
+  export           `--out=DIR [--session=K]`: a finished session (the latest by
+                   default) as diffusers' Custom Diffusion files (attention
+                   processors + one embedding per token) with a README.
+  import           `--from=DIR`: a Custom Diffusion delta (safetensors) becomes
+                   session 1 of the new run --workdir, under --config (base model,
+                   train.selection); continue it with --mode=train --resume.
+  evaluate         `--clip=DIR`: CLIP TA / IA of every concept after every finished
+                   session, with and without ICGen, into DIR/metrics/ (metrics.json,
+                   metrics.csv, report.md, forgetting.png, grids); resumable. Like
+                   sample, only --config.sample.*, icgen.* and eval.* may be overridden.
+  compare          `--workdir=A --workdir=B [--out=DIR]`: evaluated runs side by side
+                   (compare.md, .csv, .json, .png; default DIR: A/metrics/compare/).
 """
 
 import os
@@ -23,26 +35,39 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "ml_collections config file (configs/*.py[:arg]).",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_WORKDIRS = flags.DEFINE_multi_string(
+    "workdir", None, "Run directory (created); --mode=compare takes it twice or more.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "sample", "export", "import", "evaluate", "compare"],
+                          "What to do.")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir.")
 _SESSION = flags.DEFINE_integer("session", None,
-                                "sample: session to sample from (default: the latest finished).")
+                                "sample/export: session to use (default: the latest finished).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "sample: a prompt (repeat the flag for more).")
+_OUT = flags.DEFINE_string("out", None, "export: the folder to write (new or empty); "
+                           "compare: where to write (default: A/metrics/compare).")
+_FROM = flags.DEFINE_string("from", None, "import: a folder with a Custom Diffusion delta.")
+_CLIP = flags.DEFINE_string("clip", None,
+                            "evaluate: a local CLIP model folder (overrides eval.clip).")
+
+
+def _workdir() -> str:
+  """The one --workdir of every mode but compare."""
+  return _WORKDIRS.value[0]
 
 
 def _train():
   from lfs_jax.train import session  # pylint: disable=g-import-not-at-top
 
   try:
-    results = session.run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
+    results = session.run(_CONFIG.value, _workdir(), resume=_RESUME.value)
   except session.Preempted as e:
     print(f"preempted: {e}; continue with --resume", file=sys.stderr)
     return 0
   for r in results:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in r.items()))
-  print(f"run directory: {os.path.abspath(_WORKDIR.value)}")
+  print(f"run directory: {os.path.abspath(_workdir())}")
   return 0
 
 
@@ -50,10 +75,54 @@ def _sample():
   from lfs_jax import sample  # pylint: disable=g-import-not-at-top
 
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  run, paths = sample.sample_run(_WORKDIR.value, _PROMPT.value, session=_SESSION.value,
+  run, paths = sample.sample_run(_workdir(), _PROMPT.value, session=_SESSION.value,
                                  overrides=overrides)
   print(f"session {run.session}: {len(paths)} files in "
         f"{os.path.dirname(os.path.abspath(paths[0])) if paths else '-'}")
+  return 0
+
+
+def _export():
+  from lfs_jax import interop  # pylint: disable=g-import-not-at-top
+
+  got = interop.export_session(_workdir(), _OUT.value, session=_SESSION.value)
+  print(f"session {got['session']} exported to {got['out_dir']} (tokens "
+        f"{' '.join(got['tokens'])}); see its README.md")
+  return 0
+
+
+def _import():
+  from lfs_jax import interop  # pylint: disable=g-import-not-at-top
+
+  got = interop.import_delta(_FROM.value, _workdir(), _CONFIG.value)
+  print(f"imported as session 1 of {got['workdir']}: tokens {' '.join(got['tokens'])}, "
+        f"{got['from_export']} UNet weights from the delta, {got['from_base']} from the base; "
+        "train more sessions with --mode=train --resume and the same --config")
+  return 0
+
+
+def _evaluate():
+  from lfs_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
+
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  got = run_eval.evaluate(_workdir(), clip=_CLIP.value, overrides=overrides)
+  for v, r in got["metrics"]["variants"].items():
+    f = r["final"]
+    print(f"{v}: " + " ".join(f"{k}={x:.4f}" if x is not None else f"{k}=-" for k, x in (
+        ("TA", f["ta"]), ("CLIPScore", f["clipscore"]), ("IA", f["ia"]),
+        ("IAD", r["iad_mean"]))))
+  print(f"{got['computed']} cells computed, {got['reused']} reused; results in "
+        f"{os.path.abspath(got['out_dir'])} (see report.md)")
+  return 0
+
+
+def _compare():
+  from lfs_jax.evaluate import compare  # pylint: disable=g-import-not-at-top
+
+  got = compare.compare(_WORKDIRS.value, out_dir=_OUT.value, sub=_CONFIG.value.eval.out)
+  print(f"{len(got['rows'])} rows in {os.path.abspath(got['files'][0])}")
+  if got["differences"]:
+    print(f"note: evaluated under different settings: {', '.join(got['differences'])}")
   return 0
 
 
@@ -63,15 +132,35 @@ def main(argv):
   from lfs_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
-  if not _WORKDIR.value:
+  if not _WORKDIRS.value:
     raise app.UsageError("--workdir is required")
+  if _MODE.value == "compare":
+    if len(_WORKDIRS.value) < 2:
+      raise app.UsageError("--mode=compare needs two or more --workdir")
+  elif len(_WORKDIRS.value) > 1:
+    raise app.UsageError("--workdir is given once, except for --mode=compare")
+  if _CLIP.value and _MODE.value != "evaluate":
+    raise app.UsageError("--clip is for --mode=evaluate")
   if _MODE.value == "sample":
     if not _PROMPT.value:
       raise app.UsageError("--mode=sample needs at least one --prompt")
-  elif _PROMPT.value or _SESSION.value is not None:
-    raise app.UsageError("--prompt and --session are for --mode=sample")
+  elif _PROMPT.value:
+    raise app.UsageError("--prompt is for --mode=sample")
+  if _SESSION.value is not None and _MODE.value not in ("sample", "export"):
+    raise app.UsageError("--session is for --mode=sample and --mode=export")
+  for flag, mode, also in ((_OUT, "export", ("compare",)), (_FROM, "import", ())):
+    if flag.value and _MODE.value != mode and _MODE.value not in also:
+      raise app.UsageError(f"--{flag.name} is for --mode={' and --mode='.join((mode,) + also)}")
+    if _MODE.value == mode and not flag.value:
+      raise app.UsageError(f"--mode={mode} needs --{flag.name}=DIR")
+  modes = {"train": _train, "sample": _sample, "export": _export, "import": _import,
+           "evaluate": _evaluate, "compare": _compare}
   try:
-    return _sample() if _MODE.value == "sample" else _train()
+    from lfs_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    # Before any other JAX call: joins a multi-host job (TPU pod, Slurm, explicit).
+    parallel.initialize(_CONFIG.value.distributed)
+    return modes[_MODE.value]()
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

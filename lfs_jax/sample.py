@@ -30,6 +30,7 @@ from PIL import Image
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax import icgen
+from lfs_jax import parallel
 from lfs_jax import runs
 from lfs_jax.diffusion import sampler as sampler_lib
 from lfs_jax.errors import ConfigError
@@ -153,7 +154,9 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
   schedule = sampler_lib.make_schedule(spec, settings.steps)
   records, latents = _plan(run, prompts, seeds, settings, np.asarray(schedule.timesteps))
 
-  b = settings.batch_size
+  b, sample_fn = settings.batch_size, _sampler(run)
+  if sample_fn is not sampler_lib.sample_jit:  # one batch row per device at least
+    b = -(-b // sample_fn.n_devices) * sample_fn.n_devices
   shape = _latent_shape(run)
   max_len = pipe.text_encoder.config.max_position_embeddings
   rows = jnp.asarray(run.token_rows, pipe.text_encoder.dtype)
@@ -174,13 +177,48 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
     z = [np.zeros(shape, np.float32) if l is None else l for l in latents[i:i + m]]
     z += [np.zeros(shape, np.float32)] * pad
     has = [l is not None for l in latents[i:i + m]] + [False] * pad
-    out = sampler_lib.sample_jit(
+    out = sample_fn(
         pipe.unet_params, schedule, encode(texts), uncond,
         jnp.asarray(list(seeds[i:i + m]) + [0] * pad, jnp.uint32), jnp.asarray(np.stack(z)),
         jnp.asarray(has), *scalars, unet=pipe.unet, spec=spec)
     decoded = decode_latents(run, out)
     images.append(decoded[:m])
   return np.concatenate(images), records
+
+
+class _MeshSampler:
+  """`sampler.sample_on_mesh` with its arguments placed; the UNet tree placed once."""
+
+  def __init__(self, mesh, frozen_mode: str):
+    self.mesh, self.mode, self.n_devices = mesh, frozen_mode, mesh.size
+    self._placed = (None, None)  # (the host tree, its copy on the mesh)
+
+  def __call__(self, unet_params, *args, unet, spec):
+    fn, shardings = sampler_lib.sample_on_mesh(self.mesh, self.mode, unet_params,
+                                               unet=unet, spec=spec)
+    if self._placed[0] is not unet_params:
+      self._placed = (unet_params, parallel.put(unet_params, shardings[0]))
+    args = [parallel.put(a, s) for a, s in zip(args, shardings[1:])]
+    return parallel.to_host(fn(self._placed[1], *args))
+
+
+_MESH_SAMPLERS: Dict[Any, _MeshSampler] = {}
+
+
+def _sampler(run: runs.RunModel):
+  """`sampler.sample_jit` on one device (bit for bit as ever), else a mesh sampler.
+
+  The run's (or the command line's) mesh.* settings choose the devices: with more
+  than one, each sampler batch is split over them (batches grow to a multiple of
+  the device count) and the UNet is laid out by mesh.frozen.
+  """
+  mesh = parallel.make_mesh(run.cfg.mesh)
+  if mesh.size == 1:
+    return sampler_lib.sample_jit
+  key = (mesh, run.cfg.mesh.frozen)
+  if key not in _MESH_SAMPLERS:
+    _MESH_SAMPLERS[key] = _MeshSampler(mesh, parallel.check_frozen_mode(run.cfg.mesh.frozen))
+  return _MESH_SAMPLERS[key]
 
 
 def decode_latents(run: runs.RunModel, latents) -> np.ndarray:

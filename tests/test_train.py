@@ -108,7 +108,7 @@ def _interrupt_at(monkeypatch, call: int, action):
   real = step_lib.jit_train_step
 
   def patched(*args, **kwargs):
-    fn = real(*args, **kwargs)
+    fn, shardings = real(*args, **kwargs)
     count = {"n": 0}
 
     def step(*a):
@@ -116,7 +116,7 @@ def _interrupt_at(monkeypatch, call: int, action):
       if count["n"] == call:
         action()
       return fn(*a)
-    return step
+    return step, shardings
 
   monkeypatch.setattr(step_lib, "jit_train_step", patched)
 

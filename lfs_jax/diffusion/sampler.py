@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfs_jax import parallel
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.diffusion import steps as steps_lib
 
@@ -183,5 +185,33 @@ def decode(vae_params, latents: jax.Array, *, vae, scaling_factor: float) -> jax
 # Jitted once per process: the modules and the spec are static (hashable), the
 # parameter trees are arguments, never closed-over constants.
 sample_jit = jax.jit(sample, static_argnames=("unet", "spec"))
+_ON_MESH: dict = {}
+
+
+def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSpec):
+  """`sample` jitted for a mesh: the batch split over all its devices.
+
+  The UNet tree is laid out as the training's frozen base (`frozen_mode`:
+  replicated or the FSDP rule of lfs_jax.parallel); the prompt batch (context,
+  seeds, context latents, flags) and the output are split over ("data", "fsdp");
+  the rest is replicated. Each image still draws only from its own seed, so a
+  batch split over devices gives the images of `sample_jit` up to float rounding.
+  One jitted function per (mesh, mode, tree shape, unet, spec), built once.
+
+  Returns:
+    (fn, in_shardings): call `fn(*args)` with the ten positional arguments of
+    `sample` placed by `in_shardings` (parallel.put).
+  """
+  leaves, treedef = jax.tree.flatten(unet_params)
+  key = (mesh, frozen_mode, treedef, tuple(np.shape(x) for x in leaves), unet, spec)
+  if key not in _ON_MESH:
+    rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    params = parallel.frozen_shardings(unet_params, mesh, frozen_mode)
+    in_shardings = (params, rep, batch, rep, batch, batch, batch, rep, rep, rep)
+    # jit takes no static keywords together with in_shardings: bind them instead.
+    fn = jax.jit(functools.partial(sample, unet=unet, spec=spec), in_shardings=in_shardings,
+                 out_shardings=batch)
+    _ON_MESH[key] = (fn, in_shardings)
+  return _ON_MESH[key]
 encode_text_jit = jax.jit(encode_text, static_argnames=("text",))
 decode_jit = jax.jit(decode, static_argnames=("vae", "scaling_factor"))

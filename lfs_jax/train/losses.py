@@ -32,7 +32,7 @@ class LossSpec:
   rescale_max: float
   scaling_factor: float      # VAE latent scale
   scheduler: Any             # diffusion.schedule.SchedulerConfig (frozen dataclass)
-  batch_sharding: Any = None  # NamedSharding splitting the UNet batch over the data axis
+  batch_sharding: Any = None  # NamedSharding splitting the UNet batch over data x fsdp
 
 
 class SessionData(NamedTuple):

@@ -8,6 +8,10 @@ This is the only training code that touches the disk. Per session k:
   4. teacher = the delta of session k-1 (the base's own leaves for k = 1);
   5. `train.steps` jitted steps, progress checkpoints, TensorBoard scalars;
   6. sessions/<k>/ written; progress/ dropped.
+
+A run made by `--mode=import` (lfs_jax.interop) starts with a finished session 1
+that was never trained here: its concepts come first in the registry, and
+data.sessions lists the sessions after it (numbered from 2).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
+from lfs_jax import parallel
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.errors import ConfigError
 from lfs_jax.train import losses
@@ -41,9 +46,11 @@ from lfs_jax.train.tensorboard import SummaryWriter
 _TRAIN, _KD_CACHE, _TINY = 1, 2, 3
 # Config fields that may change between a run's start and its resumption.
 _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
-                "model.attention", "mesh.data", "mesh.fsdp")
+                "model.attention", "mesh.data", "mesh.fsdp", "mesh.frozen",
+                "distributed.cluster", "distributed.coordinator", "distributed.num_processes",
+                "distributed.process_id", "distributed.cpu_collectives")
 # Config groups that only steer sampling, never the trained weights.
-_FREE_PREFIXES = ("sample.", "icgen.")
+_FREE_PREFIXES = ("sample.", "icgen.", "eval.")
 _KD_PROMPTS = ("class", "previous", "empty")
 
 
@@ -76,7 +83,8 @@ def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
     if is_free_field(key) or a.get(key) == b.get(key):
       continue
     if key == "data.sessions":
-      old, new = str(a[key]).split(";"), str(b[key]).split(";")
+      # "" = none yet (a run that starts with an imported session, see interop).
+      old, new = (str(a[key]).split(";") if a[key] else []), str(b[key]).split(";")
       if new[:len(old)] == old:
         continue
     raise ConfigError(
@@ -99,9 +107,11 @@ class _Context:
   max_images: int                 # largest session, in photos
   max_new: int                    # largest session, in concepts
   max_kd: int                     # most DFKD conditions of any session
+  first: int = 1                  # run session of sessions[0] (2 after an imported session 1)
   encode: Any = None              # jitted VAE encoder
   text: Any = None                # jitted text encoder
   step_fn: Any = None             # jitted train step (built at the first session)
+  shardings: Any = None           # its parallel.TrainShardings
   spec: Any = None
 
 
@@ -142,13 +152,13 @@ def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
     raise ConfigError(f"kd.mode must be 'noise' or 'trajectory', got {cfg.kd.mode!r}")
   if cfg.kd.steps < 1:
     raise ConfigError(f"kd.steps must be >= 1, got {cfg.kd.steps}")
-  n_data = ctx.mesh.shape["data"]
+  n_batch = ctx.mesh.size  # the batch is split over data x fsdp
   for name, b in (("train.batch_size", cfg.train.batch_size),
                   ("kd.batch_size", cfg.kd.batch_size)):
-    if b < 1 or b % n_data:
-      raise ConfigError(f"{name}={b} must be a positive multiple of the {n_data} data devices")
-  sharding = (jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec("data"))
-              if n_data > 1 else None)
+    if b < 1 or b % n_batch:
+      raise ConfigError(f"{name}={b} must be a positive multiple of the {n_batch} devices "
+                        "of the mesh (data x fsdp)")
+  sharding = parallel.batch_sharding(ctx.mesh) if n_batch > 1 else None
   return losses.LossSpec(
       batch_size=cfg.train.batch_size, kd_batch_size=cfg.kd.batch_size,
       kd_weight=float(cfg.kd.weight), use_kd=use_kd,
@@ -220,30 +230,31 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   spec, use_kd = ctx.spec, ctx.spec.use_kd
   models = losses.Models(unet=pipe.unet, text=pipe.text_encoder)
   optimizer = step_lib.make_optimizer(cfg.train)
-  if ctx.step_fn is None:
-    ctx.step_fn = step_lib.jit_train_step(ctx.mesh, models=models, spec=spec,
-                                          optimizer=optimizer,
-                                          train_tokens=cfg.train.train_tokens)
-
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
-  frozen = base_lib.replicate({"unet": rest, "text": pipe.text_encoder_params,
-                               "tokens": jnp.asarray(token_table)}, ctx.mesh)
-  start_unet = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), prev_delta["unet"])
+  frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
+  if ctx.step_fn is None:
+    ctx.step_fn, ctx.shardings = step_lib.jit_train_step(
+        ctx.mesh, frozen, frozen_mode=cfg.mesh.frozen, models=models, spec=spec,
+        optimizer=optimizer, train_tokens=cfg.train.train_tokens)
+  sh = ctx.shardings
+  # Host or local values -> global arrays on the mesh (the same on every process).
+  frozen = parallel.put(frozen, sh.frozen)
+  start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
   # The teacher gets buffers of its own: the student's are donated at every step.
-  teacher = base_lib.replicate({"unet": start_unet}, ctx.mesh) if use_kd else None
-  trainable = base_lib.replicate({"unet": jax.tree.map(jnp.copy, start_unet),
-                                  "tokens": jnp.asarray(new_rows)}, ctx.mesh)
+  teacher = parallel.put({"unet": start_unet}, sh.teacher) if use_kd else None
+  trainable = {"unet": jax.tree.map(np.copy, start_unet), "tokens": np.asarray(new_rows)}
   root = jax.random.key(cfg.seed)
+  data = parallel.put(data, sh.data)
   if spec.kd_cached:
     cache_fn = jax.jit(functools.partial(
         losses.kd_cache, size=cfg.kd.cache_size, latent_shape=data.latent_mean.shape[1:],
-        models=models, spec=spec))
+        models=models, spec=spec), out_shardings=sh.data)
     key = jax.random.fold_in(jax.random.fold_in(root, _KD_CACHE), session)
     data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
-                                           ctx.schedule, key))
-  data = base_lib.replicate(data, ctx.mesh)
-  state = base_lib.replicate(step_lib.init_state(trainable, optimizer), ctx.mesh)
-  train_key = jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session)
+                                           ctx.schedule, parallel.put(key, sh.rng)))
+  state = parallel.put(step_lib.init_state(trainable, optimizer), sh.state)
+  train_key = parallel.put(jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session),
+                           sh.rng)
   return SessionSetup(registry, models, spec, frozen, teacher, data, state, train_key,
                       token_table, bank)
 
@@ -263,7 +274,8 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
 
   writer = SummaryWriter(os.path.join(ctx.workdir, "logs")) if jax.process_index() == 0 else None
   first, total = int(state.step), cfg.train.steps
-  bar = tqdm.tqdm(total=total, initial=first, desc=f"session {session}/{len(ctx.sessions)}",
+  bar = tqdm.tqdm(total=total, initial=first,
+                  desc=f"session {session}/{ctx.first + len(ctx.sessions) - 1}",
                   unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
   last: Dict[str, float] = {}
   pending = []
@@ -280,7 +292,7 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
     if cfg.train.progress_every and done % cfg.train.progress_every == 0 and done < total:
       checkpoint.save_progress(ctx.workdir, done, state, {"session": session},
                                cfg.checkpoint.keep_progress)
-    if stop["flag"] and done < total:
+    if _should_stop(stop, done, cfg.train.log_every) and done < total:
       checkpoint.save_progress(ctx.workdir, done, state, {"session": session},
                                cfg.checkpoint.keep_progress)
       bar.close()
@@ -289,7 +301,7 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
   if writer:
     writer.close()
 
-  trained = jax.device_get(state.trainable)
+  trained = parallel.to_host(state.trainable)
   offset = int(data.token_offset)
   tokens = np.array(su.token_table[:offset + n_new])
   tokens[offset:] = np.asarray(trained["tokens"])[:n_new]
@@ -297,7 +309,7 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
           "config": cfg.to_dict(), "steps": total, "metrics": last,
           "seconds": time.time() - t0}
   checkpoint.save_session(ctx.workdir, session, delta={"unet": trained["unet"], "tokens": tokens},
-                          bank=su.bank, opt_state=jax.device_get(state.opt_state),
+                          bank=su.bank, opt_state=parallel.to_host(state.opt_state),
                           meta=_jsonable(meta))
   checkpoint.clear_progress(ctx.workdir)
   if jax.process_index() == 0:
@@ -305,9 +317,20 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
   return {"session": session, **last}
 
 
+def _should_stop(stop, done: int, every: int) -> bool:
+  """Whether SIGTERM asks to stop after step `done`, decided alike on every process.
+
+  One process checks its flag after every step; several agree (any flag set) at
+  the metric syncs only (every `train.log_every` steps), so all save together.
+  """
+  if jax.process_count() == 1:
+    return stop["flag"]
+  return done % every == 0 and parallel.agree_any(stop["flag"])
+
+
 def _log(pending, done: int, session: int, writer) -> Dict[str, float]:
   """Brings a window of step metrics to the host; raises on a non-finite value."""
-  host = jax.device_get(pending)
+  host = parallel.to_host(pending)
   first = done - len(host) + 1
   for i, m in enumerate(host):
     bad = [k for k, v in m.items() if not math.isfinite(float(v))]
@@ -350,30 +373,45 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
       check_compatible(json.load(f), cfg.to_dict())
   if cfg.compile_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
+  parallel.check_frozen_mode(cfg.mesh.frozen)
   pipe = base_lib.load_base(cfg.model, cfg.seed)
-  mesh = step_lib.make_mesh(cfg.mesh, devices)
-  registry = concepts_lib.Registry()
+  mesh = parallel.make_mesh(cfg.mesh, devices)
+  registry = _imported_registry(workdir) if exists else concepts_lib.Registry()
+  first = 1 + (registry.concepts[-1].session if registry.concepts else 0)
   vocab = pipe.tokenizer.get_vocab()
-  for k, specs in enumerate(sessions, start=1):
+  for k, specs in enumerate(sessions, start=first):
     registry = registry.add_session(specs, k, token_format=cfg.concepts.token_format,
                                     vocab=vocab)
-  kd_counts = [len(_kd_prompts(cfg, registry, k) or [""]) for k in range(1, len(sessions) + 1)]
+  kd_counts = [len(_kd_prompts(cfg, registry, k) or [""])
+               for k in range(first, first + len(sessions))]
 
   ctx = _Context(
       cfg, workdir, pipe, mesh,
-      base_lib.replicate(schedule_lib.make_schedule(pipe.scheduler), mesh), predicate,
+      parallel.put(schedule_lib.make_schedule(pipe.scheduler), parallel.replicated(mesh)),
+      predicate,
       sessions, images, registry,
       max_images=max(sum(len(images[c.name]) for c in s) for s in sessions),
-      max_new=max(len(s) for s in sessions), max_kd=max(kd_counts))
+      max_new=max(len(s) for s in sessions), max_kd=max(kd_counts), first=first)
   ctx.spec = _loss_spec(ctx, cfg.method == "lfs" and cfg.kd.weight > 0)
   ctx.encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))
   ctx.text = jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
       {"params": p}, ids, extra_embeddings=rows))
 
   os.makedirs(workdir, exist_ok=True)
+  parallel.barrier("lfs_jax: run checked")  # every process looked before process 0 writes
   if not exists:
     checkpoint.write_json_atomic(config_path, _jsonable(cfg.to_dict()))
   return ctx
+
+
+def _imported_registry(workdir: str) -> concepts_lib.Registry:
+  """The concepts of an imported session 1 (`--mode=import`), else an empty registry."""
+  if 1 not in checkpoint.finished_sessions(workdir):
+    return concepts_lib.Registry()
+  meta = checkpoint.session_meta(workdir, 1)
+  if "imported" not in meta:
+    return concepts_lib.Registry()
+  return concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
 
 
 def base_delta(ctx: _Context) -> Dict[str, Any]:
@@ -406,8 +444,8 @@ def run(cfg, workdir: str, *, resume: bool = False,
     done = checkpoint.finished_sessions(workdir)
     prev_delta = base_delta(ctx)
     results = []
-    for k in range(1, len(ctx.sessions) + 1):
-      if k not in done:
+    for k in range(1, ctx.first + len(ctx.sessions)):
+      if k not in done:  # an imported session (k < ctx.first) is always done
         results.append(_train_session(ctx, k, prev_delta, resume=resume, stop=stop))
       prev_delta = checkpoint.restore_session(workdir, k)["delta"]
     return results

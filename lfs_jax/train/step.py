@@ -8,11 +8,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lfs_jax import parallel
 from lfs_jax.train import losses
+
+# The mesh moved to lfs_jax.parallel; kept here for callers of the old name.
+make_mesh = parallel.make_mesh
 
 
 @flax.struct.dataclass
@@ -66,26 +68,24 @@ def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, sc
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """A (data, fsdp) mesh over the first data*fsdp devices; data=-1 takes all of them."""
-  devices = jax.devices() if devices is None else devices
-  fsdp = mesh_cfg.fsdp
-  data = mesh_cfg.data if mesh_cfg.data > 0 else len(devices) // fsdp
-  devices = devices[:data * fsdp]
-  if data * fsdp != len(devices) or data < 1:
-    raise ValueError(
-        f"mesh data={mesh_cfg.data} x fsdp={fsdp} does not fit {len(devices)} devices")
-  return jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
+                   train_tokens: bool):
+  """`train_step` jitted with explicit in/out shardings; the state buffers are donated.
 
+  Args:
+    mesh: the (data, fsdp) mesh.
+    frozen: the frozen trees (arrays or ShapeDtypeStructs): only their structure
+      and shapes are read, to lay them out by `frozen_mode` (parallel.frozen_shardings).
+    frozen_mode: mesh.frozen, "replicated" or "fsdp".
 
-def jit_train_step(mesh, *, models, spec, optimizer, train_tokens: bool):
-  """`train_step` jitted with explicit shardings; state donated.
-
-  Everything the step reads is replicated (a few-shot session's data is small);
-  the sampled batch is split over the mesh's data axis inside the step.
+  Returns:
+    (step_fn, shardings): the jitted step and its parallel.TrainShardings, which the
+    caller uses to place the arguments (`parallel.put`) before the first call.
   """
-  replicated = NamedSharding(mesh, P())
+  shardings = parallel.train_shardings(mesh, frozen, frozen_mode)
   step = functools.partial(train_step, models=models, spec=spec, optimizer=optimizer,
                            train_tokens=train_tokens)
-  return jax.jit(step, in_shardings=replicated, out_shardings=replicated,
-                 donate_argnums=(0,))
+  s = shardings
+  fn = jax.jit(step, in_shardings=(s.state, s.frozen, s.teacher, s.data, s.schedule, s.rng),
+               out_shardings=(s.state, s.metrics), donate_argnums=(0,))
+  return fn, shardings
