@@ -25,26 +25,43 @@ def compile_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-@pytest.fixture
-def tiny_config(compile_cache):
-  """Factory: the tiny default config, small and fast, with dotted overrides."""
+def _tiny_config(compile_cache, **overrides):
+  """The tiny default config, small and fast; overrides as a__b=value for cfg.a.b."""
   from lfs_jax import config_base
 
-  def make(**overrides):
-    c = config_base.get_config()
-    c.compile_cache = compile_cache
-    c.train.steps = 4
-    c.train.log_every = 2
-    c.train.progress_every = 0
-    c.data.sessions = "dog;dog2"
-    c.mesh.data = 1  # one device unless a test asks for the mesh
-    for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split("__")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-    c.lock()
-    return c
+  c = config_base.get_config()
+  c.compile_cache = compile_cache
+  c.train.steps = 4
+  c.train.log_every = 2
+  c.train.progress_every = 0
+  c.data.sessions = "dog;dog2"
+  c.mesh.data = 1  # one device unless a test asks for the mesh
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+@pytest.fixture
+def tiny_config(compile_cache):
+  """Factory: `tiny_config(train__steps=2, ...)` -> a locked tiny config."""
+  return lambda **overrides: _tiny_config(compile_cache, **overrides)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_run(tmp_path_factory, compile_cache):
+  """Factory: trains a two-session tiny run (dog; cat, 2 steps) into a fresh folder."""
+  from lfs_jax.train import session
+
+  def make(name, **overrides):
+    cfg = _tiny_config(compile_cache, **{"train__steps": 2, "data__sessions": "dog;cat",
+                                         **overrides})
+    workdir = str(tmp_path_factory.mktemp(name) / "run")
+    session.run(cfg, workdir)
+    return workdir
 
   return make

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lfs_jax import config_base, runs, sample
+from lfs_jax import runs, sample
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import clip_scorer, compare, metrics, run_eval
-from lfs_jax.train import session
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "lfs_jax", "assets", "clip_tokenizer")
@@ -135,25 +134,11 @@ def clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, compile_cache):
+def run_dir(make_tiny_run):
   """A two-session tiny run (dog; cat) whose config carries small eval settings."""
-  c = config_base.get_config()
-  c.compile_cache = compile_cache
-  c.train.steps = 2
-  c.train.log_every = 2
-  c.train.progress_every = 0
-  c.data.sessions = "dog;cat"
-  c.mesh.data = 1
-  c.sample.steps = 3
-  c.sample.batch_size = 2
-  c.eval.num_images = 1
-  c.eval.num_prompts = 2
-  c.eval.batch_size = 4
-  c.eval.grid = 4
-  c.lock()
-  workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
-  session.run(c, workdir)
-  return workdir
+  return make_tiny_run("evaluate", sample__steps=3, sample__batch_size=2,
+                       eval__num_images=1, eval__num_prompts=2, eval__batch_size=4,
+                       eval__grid=4)
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,10 @@ DOG, CAT = "a <c1> dog", "a <c2> cat"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, compile_cache):
+def run_dir(make_tiny_run):
   """A two-session tiny run (dog; cat), trained once for the module."""
-  c = config_base.get_config()
-  c.compile_cache = compile_cache
-  c.train.steps = 2
-  c.train.log_every = 2
-  c.train.progress_every = 0
-  c.data.sessions = "dog;cat"
-  c.mesh.data = 1
-  c.sample.steps = 4
-  c.sample.batch_size = 4
-  c.sample.num_images = 2
-  c.lock()
-  workdir = str(tmp_path_factory.mktemp("sample") / "run")
-  session.run(c, workdir)
-  return workdir
+  return make_tiny_run("sample", sample__steps=4, sample__batch_size=4,
+                       sample__num_images=2)
 
 
 @pytest.fixture(scope="module")
