@@ -21,7 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.variant = ""            # weight-file variant to read, e.g. "fp16"; "" = plain files
   c.model.param_dtype = "float32"   # storage dtype of the frozen base: float32 | bfloat16
   c.model.compute_dtype = "float32"  # activations: float32 | bfloat16 (trainable weights stay float32)
-  c.model.attention = "xla"       # attention kernel: xla | cudnn | auto
+  c.model.attention = "xla"       # attention kernel: xla | cudnn (GPU) | splash (TPU) | auto:
+  # ^ splash on TPU for self-attention over >= 1024 tokens, cuDNN on GPU in half precision, else xla
+  c.model.remat = "none"          # gradient checkpointing of the UNet's resnet/transformer blocks:
+  # ^ none | blocks (keep only block inputs, recompute the rest: least memory) | dots (keep
+  # the weight matmuls' outputs, recompute norms, activations, convs, attention logits)
 
   c.data = ml_collections.ConfigDict()
   c.data.format = "folders"       # folders | dreambooth | customconcept101

@@ -199,7 +199,9 @@ class _MeshSampler:
     if self._placed[0] is not unet_params:
       self._placed = (unet_params, parallel.put(unet_params, shardings[0]))
     args = [parallel.put(a, s) for a, s in zip(args, shardings[1:])]
-    return parallel.to_host(fn(self._placed[1], *args))
+    with jax.set_mesh(self.mesh):  # read by kernels that split the batch themselves (splash)
+      out = fn(self._placed[1], *args)
+    return parallel.to_host(out)
 
 
 _MESH_SAMPLERS: Dict[Any, _MeshSampler] = {}

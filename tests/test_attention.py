@@ -1,5 +1,7 @@
 """The shared attention function: math, causal mask, upcast, implementation choice."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,10 +43,74 @@ def test_upcast_keeps_the_input_dtype_and_is_closer_to_float32():
   assert err_up <= err_plain
 
 
-def test_implementation_choice():
+def test_implementation_choice(monkeypatch):
   assert jax.default_backend() == "cpu"
+  long_self = dict(q_len=4096, kv_len=4096)
   assert attention.resolve_implementation("auto", jnp.bfloat16, 64) == "xla"
+  assert attention.resolve_implementation("auto", jnp.bfloat16, 64, **long_self) == "xla"
   assert attention.resolve_implementation("xla", jnp.bfloat16, 64) == "xla"
   assert attention.resolve_implementation("cudnn", jnp.float32, 40) == "cudnn"
   with pytest.raises(ValueError, match="flash"):
     attention.resolve_implementation("flash", jnp.float32, 40)
+  # splash is a TPU kernel: asked for off a TPU, the error names the setting.
+  with pytest.raises(ValueError, match="model.attention"):
+    attention.resolve_implementation("splash", jnp.bfloat16, 64, **long_self)
+  # On a TPU, auto takes splash for long self-attention only.
+  monkeypatch.setattr(attention, "_on_tpu", lambda: True)
+  pick = lambda q, kv, **kw: attention.resolve_implementation("auto", jnp.bfloat16, 64,
+                                                              q_len=q, kv_len=kv, **kw)
+  assert pick(4096, 4096) == pick(1024, 1024) == "splash"
+  assert pick(256, 256) == "xla"            # short: XLA's logits are small
+  assert pick(4096, 77) == "xla"            # cross-attention to the text tokens
+  assert pick(1000, 1000) == "xla"          # not in 128-token tiles
+  assert pick(1024, 1024, is_causal=True) == "xla"
+  assert attention.resolve_implementation("splash", jnp.float32, 40, q_len=256,
+                                          kv_len=256) == "splash"
+  assert attention.resolve_implementation("splash", jnp.float32, 40, q_len=256,
+                                          kv_len=77) == "xla"
+
+
+def _qkv(shape, kv_len=None, seed=2):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  kv_shape = shape if kv_len is None else (shape[0], kv_len) + shape[2:]
+  return (jax.random.normal(kq, shape), jax.random.normal(kk, kv_shape),
+          jax.random.normal(kv, kv_shape))
+
+
+def _loss(impl):
+  return lambda q, k, v: jnp.sum(attention.dot_product_attention(
+      q, k, v, implementation=impl) ** 2)
+
+
+def test_splash_matches_xla_in_interpret_mode(monkeypatch):
+  """The TPU kernel, run by Pallas' interpreter on CPU: same outputs and gradients."""
+  monkeypatch.setattr(attention, "splash_interpret", True)
+  q, k, v = _qkv((2, 256, 2, 40))  # SD-1.5's head width 40 (not a lane multiple)
+  want = attention.dot_product_attention(q, k, v)
+  got = jax.jit(functools.partial(attention.dot_product_attention,
+                                  implementation="splash"))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  g_want = jax.grad(_loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  g_got = jax.jit(jax.grad(_loss("splash"), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+  # Cross-attention to 77 tokens is not tiled: XLA serves it, same numbers.
+  q, k, v = _qkv((2, 128, 2, 40), kv_len=77)
+  np.testing.assert_array_equal(
+      np.asarray(attention.dot_product_attention(q, k, v, implementation="splash")),
+      np.asarray(attention.dot_product_attention(q, k, v)))
+
+
+def test_splash_splits_the_batch_over_the_mesh(monkeypatch):
+  """Under a mesh the kernel runs per device on its part of the batch (shard_map)."""
+  monkeypatch.setattr(attention, "splash_interpret", True)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  q, k, v = _qkv((8, 128, 1, 16))
+  fn = jax.jit(functools.partial(attention.dot_product_attention, implementation="splash"))
+  with jax.set_mesh(mesh):
+    text = fn.lower(q, k, v).as_text()
+    got = fn(q, k, v)
+  assert "manual_computation" in text  # shard_map's region
+  assert "manual_computation" not in fn.lower(q, k, v).as_text()  # no mesh: one call
+  np.testing.assert_allclose(np.asarray(got), np.asarray(attention.dot_product_attention(
+      q, k, v)), rtol=1e-5, atol=1e-5)

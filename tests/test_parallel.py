@@ -81,6 +81,8 @@ def test_fsdp_step_matches_one_device(tmp_path, tiny_config):
       state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
                                    su.train_key)
     out.append((parallel.to_host(state.trainable), parallel.to_host(metrics)))
+  # The base came from host memory straight into its shardings (never whole on a device).
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(ctx.pipe.unet_params))
   frozen = flatten(su.frozen)
   # The frozen base really is split: every big leaf over fsdp, by the largest dimension.
   big = {k: v for k, v in frozen.items() if v.size >= 1024}

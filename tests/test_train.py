@@ -27,10 +27,17 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=str(k))
 
 
-def test_two_session_run_end_to_end(tmp_path, tiny_config):
+def test_two_session_run_end_to_end(tmp_path, tiny_config, monkeypatch, capsys):
+  traces = []
+  real_step = step_lib.train_step
+  monkeypatch.setattr(step_lib, "train_step", lambda *a, **k: (traces.append(1),
+                                                               real_step(*a, **k))[1])
   run = str(tmp_path / "run")
   results = session.run(tiny_config(), run)
   assert [r["session"] for r in results] == [1, 2]
+  # Compiled ahead of the first step, once for the whole run (sessions are padded).
+  assert len(traces) == 1
+  assert capsys.readouterr().out.count("train step compiled in") == 1
   assert all(np.isfinite(r["loss"]) and r["kd"] >= 0 for r in results)
   assert checkpoint.finished_sessions(run) == [1, 2]
   assert not os.path.exists(os.path.join(run, "progress"))
@@ -69,6 +76,7 @@ def test_kd_is_zero_at_first_step_then_positive(tmp_path, tiny_config, mode, cac
   base_unet, base_text = _copy(ctx.pipe.unet_params), _copy(ctx.pipe.text_encoder_params)
   su = session.setup_session(ctx, 1, session.base_delta(ctx))
   assert su.spec.kd_cached == bool(cache)
+  assert isinstance(ctx.step_fn, jax.stages.Compiled)
   loss = jax.jit(lambda *a: losses.loss_fn(*a, models=su.models, spec=su.spec))
   key = jax.random.key(7)
   args = (su.frozen, su.teacher, su.data, ctx.schedule, key)
@@ -104,11 +112,11 @@ def test_loss_falls_when_overfitting_one_concept(tmp_path, tiny_config):
 
 
 def _interrupt_at(monkeypatch, call: int, action):
-  """Makes the run's jitted step do `action` instead of its `call`-th step."""
-  real = step_lib.jit_train_step
+  """Makes the run's compiled step do `action` instead of its `call`-th step."""
+  real = step_lib.compile_step
 
   def patched(*args, **kwargs):
-    fn, shardings = real(*args, **kwargs)
+    fn, *rest = real(*args, **kwargs)
     count = {"n": 0}
 
     def step(*a):
@@ -116,9 +124,9 @@ def _interrupt_at(monkeypatch, call: int, action):
       if count["n"] == call:
         action()
       return fn(*a)
-    return step, shardings
+    return (step, *rest)
 
-  monkeypatch.setattr(step_lib, "jit_train_step", patched)
+  monkeypatch.setattr(step_lib, "compile_step", patched)
 
 
 def _kill():
@@ -195,6 +203,9 @@ def _folder_dataset(root, files):
     ({"a/0.png": "image", "b/0.png": "image"}, {"kd__prompts": "class,nonsense"}, "nonsense"),
     ({"a/0.png": "image", "b/0.png": "image"},
      {"model__source": "local", "model__path": "/nonexistent/sd"}, "/nonexistent/sd"),
+    ({"a/0.png": "image", "b/0.png": "image"}, {"model__attention": "splash"},
+     "model.attention"),  # a TPU kernel, on CPU
+    ({"a/0.png": "image", "b/0.png": "image"}, {"model__remat": "everything"}, "model.remat"),
 ])
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, tiny_config, files, overrides,
                                                    needle):
@@ -232,3 +243,34 @@ def test_cli_refuses_unknown_config_key(tmp_path):
   assert proc.returncode != 0
   assert "stepz" in proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_remat_keeps_parameter_paths_loss_and_grads(tmp_path, tiny_config):
+  ctx = session.prepare(tiny_config(data__sessions="dog", kd__mode="noise"), str(tmp_path))
+  su = session.setup_session(ctx, 1, session.base_delta(ctx))
+  unet = su.models.unet
+  assert unet.remat == "none"
+  args = (su.frozen, su.teacher, su.data, ctx.schedule, jax.random.key(3))
+  init_args = [np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,), np.int32),
+               np.zeros((1, 7, 32), np.float32)]
+  want_paths = jax.tree.structure(ctx.pipe.unet_params)
+  out = {}
+  for remat in ("none", "blocks", "dots"):
+    models = su.models._replace(unet=unet.clone(remat=remat))
+    # Checkpointing wraps modules without renaming them: the same weights load.
+    shapes = jax.eval_shape(models.unet.init, jax.random.key(0), *init_args)["params"]
+    assert jax.tree.structure(shapes) == want_paths, remat
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda tr, *a: losses.loss_fn(tr, *a, models=models, spec=su.spec), has_aux=True))
+    (loss, aux), grads = grad_fn(su.state.trainable, *args)
+    out[remat] = jax.device_get((loss, aux, grads))
+  (loss0, aux0, g0) = out["none"]
+  assert float(loss0) > 0
+  for remat in ("blocks", "dots"):
+    loss, aux, g = out[remat]
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6, err_msg=remat)
+    np.testing.assert_allclose(aux["denoise"], aux0["denoise"], rtol=1e-6, err_msg=remat)
+    # The same math in another fusion order: float32 rounding, nothing more.
+    for (p, a), b in zip(flatten(g0).items(), flatten(g).values()):
+      rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+      assert rel <= 1e-5, (remat, p, rel)

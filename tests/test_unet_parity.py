@@ -46,12 +46,15 @@ def _torch_unet(kwargs, seed):
   return model
 
 
-@pytest.mark.parametrize("kwargs,hw", [(TINY_SD1, (8, 8)), (TINY_SD2, (12, 10))],
-                         ids=["sd1_like", "sd2_like_odd_size"])
-def test_unet_matches_diffusers(tmp_path, kwargs, hw):
+@pytest.mark.parametrize("kwargs,hw,remat", [(TINY_SD1, (8, 8), "none"),
+                                             (TINY_SD2, (12, 10), "none"),
+                                             (TINY_SD2, (12, 10), "blocks")],
+                         ids=["sd1_like", "sd2_like_odd_size", "sd2_like_remat"])
+def test_unet_matches_diffusers(tmp_path, kwargs, hw, remat):
   ref = _torch_unet(kwargs, seed=0)
   ref.save_pretrained(tmp_path, safe_serialization=True)
   module, params = load_unet(str(tmp_path))
+  module = module.clone(remat=remat)  # checkpointed blocks keep their weights' names
 
   rng = np.random.default_rng(0)
   sample = rng.standard_normal((2, kwargs["in_channels"], *hw)).astype(np.float32)

@@ -207,10 +207,14 @@ class UNet2DConditionModel(nn.Module):
     config: the architecture.
     dtype: compute dtype (parameters keep their own dtype).
     attention: implementation for `dot_product_attention` ("xla", "cudnn", "auto").
+    remat: gradient checkpointing of the resnet and transformer blocks, a key of
+      `unet_blocks.REMAT_POLICIES` ("none", "blocks", "dots"); it changes what the
+      backward pass stores, not the parameters or the numbers.
   """
   config: UNetConfig
   dtype: Any = jnp.float32
   attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states):
@@ -221,7 +225,8 @@ class UNet2DConditionModel(nn.Module):
     """
     cfg = self.config
     opts = BlockOptions(cfg.norm_num_groups, cfg.norm_eps, cfg.use_linear_projection,
-                        cfg.upcast_attention, cfg.downsample_padding, self.attention, self.dtype)
+                        cfg.upcast_attention, cfg.downsample_padding, self.attention, self.dtype,
+                        self.remat)
     x = sample.astype(self.dtype)
     context = encoder_hidden_states.astype(self.dtype)
     if cfg.center_input_sample:

@@ -10,6 +10,7 @@ diffusers' channel bookkeeping for skip connections.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -19,6 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfs_jax.models.attention import dot_product_attention
+
+# Gradient checkpointing of the resnet and transformer blocks (config model.remat):
+# what the backward pass keeps of each block's forward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no remat)
+    "blocks": jax.checkpoint_policies.nothing_saveable,  # only the block inputs
+    # the outputs of the weight matmuls (projections, feed-forward); norms,
+    # activations, convolutions and the attention logits are recomputed.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +42,17 @@ class BlockOptions:
   downsample_padding: int = 1
   attention: str = "xla"
   dtype: Any = jnp.float32
+  remat: str = "none"
+
+
+@functools.lru_cache(maxsize=None)  # one lifted class per (block, policy)
+def _remat(module_cls, remat: str):
+  """`module_cls` checkpointed by the `remat` policy; parameter paths are unchanged."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+  if remat == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[remat])
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
@@ -175,8 +197,9 @@ class Transformer2DModel(nn.Module):
       h = nn.Dense(c, dtype=o.dtype, name="proj_in")(h.reshape(b, hh * ww, c))
     else:
       h = _conv(c, 1, o, "proj_in")(h).reshape(b, hh * ww, c)
+    block = _remat(BasicTransformerBlock, o.remat)
     for k in range(self.num_layers):
-      h = BasicTransformerBlock(self.heads, head_dim, o, name=f"transformer_blocks_{k}")(h, context)
+      h = block(self.heads, head_dim, o, name=f"transformer_blocks_{k}")(h, context)
     if o.use_linear_projection:
       h = nn.Dense(c, dtype=o.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
     else:
@@ -231,8 +254,9 @@ class DownBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, context) -> Tuple[jax.Array, List[jax.Array]]:
     skips = []
+    resnet = _remat(ResnetBlock2D, self.opts.remat)
     for j in range(self.num_layers):
-      x = ResnetBlock2D(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
+      x = resnet(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
       if self.heads:
         x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
                                name=f"attentions_{j}")(x, context)
@@ -256,9 +280,10 @@ class UpBlock(nn.Module):
   def __call__(self, x, skips: Sequence[jax.Array], temb, context,
                upsample_size: Optional[Tuple[int, int]] = None):
     skips = list(skips)
+    resnet = _remat(ResnetBlock2D, self.opts.remat)
     for j in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = ResnetBlock2D(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
+      x = resnet(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
       if self.heads:
         x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
                                name=f"attentions_{j}")(x, context)
@@ -277,7 +302,8 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, context):
     c = x.shape[-1]
-    x = ResnetBlock2D(c, self.opts, self.output_scale_factor, name="resnets_0")(x, temb)
+    resnet = _remat(ResnetBlock2D, self.opts.remat)
+    x = resnet(c, self.opts, self.output_scale_factor, name="resnets_0")(x, temb)
     x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
                            name="attentions_0")(x, context)
-    return ResnetBlock2D(c, self.opts, self.output_scale_factor, name="resnets_1")(x, temb)
+    return resnet(c, self.opts, self.output_scale_factor, name="resnets_1")(x, temb)

@@ -46,7 +46,7 @@ from lfs_jax.train.tensorboard import SummaryWriter
 _TRAIN, _KD_CACHE, _TINY = 1, 2, 3
 # Config fields that may change between a run's start and its resumption.
 _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
-                "model.attention", "mesh.data", "mesh.fsdp", "mesh.frozen",
+                "model.attention", "model.remat", "mesh.data", "mesh.fsdp", "mesh.frozen",
                 "distributed.cluster", "distributed.coordinator", "distributed.num_processes",
                 "distributed.process_id", "distributed.cpu_collectives")
 # Config groups that only steer sampling, never the trained weights.
@@ -110,9 +110,10 @@ class _Context:
   first: int = 1                  # run session of sessions[0] (2 after an imported session 1)
   encode: Any = None              # jitted VAE encoder
   text: Any = None                # jitted text encoder
-  step_fn: Any = None             # jitted train step (built at the first session)
+  step_fn: Any = None             # compiled train step (built at the first session)
   shardings: Any = None           # its parallel.TrainShardings
   spec: Any = None
+  frozen_base: Any = None         # {"unet": rest, "text": ...} on the mesh (placed once a run)
 
 
 def _kd_prompts(cfg, registry, session: int) -> List[str]:
@@ -224,7 +225,7 @@ class SessionSetup(NamedTuple):
 
 
 def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
-  """Builds session `session`'s inputs and fresh train state (jits the step once a run)."""
+  """Builds session `session`'s inputs and fresh train state (compiles the step once a run)."""
   cfg, pipe = ctx.cfg, ctx.pipe
   registry, data, token_table, new_rows, bank = _session_inputs(ctx, session, prev_delta)
   spec, use_kd = ctx.spec, ctx.spec.use_kd
@@ -232,13 +233,19 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   optimizer = step_lib.make_optimizer(cfg.train)
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
-  if ctx.step_fn is None:
+  first = ctx.step_fn is None
+  if first:
     ctx.step_fn, ctx.shardings = step_lib.jit_train_step(
         ctx.mesh, frozen, frozen_mode=cfg.mesh.frozen, models=models, spec=spec,
         optimizer=optimizer, train_tokens=cfg.train.train_tokens)
   sh = ctx.shardings
   # Host or local values -> global arrays on the mesh (the same on every process).
-  frozen = parallel.put(frozen, sh.frozen)
+  # The base goes from host memory leaf by leaf straight into its sharding (it never
+  # sits whole on one device), once a run: every session shares it.
+  if ctx.frozen_base is None:
+    ctx.frozen_base = parallel.put({"unet": rest, "text": pipe.text_encoder_params},
+                                   {"unet": sh.frozen["unet"], "text": sh.frozen["text"]})
+  frozen = {**ctx.frozen_base, "tokens": parallel.put(token_table, sh.frozen["tokens"])}
   start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
   # The teacher gets buffers of its own: the student's are donated at every step.
   teacher = parallel.put({"unet": start_unet}, sh.teacher) if use_kd else None
@@ -250,11 +257,18 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
         losses.kd_cache, size=cfg.kd.cache_size, latent_shape=data.latent_mean.shape[1:],
         models=models, spec=spec), out_shardings=sh.data)
     key = jax.random.fold_in(jax.random.fold_in(root, _KD_CACHE), session)
-    data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
-                                           ctx.schedule, parallel.put(key, sh.rng)))
+    with jax.set_mesh(ctx.mesh):  # traced under the mesh, as the step (compile_step)
+      data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
+                                             ctx.schedule, parallel.put(key, sh.rng)))
   state = parallel.put(step_lib.init_state(trainable, optimizer), sh.state)
   train_key = parallel.put(jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session),
                            sh.rng)
+  if first:  # ahead of the first step, with the real shapes and shardings
+    ctx.step_fn, seconds, cached = step_lib.compile_step(
+        ctx.step_fn, ctx.mesh, state, frozen, teacher, data, ctx.schedule, train_key)
+    if jax.process_index() == 0:
+      print(f"train step compiled in {seconds:.1f} s"
+            + (" (from the persistent compilation cache)" if cached else ""))
   return SessionSetup(registry, models, spec, frozen, teacher, data, state, train_key,
                       token_table, bank)
 
@@ -374,7 +388,8 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   if cfg.compile_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
   parallel.check_frozen_mode(cfg.mesh.frozen)
-  pipe = base_lib.load_base(cfg.model, cfg.seed)
+  # In host memory: setup_session places the frozen base straight into its shardings.
+  pipe = base_lib.load_base(cfg.model, cfg.seed, on_host=True)
   mesh = parallel.make_mesh(cfg.mesh, devices)
   registry = _imported_registry(workdir) if exists else concepts_lib.Registry()
   first = 1 + (registry.concepts[-1].session if registry.concepts else 0)

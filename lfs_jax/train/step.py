@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import time
+from typing import Any, Tuple
 
 import flax
 import jax
@@ -89,3 +90,37 @@ def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
   fn = jax.jit(step, in_shardings=(s.state, s.frozen, s.teacher, s.data, s.schedule, s.rng),
                out_shardings=(s.state, s.metrics), donate_argnums=(0,))
   return fn, shardings
+
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+def compile_step(fn, mesh, *args) -> Tuple[jax.stages.Compiled, float, bool]:
+  """Compiles the jitted step ahead of time for exactly these (placed) arguments.
+
+  The executable accepts only these shapes, dtypes and shardings: a session that
+  differed would fail loudly instead of silently compiling the step again (every
+  session is padded to the run's maxima, so a run compiles once). The step is
+  traced under `mesh` (`jax.set_mesh`), which kernels without a partitioning rule
+  of their own (splash attention) read to split their work over it.
+
+  Returns:
+    (executable, seconds spent lowering and compiling, whether XLA's persistent
+    compilation cache supplied the executable).
+  """
+  hits = []
+
+  def listener(event, **_):
+    if event == _CACHE_HIT:
+      hits.append(event)
+
+  jax.monitoring.register_event_listener(listener)
+  try:
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      lowered = fn.lower(*args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  return compiled, seconds, bool(hits)

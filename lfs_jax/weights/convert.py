@@ -115,6 +115,7 @@ def torch_to_flax(
     ignore: Iterable[str] = (),
     rename: Callable[[str], str] | None = None,
     source: str = "checkpoint",
+    on_host: bool = False,
 ) -> dict:
   """Converts a torch-named state dict to a Flax parameter tree shaped like `target`.
 
@@ -125,9 +126,11 @@ def torch_to_flax(
     ignore: regexes of torch keys that are known buffers (e.g. position_ids).
     rename: optional torch-key rewrite applied first (legacy checkpoint names).
     source: what to call the state in error messages (a folder name).
+    on_host: return numpy arrays in host memory instead of arrays on the default
+      device, for a caller that places each leaf with its own sharding.
 
   Returns:
-    A nested dict of jax arrays with exactly `target`'s structure.
+    A nested dict of jax (or numpy) arrays with exactly `target`'s structure.
 
   Raises:
     WeightsMismatchError: naming the first unexpected tensor, wrong shape or
@@ -161,7 +164,8 @@ def torch_to_flax(
     raise WeightsMismatchError(
         f"{source} is missing {len(missing)} tensor(s), first {'/'.join(p)} "
         f"(torch name {path_to_torch_key(p[:-1] + ('weight' if p[-1] in ('kernel', 'scale', 'embedding') else p[-1],))!r})")
-  return unflatten({p: jnp.asarray(a, dtype=dtype) for p, a in out.items()})
+  to_array = np.asarray if on_host else jnp.asarray
+  return unflatten({p: to_array(a, dtype=dtype) for p, a in out.items()})
 
 
 def flax_to_torch(params: Mapping) -> Dict[str, np.ndarray]:

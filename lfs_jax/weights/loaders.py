@@ -3,7 +3,8 @@
 Each loader takes either the whole model folder (with unet/, vae/, text_encoder/,
 tokenizer/, scheduler/) or the one component folder. Loading is all-or-nothing:
 the config is validated, every tensor is read and checked against the module built
-from that config, and only then are parameters put on the device.
+from that config, and only then are parameters put on the device (or handed back in
+host memory, `on_host=True`, for a caller that places them with their shardings).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _check_class(folder: str, config: dict, component: str) -> None:
 
 
 def load_unet(path: str, *, dtype=jnp.float32, attention: str = "xla",
-              variant: Optional[str] = None) -> Tuple[unet.UNet2DConditionModel, dict]:
+              variant: Optional[str] = None,
+              on_host: bool = False) -> Tuple[unet.UNet2DConditionModel, dict]:
   """Loads a diffusers UNet2DConditionModel folder (or a model folder's unet/).
 
   Args:
@@ -40,6 +42,8 @@ def load_unet(path: str, *, dtype=jnp.float32, attention: str = "xla",
     dtype: parameter dtype (float32 default; bfloat16 halves memory).
     attention: "xla", "cudnn" or "auto" (see models.attention).
     variant: weight-file variant, e.g. "fp16".
+    on_host: keep the parameters in host memory as numpy arrays (the caller places
+      them, e.g. straight into their shardings) instead of on the default device.
 
   Returns:
     (module, params) with `module.apply({"params": params}, x, t, ctx)`.
@@ -50,12 +54,13 @@ def load_unet(path: str, *, dtype=jnp.float32, attention: str = "xla",
   cfg = unet.UNetConfig.from_diffusers(config)
   params = convert.torch_to_flax(
       files.read_state(folder, variant), unet.abstract_params(cfg), dtype=dtype,
-      source=folder)
+      source=folder, on_host=on_host)
   return unet.UNet2DConditionModel(cfg, dtype=dtype, attention=attention), params
 
 
 def load_vae(path: str, *, dtype=jnp.float32, attention: str = "xla",
-             variant: Optional[str] = None) -> Tuple[vae.AutoencoderKL, dict]:
+             variant: Optional[str] = None,
+             on_host: bool = False) -> Tuple[vae.AutoencoderKL, dict]:
   """Loads a diffusers AutoencoderKL folder (or a model folder's vae/); see load_unet."""
   folder = files.component_folder(path, "vae")
   config = files.read_config(folder)
@@ -63,18 +68,19 @@ def load_vae(path: str, *, dtype=jnp.float32, attention: str = "xla",
   cfg = vae.VAEConfig.from_diffusers(config)
   params = convert.torch_to_flax(
       files.read_state(folder, variant), vae.abstract_params(cfg), dtype=dtype,
-      rename=vae.legacy_rename, source=folder)
+      rename=vae.legacy_rename, source=folder, on_host=on_host)
   return vae.AutoencoderKL(cfg, dtype=dtype, attention=attention), params
 
 
 def load_text_encoder(path: str, *, dtype=jnp.float32, attention: str = "xla",
-                      variant: Optional[str] = None) -> Tuple[clip.CLIPTextModel, dict]:
+                      variant: Optional[str] = None,
+                      on_host: bool = False) -> Tuple[clip.CLIPTextModel, dict]:
   """Loads a transformers CLIPTextModel folder (or a model folder's text_encoder/)."""
   folder = files.component_folder(path, "text_encoder")
   cfg = clip.CLIPTextConfig.from_transformers(files.read_config(folder))
   params = convert.torch_to_flax(
       files.read_state(folder, variant), clip.abstract_params(cfg), dtype=dtype,
-      ignore=clip.IGNORED_KEYS, rename=clip.torch_rename, source=folder)
+      ignore=clip.IGNORED_KEYS, rename=clip.torch_rename, source=folder, on_host=on_host)
   return clip.CLIPTextModel(cfg, dtype=dtype, attention=attention), params
 
 
@@ -156,7 +162,7 @@ class Pipeline(NamedTuple):
 
 
 def load_pipeline(path: str, *, dtype=jnp.float32, attention: str = "xla",
-                  variant: Optional[str] = None) -> Pipeline:
+                  variant: Optional[str] = None, on_host: bool = False) -> Pipeline:
   """Loads a whole diffusers Stable Diffusion folder (see the loaders above)."""
   if not os.path.isdir(path):
     raise files.WeightsNotFoundError(f"model folder {path!r} does not exist")
@@ -166,8 +172,8 @@ def load_pipeline(path: str, *, dtype=jnp.float32, attention: str = "xla",
           f"{path} is not a Stable Diffusion folder: {sub}/ is missing")
   scheduler = load_scheduler_config(path)
   tokenizer = load_tokenizer(path)
-  text, text_params = load_text_encoder(path, dtype=dtype, attention=attention,
-                                        variant=variant)
-  u, u_params = load_unet(path, dtype=dtype, attention=attention, variant=variant)
-  v, v_params = load_vae(path, dtype=dtype, attention=attention, variant=variant)
+  kw = dict(dtype=dtype, attention=attention, variant=variant, on_host=on_host)
+  text, text_params = load_text_encoder(path, **kw)
+  u, u_params = load_unet(path, **kw)
+  v, v_params = load_vae(path, **kw)
   return Pipeline(u, u_params, v, v_params, text, text_params, tokenizer, scheduler)
