@@ -17,7 +17,8 @@ if ROOT not in sys.path:  # bench/ sits beside lfs_jax/ but is not installed wit
 import bench  # noqa: E402
 from bench import bench_jax, run  # noqa: E402
 
-SHARED = "/work/shared/data/sd_configs/sd15"
+# The shared folder beside the checkout (absent on a plain clone elsewhere).
+SHARED = os.path.join(ROOT, os.pardir, "shared", "data", "sd_configs", "sd15")
 
 
 def _lines(text):
