@@ -112,13 +112,16 @@ def random_params(seed: int) -> Dict[str, dict]:
       "vae": vae.abstract_params(vae.VAEConfig.from_diffusers(VAE)),
       "text_encoder": clip.abstract_params(clip.CLIPTextConfig.from_transformers(TEXT)),
   }
-  out = {}
-  for i, (name, tree) in enumerate(sorted(abstract.items())):
-    rng = np.random.default_rng([seed, i])
-    flat = convert.flatten(tree)
-    out[name] = convert.unflatten(
-        {p: jnp.asarray(_init_leaf(rng, p, leaf.shape)) for p, leaf in sorted(flat.items())})
-  return out
+  return {name: random_tree(tree, [seed, i])
+          for i, (name, tree) in enumerate(sorted(abstract.items()))}
+
+
+def random_tree(abstract_tree, seed) -> dict:
+  """Arrays for an abstract parameter tree (ShapeDtypeStructs), deterministic in `seed`."""
+  rng = np.random.default_rng(seed)
+  flat = convert.flatten(abstract_tree)
+  return convert.unflatten(
+      {p: jnp.asarray(_init_leaf(rng, p, leaf.shape)) for p, leaf in sorted(flat.items())})
 
 
 def save_folder(params: Dict[str, dict], folder: str) -> None:
@@ -127,9 +130,16 @@ def save_folder(params: Dict[str, dict], folder: str) -> None:
   A complete pipeline folder: diffusers' `StableDiffusionPipeline.from_pretrained`
   loads it too (no safety checker), which the interop tests use as the client.
   """
-  files = {"unet": ("diffusion_pytorch_model.safetensors", UNET),
-           "vae": ("diffusion_pytorch_model.safetensors", VAE),
-           "text_encoder": ("model.safetensors", TEXT)}
+  write_folder(params, folder, unet_config=UNET, vae_config=VAE, text_config=TEXT,
+               scheduler_config=SCHEDULER)
+
+
+def write_folder(params: Dict[str, dict], folder: str, *, unet_config: dict,
+                 vae_config: dict, text_config: dict, scheduler_config: dict) -> None:
+  """Any small SD-shaped model (params {"unet", "vae", "text_encoder"}) as a diffusers folder."""
+  files = {"unet": ("diffusion_pytorch_model.safetensors", unet_config),
+           "vae": ("diffusion_pytorch_model.safetensors", vae_config),
+           "text_encoder": ("model.safetensors", text_config)}
   for comp, (name, cfg) in files.items():
     os.makedirs(os.path.join(folder, comp), exist_ok=True)
     with open(os.path.join(folder, comp, "config.json"), "w") as f:
@@ -138,16 +148,17 @@ def save_folder(params: Dict[str, dict], folder: str) -> None:
                              os.path.join(folder, comp, name), metadata={"format": "pt"})
   os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump(SCHEDULER, f, indent=2)
+    json.dump(scheduler_config, f, indent=2)
   tok = os.path.join(folder, "tokenizer")
   os.makedirs(tok, exist_ok=True)
   for name in os.listdir(TOKENIZER_DIR):
-    if name.endswith((".json", ".txt")):
+    if name.endswith((".json", ".txt")) or name == "NOTICE.md":  # the license travels too
       with open(os.path.join(TOKENIZER_DIR, name), "rb") as src, \
            open(os.path.join(tok, name), "wb") as dst:
         dst.write(src.read())
+  index = dict(MODEL_INDEX, scheduler=["diffusers", scheduler_config["_class_name"]])
   with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump(MODEL_INDEX, f, indent=2)
+    json.dump(index, f, indent=2)
 
 
 def pipeline(seed: int, *, dtype=jnp.float32, attention: str = "xla"):

@@ -1,0 +1,14 @@
+"""The mini world's lifelong benchmark; the config lives in lfs_jax/mini/config.py.
+
+  python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
+
+`arg`: full (default: six sessions, four variants), short (three sessions,
+custom_diffusion vs lfs), smoke (the test's). Sweeps: --config.kd.steps (T_tau),
+--config.kd.weight (lambda), --config.icgen.strength (s).
+"""
+
+from lfs_jax.mini import config
+
+
+def get_config(arg="full"):
+  return config.get_config(arg)

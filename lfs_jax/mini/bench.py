@@ -1,0 +1,425 @@
+"""The mini world's lifelong benchmark: sessions on the shipped base, judged by the oracle.
+
+  python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
+
+Two training runs over the same sessions, `cd` (sequential Custom Diffusion:
+method=custom_diffusion) and `lfs` (method=lfs, with DFKD), give the four variants
+of the ablation by how they sample: custom_diffusion = cd without ICGen, dfkd = lfs
+without ICGen, icgen = cd with ICGen, lfs = lfs with ICGen. After every session each
+variant draws every concept learned so far and the class prompts; the oracle reads
+the samples:
+  - IA[j, k]: mean cosine of oracle features between concept j's samples after
+    session k and its photos; IAD_j = IA[j, j] - IA[j, K];
+  - concept accuracy[j, k]: share of samples with shape, pattern and both colours right;
+  - class accuracy[k]: share of class-prompt samples ("a red star on a white
+    background", classes of the run's concepts) with shape and colour right, and
+    the share the oracle calls patterned (concepts leaking into their class).
+Everything lands in --workdir: photos/, runs/{cd,lfs}/ (ordinary lfs_jax runs:
+sample, evaluate and export work on them), eval/ (one JSON per variant and session,
+reused when rerun), results.json, report.md, plots and samples_session<k>.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from lfs_jax.mini import world
+
+# variant -> (training run, ICGen on)
+VARIANTS = {
+    "custom_diffusion": ("cd", False),
+    "dfkd": ("lfs", False),
+    "icgen": ("cd", True),
+    "lfs": ("lfs", True),
+}
+RUN_METHODS = {"cd": "custom_diffusion", "lfs": "lfs"}
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def concept_names(cfg) -> List[List[str]]:
+  return [[n.strip() for n in s.split(",") if n.strip()]
+          for s in cfg.data.sessions.split(";") if s.strip()]
+
+
+def write_photos(root: str, names: Sequence[str], per_concept: int, seed: int) -> None:
+  """Renders each concept's photos to root/<name>/<i>.png (and its eval prompts)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  for name in names:
+    c = world.concept(name)
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(world.render_all(world.concept_scenes(c, per_concept, seed))):
+      path = os.path.join(folder, f"{i}.png")
+      if not os.path.exists(path):
+        Image.fromarray(img).save(path)
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+      f.write("a {}\n")
+    with open(os.path.join(folder, "class.txt"), "w") as f:
+      f.write(c.shape + "\n")
+
+
+def class_prompts(classes: Sequence[str], per_class: int, seed: int
+                  ) -> List[Tuple[str, world.Scene]]:
+  """(prompt, scene it asks for): held-out and training captions of each class."""
+  rng = np.random.default_rng([seed, 31])
+  out = []
+  for shape in classes:
+    triples = [t for t in world.caption_triples("all") if t[0] == shape]
+    for i in rng.permutation(len(triples))[:per_class]:
+      s = world.Scene(*triples[i])
+      out.append((world.caption(s), s))
+  return out
+
+
+def training_config(cfg, run: str, photos: str):
+  """The lfs_jax run config of one training run: cfg minus the mini section."""
+  from lfs_jax import config_base, runs  # pylint: disable=g-import-not-at-top
+
+  d = cfg.to_dict()
+  d.pop("mini")
+  d["method"] = RUN_METHODS[run]
+  d["data"]["root"] = photos
+  base = config_base.get_config()
+  runs._fill(base, d, "", "configs/mini.py")  # pylint: disable=protected-access
+  return base
+
+
+@dataclasses.dataclass
+class Samples:
+  images: np.ndarray          # [N, 32, 32, 3] uint8
+  prompts: List[str]
+
+
+def _generate(run_model, prompts: Sequence[str], seeds: Sequence[int], strength: float,
+              cfg) -> np.ndarray:
+  from lfs_jax import sample  # pylint: disable=g-import-not-at-top
+
+  settings = dataclasses.replace(sample.SampleSettings.from_config(cfg), strength=strength)
+  images, _ = sample.generate(run_model, list(prompts), list(seeds), settings)
+  return images
+
+
+def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[str, np.ndarray],
+                     classes: Sequence[str]) -> Dict[str, Any]:
+  """One variant after one session: concept and class-prompt scores (and sample images).
+
+  All prompts go to the sampler in one list, so its batches are full; ICGen (if
+  on) only touches the prompts that name a concept.
+  """
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+  m = cfg.mini
+  strength = float(cfg.icgen.strength) if icgen else 1.0
+  concepts = list(run_model.registry.concepts)
+  cls = class_prompts(classes, m.class_prompts, cfg.seed)
+  prompts = [f"a {c.token} {c.class_word}" for c in concepts for _ in range(m.eval_images)]
+  seeds = [i for _ in concepts for i in range(m.eval_images)]
+  prompts += [p for p, _ in cls]
+  seeds += [0] * len(cls)
+  images = _generate(run_model, prompts, seeds, strength, cfg)
+  feats, pred = oracle.predict(oracle_params, images)
+  out: Dict[str, Any] = {"concepts": {}, "samples": {}}
+  for i, c in enumerate(concepts):
+    spec = world.concept(c.name)
+    sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
+    ref_feats, _ = oracle.predict(oracle_params, refs[c.name])
+    right = ((pred["shape"][sl] == world.SHAPES.index(spec.shape))
+             & (pred["pattern"][sl] == world.PATTERNS.index(spec.pattern))
+             & (pred["colour"][sl] == world.COLOURS.index(spec.colour))
+             & (pred["colour2"][sl] == world.BACKGROUNDS.index(spec.colour2)))
+    out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats.T).mean()),
+                               "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
+    out["samples"][c.name] = images[sl][:4]
+  n = len(concepts) * m.eval_images
+  shape_ok = pred["shape"][n:] == np.array([world.SHAPES.index(s.shape) for _, s in cls])
+  colour_ok = pred["colour"][n:] == np.array([world.COLOURS.index(s.colour) for _, s in cls])
+  out["class"] = {"accuracy": float((shape_ok & colour_ok).mean()),
+                  "shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()),
+                  "patterned": float((pred["pattern"][n:] != 0).mean()), "n": len(cls)}
+  out["samples"]["class"] = images[n:][:4]
+  return out
+
+
+def base_run_model(cfg):
+  """The base model as a "session 0" RunModel (no concepts), for sampling."""
+  from lfs_jax import base as base_lib, concepts as concepts_lib, runs  # pylint: disable=g-import-not-at-top
+
+  pipe = base_lib.load_base(cfg.model, cfg.seed)
+  d = pipe.text_encoder.config.hidden_size
+  return runs.RunModel(cfg, "", 0, [], pipe, np.zeros((0, d), np.float32),
+                       concepts_lib.Registry(), {})
+
+
+def heldout_accuracy(cfg, oracle_params, per_caption: int = 2) -> Dict[str, float]:
+  """The base on every held-out caption: share with shape / colour / both right."""
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+  triples = world.caption_triples("heldout")
+  prompts = [world.caption(world.Scene(*t)) for t in triples for _ in range(per_caption)]
+  seeds = [i for _ in triples for i in range(per_caption)]
+  imgs = _generate(base_run_model(cfg), prompts, seeds, 1.0, cfg)
+  _, pred = oracle.predict(oracle_params, imgs)
+  want = [t for t in triples for _ in range(per_caption)]
+  shape = pred["shape"] == np.array([world.SHAPES.index(t[0]) for t in want])
+  colour = pred["colour"] == np.array([world.COLOURS.index(t[1]) for t in want])
+  bg = pred["background"] == np.array([world.BACKGROUNDS.index(t[2]) for t in want])
+  return {"shape_and_colour": float((shape & colour).mean()), "shape": float(shape.mean()),
+          "colour": float(colour.mean()), "background": float(bg.mean()), "n": len(prompts)}
+
+
+def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
+             sessions_of: Dict[str, int], base_class: float) -> Dict[str, Any]:
+  k_last = max(per_session)
+  ia = {n: {k: per_session[k]["concepts"][n]["ia"] for k in per_session
+            if n in per_session[k]["concepts"]} for n in names}
+  acc = {n: {k: per_session[k]["concepts"][n]["accuracy"] for k in per_session
+             if n in per_session[k]["concepts"]} for n in names}
+  iad = {n: ia[n][sessions_of[n]] - ia[n][k_last] for n in names if sessions_of[n] < k_last}
+  final_class = per_session[k_last]["class"]["accuracy"]
+  return {
+      "ia_matrix": ia, "accuracy_matrix": acc, "iad": iad,
+      "iad_mean": float(np.mean(list(iad.values()))) if iad else 0.0,
+      "ia_final": float(np.mean([ia[n][k_last] for n in names])),
+      "concept_accuracy_final": float(np.mean([acc[n][k_last] for n in names])),
+      "class_accuracy": {k: per_session[k]["class"]["accuracy"] for k in per_session},
+      "class_patterned": {k: per_session[k]["class"]["patterned"] for k in per_session},
+      "class_accuracy_final": final_class,
+      "class_accuracy_drop": base_class - final_class,
+  }
+
+
+def _samples_png(path: str, header: List[str], rows: List[Tuple[str, List[np.ndarray]]]) -> None:
+  """A header of column labels, then one labelled row of tiles per variant (3x upscaled)."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+
+  tile, label_w, head_h = 96, 130, 18
+  width = label_w + tile * max(len(t) for _, t in rows)
+  canvas = Image.new("RGB", (width, head_h + tile * len(rows)), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  for i, text in enumerate(header):
+    draw.text((label_w + i * tile + 2, 3), text[:15], fill=(0, 0, 0))
+  for r, (label, tiles) in enumerate(rows):
+    draw.text((4, head_h + r * tile + tile // 2 - 6), label, fill=(0, 0, 0))
+    for i, t in enumerate(tiles):
+      canvas.paste(Image.fromarray(t).resize((tile, tile), Image.NEAREST),
+                   (label_w + i * tile, head_h + r * tile))
+  canvas.save(path)
+
+
+def _plots(path: str, summaries: Dict[str, Dict[str, Any]], base_class: float) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for v, s in summaries.items():
+    ks = sorted(s["class_accuracy"])
+    axes[0].plot(ks, [np.mean([m[k] for m in s["ia_matrix"].values() if k in m]) for k in ks],
+                 marker="o", label=v)
+    axes[1].plot(ks, [np.mean([m[k] for m in s["accuracy_matrix"].values() if k in m])
+                      for k in ks], marker="o", label=v)
+    axes[2].plot(ks, [s["class_accuracy"][k] for k in ks], marker="o", label=v)
+  axes[2].axhline(base_class, color="gray", ls="--", label="base")
+  for ax, title in zip(axes, ("mean IA of learned concepts", "concept accuracy (oracle)",
+                              "class-prompt accuracy")):
+    ax.set_title(title)
+    ax.set_xlabel("session")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
+  lines = ["# Mini-world lifelong benchmark", "",
+           f"Sessions: `{cfg.data.sessions}`; {cfg.train.steps} steps per session; "
+           f"sampler {cfg.sample.sampler} {cfg.sample.steps} steps, guidance "
+           f"{cfg.sample.guidance}; ICGen strength {cfg.icgen.strength}; "
+           f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}.", "",
+           f"Base model: class-prompt accuracy {base['class']['accuracy']:.3f} "
+           f"(patterned {base['class']['patterned']:.3f}).", "",
+           "| variant | IA final | IAD mean | concept acc final | class acc final | "
+           "class acc drop vs base | class patterned final |",
+           "|---|---|---|---|---|---|---|"]
+  for v, s in summaries.items():
+    k = max(s["class_patterned"])
+    lines.append(f"| {v} | {s['ia_final']:.3f} | {s['iad_mean']:.3f} | "
+                 f"{s['concept_accuracy_final']:.3f} | {s['class_accuracy_final']:.3f} | "
+                 f"{s['class_accuracy_drop']:+.3f} | {s['class_patterned'][k]:.3f} |")
+  for v, s in summaries.items():
+    ks = sorted(s["class_accuracy"])
+    lines += ["", f"## {v}: IA[concept, session] (concept accuracy in brackets)", "",
+              "| concept (session) | " + " | ".join(f"s{k}" for k in ks) + " | IAD |",
+              "|---|" + "---|" * (len(ks) + 1)]
+    for n in names:
+      cells = [f"{s['ia_matrix'][n][k]:.3f} ({s['accuracy_matrix'][n][k]:.2f})"
+               if k in s["ia_matrix"][n] else "" for k in ks]
+      iad = s["iad"].get(n)
+      lines.append(f"| {n} ({sessions_of[n]}) | " + " | ".join(cells) + " | "
+                   + (f"{iad:.3f}" if iad is not None else "-") + " |")
+    lines.append("| class accuracy | " + " | ".join(
+        f"{s['class_accuracy'][k]:.3f}" for k in ks) + " | |")
+  lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
+  return "\n".join(lines)
+
+
+def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
+  """The printed table."""
+  head = f"{'variant':<17}{'IA final':>9}{'IAD':>8}{'concept acc':>12}{'class acc':>10}{'drop':>8}"
+  rows = [head, "-" * len(head)]
+  for v, s in summaries.items():
+    rows.append(f"{v:<17}{s['ia_final']:>9.3f}{s['iad_mean']:>8.3f}"
+                f"{s['concept_accuracy_final']:>12.3f}{s['class_accuracy_final']:>10.3f}"
+                f"{s['class_accuracy_drop']:>+8.3f}")
+  rows.append(f"{'base model':<17}{'':>9}{'':>8}{'':>12}{base_class:>10.3f}")
+  return "\n".join(rows)
+
+
+def run(cfg, workdir: str) -> Dict[str, Any]:
+  """Trains the runs the variants need, evaluates every session, writes the report."""
+  from lfs_jax import runs  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+  from lfs_jax.train import session as session_lib  # pylint: disable=g-import-not-at-top
+
+  variants = [v.strip() for v in cfg.mini.variants.split(",") if v.strip()]
+  bad = [v for v in variants if v not in VARIANTS]
+  if bad or not variants:
+    raise ValueError(f"mini.variants: unknown {bad or 'empty'}; use some of {list(VARIANTS)}")
+  sessions = concept_names(cfg)
+  names = [n for s in sessions for n in s]
+  for n in names:
+    world.concept(n)  # unknown names fail here, before anything is written
+  sessions_of = {n: k + 1 for k, s in enumerate(sessions) for n in s}
+  classes = sorted({world.concept(n).shape for n in names})
+  os.makedirs(workdir, exist_ok=True)
+  photos = os.path.join(workdir, "photos")
+  write_photos(photos, names, cfg.mini.photos, cfg.seed)
+  oracle_params = oracle.load(cfg.mini.oracle or oracle.DEFAULT_DIR)
+  refs = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.photos, cfg.seed))
+          for n in names}
+  timings: Dict[str, float] = {}
+  stamp = {"sample": cfg.sample.to_dict(), "icgen": cfg.icgen.to_dict(),
+           "mini": cfg.mini.to_dict()}
+
+  # Train the runs the variants need; an existing run directory is resumed.
+  needed = sorted({VARIANTS[v][0] for v in variants})
+  for r in needed:
+    t = time.time()
+    rdir = os.path.join(workdir, "runs", r)
+    rcfg = training_config(cfg, r, photos)
+    _log(f"== training run {r!r} ({RUN_METHODS[r]}), {len(sessions)} sessions ==")
+    session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
+    timings[f"train {r}"] = time.time() - t
+
+  def cached(path, compute):
+    if os.path.exists(path):
+      with open(path) as f:
+        got = json.load(f)
+      if got.get("stamp") == stamp:
+        return got
+    got = compute()
+    got["stamp"] = stamp
+    samples = got.pop("samples", {})
+    _atomic_json(path, got)
+    np.savez(path[:-5] + ".npz", **samples)
+    return got
+
+  def load_samples(path):
+    with np.load(path[:-5] + ".npz") as z:
+      return {k: z[k] for k in z.files}
+
+  t = time.time()
+  evdir = os.path.join(workdir, "eval")
+  os.makedirs(evdir, exist_ok=True)
+  base_path = os.path.join(evdir, "base.json")
+  base_cfg = training_config(cfg, "cd", photos)
+  base = cached(base_path, lambda: dict(evaluate_session(
+      base_run_model(base_cfg), cfg, icgen=False, oracle_params=oracle_params, refs=refs,
+      classes=classes)))
+  per_variant: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in variants}
+  pngs = []
+  for k in range(1, len(sessions) + 1):
+    learned = [n for n in names if sessions_of[n] <= k]
+    header = learned + ["class prompt"] * 3
+    rows = [("photos", [refs[n][0] for n in learned])]
+    models: Dict[str, Any] = {}  # each run's session-k model, loaded once if needed
+
+    def model_of(r, k=k):
+      if r not in models:
+        models[r] = runs.load_run(os.path.join(workdir, "runs", r), k)
+      return models[r]
+
+    for v in variants:
+      r, icgen = VARIANTS[v]
+      path = os.path.join(evdir, f"{v}_session{k}.json")
+      compute = lambda r=r, icgen=icgen: evaluate_session(
+          model_of(r), cfg, icgen=icgen, oracle_params=oracle_params, refs=refs,
+          classes=classes)
+      _log(f"evaluating {v} after session {k}")
+      per_variant[v][k] = cached(path, compute)
+      s = load_samples(path)
+      tiles = [s[n][0] for n in learned] + list(s["class"][:3])
+      rows.append((f"{v}", tiles))
+    png = os.path.join(workdir, f"samples_session{k}.png")
+    _samples_png(png, header, rows)
+    pngs.append(png)
+  timings["evaluate"] = time.time() - t
+
+  base_class = base["class"]["accuracy"]
+  summaries = {v: _summary(per_variant[v], names, sessions_of, base_class) for v in variants}
+  results = {"base": {k: v for k, v in base.items() if k != "stamp"}, "variants": summaries,
+             "config": cfg.to_dict(), "timings_s": timings}
+  _atomic_json(os.path.join(workdir, "results.json"), results)
+  _plots(os.path.join(workdir, "plots.png"), summaries, base_class)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(_report(summaries, base, names, sessions_of, cfg, timings))
+  results["table"] = table(summaries, base_class)
+  results["pngs"] = pngs
+  return results
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  cfg = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
+  t = time.time()
+  got = run(cfg, workdir)
+  print()
+  print(got["table"])
+  print(f"\nreport: {os.path.join(workdir, 'report.md')}; samples: "
+        f"{', '.join(got['pngs'])}; {time.time() - t:.0f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from lfs_jax.mini import config as _config  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", _config.__file__ + ":short",
+                                  "the benchmark config (default: its short version)")
+  flags.DEFINE_string("workdir", None, "output folder (reused: finished parts are skipped)",
+                      required=True)
+  app.run(main)

@@ -1,0 +1,313 @@
+"""Trains the mini world's base model: a small Stable Diffusion, CPU, minutes.
+
+  python -m lfs_jax.mini.train_base --out=lfs_jax/assets/mini_base
+
+Three parts, in Stable Diffusion's shape so that every loader and session of the
+project runs on it unchanged:
+  - text encoder: a 2-layer CLIP text transformer over the real CLIP vocabulary,
+    frozen at its random initialisation. The UNet's cross-attention learns to read
+    it (an injective map of the caption is all it needs), and the method only ever
+    trains a new token's row and the cross-attention, never the encoder, so
+    training it would cost time without testing anything more;
+  - VAE (AutoencoderKL, 32 px -> 16x16x4 latents), trained first;
+  - UNet (UNet2DConditionModel), trained with captions that drop the colour or the
+    background at random (and 10% empty captions, for classifier-free guidance);
+    its EMA weights are shipped.
+Both see the same renders: solid shapes, and (30%) shapes with a pattern in a
+second colour that the caption never names, so the base can draw patterns but no
+prompt can ask for a particular one: that is what a concept session teaches.
+The folder is written in diffusers' layout (safetensors), with TRAINING.json: the
+command, the wall time per part and the final losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lfs_jax import concepts as concepts_lib
+from lfs_jax.diffusion import schedule as schedule_lib
+from lfs_jax import mini
+from lfs_jax.mini import world
+from lfs_jax.models import clip, tiny, unet, vae
+from lfs_jax.weights import loaders
+
+# The tiny model's text encoder (2 layers, width 32, the full CLIP vocabulary).
+TEXT = tiny.TEXT
+VAE = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "mid_block_add_attention": False,  # self-attention at 16x16 would triple the cost
+    "latent_channels": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "sample_size": 32,
+    "scaling_factor": 1.0,   # replaced by 1/std of the trained latents
+}
+UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "block_out_channels": [32, 64],
+    # Attention (self and cross) at 8x8 and in the mid block only: at 16x16 it would
+    # more than double a CPU step.
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 16,
+}
+# Stable Diffusion's schedule, with SD 2.x's v-prediction: a model this small,
+# trained this briefly, learned to denoise with epsilon-prediction but could not
+# generate from pure noise (at high noise an epsilon error is amplified ~14x in the
+# predicted image; v is the image there).
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
+}
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> float32 in [-1, 1]."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def caption_variants(scene: world.Scene) -> List[str]:
+  """The captions a training image is shown with (the full one, and shorter ones)."""
+  return [world.caption(scene), world.caption(scene, colour=False),
+          world.caption(scene, background=False),
+          world.caption(scene, colour=False, background=False)]
+
+
+def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float):
+  cfg = vae.VAEConfig.from_diffusers(VAE)
+  model = vae.AutoencoderKL(cfg)
+  params = tiny.random_tree(vae.abstract_params(cfg), [seed, 1])
+  opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, 0.05))
+  opt_state = opt.init(params)
+
+  def loss_fn(p, x, key):
+    mean, logvar = model.apply({"params": p}, x, method="encode")
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    rec = model.apply({"params": p}, z, method="decode")
+    mse = jnp.mean((rec - x) ** 2)
+    kl = 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    return mse + kl_weight * kl, (mse, kl)
+
+  @jax.jit
+  def step(p, s, x, key):
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s, aux
+
+  rng = np.random.default_rng([seed, 2])
+  key = jax.random.PRNGKey(seed)
+  x_all = to_unit(images)
+  t0, mse = time.time(), None
+  for i in range(steps):
+    idx = rng.integers(0, len(x_all), batch)
+    params, opt_state, (mse, kl) = step(params, opt_state, x_all[idx], jax.random.fold_in(key, i))
+    if (i + 1) % max(1, steps // 10) == 0:
+      _log(f"vae step {i + 1}/{steps}  mse {float(mse):.5f}  kl {float(kl):.3f}  "
+           f"{time.time() - t0:.0f}s")
+  return model, params, float(mse)
+
+
+def encode_latents(model, params, images: np.ndarray, batch: int = 256) -> np.ndarray:
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode")[0])
+  x = to_unit(images)
+  return np.concatenate([np.asarray(fn(params, x[i:i + batch]))
+                         for i in range(0, len(x), batch)])
+
+
+def encode_captions(text_model, text_params, tokenizer, captions: List[str]) -> np.ndarray:
+  ids = concepts_lib.tokenize(tokenizer, captions, 77)
+  fn = jax.jit(lambda p, i: text_model.apply({"params": p}, i))
+  return np.concatenate([np.asarray(fn(text_params, ids[i:i + 128]))
+                         for i in range(0, len(ids), 128)])
+
+
+def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
+               empty_index: int, steps: int, batch: int, seed: int, lr: float,
+               ema_decay: float, drop: float):
+  """latents [N, h, w, 4] (scaled); caption_index [N, V] rows of text_table per image."""
+  cfg = unet.UNetConfig.from_diffusers(UNET)
+  model = unet.UNet2DConditionModel(cfg)
+  params = tiny.random_tree(unet.abstract_params(cfg), [seed, 3])
+  _log(f"unet: {unet.num_params(params):,} parameters")
+  noise_sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.05), weight_decay=1e-4))
+  opt_state = opt.init(params)
+  ema = jax.tree.map(jnp.zeros_like, params)
+  table = jnp.asarray(text_table)
+
+  def loss_fn(p, z0, ctx, key):
+    k1, k2 = jax.random.split(key)
+    t = jax.random.randint(k1, (z0.shape[0],), 0, 1000)
+    noise = jax.random.normal(k2, z0.shape)
+    zt = schedule_lib.add_noise(noise_sched, z0, noise, t)
+    out = model.apply({"params": p}, zt, t, ctx)
+    target = schedule_lib.training_target(noise_sched, SCHEDULER["prediction_type"], z0,
+                                          noise, t)
+    return jnp.mean((out - target) ** 2)
+
+  @jax.jit
+  def step(p, s, e, z0, cap, key):
+    loss, g = jax.value_and_grad(loss_fn)(p, z0, table[cap], key)
+    u, s = opt.update(g, s, p)
+    p = optax.apply_updates(p, u)
+    # EMA from zero, bias-corrected at the end (an EMA started at the random init
+    # keeps 0.999^2000 = 13.5% of it).
+    e = jax.tree.map(lambda a, b: ema_decay * a + (1 - ema_decay) * b, e, p)
+    return p, s, e, loss
+
+  rng = np.random.default_rng([seed, 4])
+  key = jax.random.PRNGKey(seed + 1)
+  t0, losses = time.time(), []
+  for i in range(steps):
+    idx = rng.integers(0, len(latents), batch)
+    variant = rng.integers(0, caption_index.shape[1], batch)
+    cap = caption_index[idx, variant]
+    cap = np.where(rng.random(batch) < drop, empty_index, cap)
+    z0 = latents[idx]
+    params, opt_state, ema, loss = step(params, opt_state, ema, z0, cap,
+                                        jax.random.fold_in(key, i))
+    losses.append(float(loss))
+    if (i + 1) % max(1, steps // 20) == 0:
+      rate = (i + 1) / (time.time() - t0)
+      _log(f"unet step {i + 1}/{steps}  loss {np.mean(losses[-100:]):.4f}  "
+           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
+  correction = 1.0 - ema_decay ** steps
+  return model, jax.tree.map(lambda e: e / correction, ema), float(np.mean(losses[-200:]))
+
+
+def _write_reconstructions(model, params, images: np.ndarray, out: str) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  z = encode_latents(model, params, images)
+  rec = np.asarray(jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))(params, z))
+  rec = np.clip((rec + 1) * 127.5, 0, 255).round().astype(np.uint8)
+  pairs = np.concatenate([images, rec], axis=2).reshape(4, 8, 32, 64, 3)
+  grid = pairs.transpose(0, 2, 1, 3, 4).reshape(4 * 32, 8 * 64, 3)
+  os.makedirs(out, exist_ok=True)
+  Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+      os.path.join(out, "reconstructions.png"))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--images", type=int, default=12000, help="training renders")
+  ap.add_argument("--pattern_share", type=float, default=0.3,
+                  help="share of training shapes with an uncaptioned pattern")
+  ap.add_argument("--vae_steps", type=int, default=500)
+  ap.add_argument("--vae_batch", type=int, default=32)
+  ap.add_argument("--kl_weight", type=float, default=1e-4)
+  ap.add_argument("--unet_steps", type=int, default=2000)
+  ap.add_argument("--unet_batch", type=int, default=32)
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--ema", type=float, default=0.999)
+  ap.add_argument("--cfg_drop", type=float, default=0.1)
+  ap.add_argument("--vae_from", default="",
+                  help="a model folder written by this command: reuse its VAE, skip that stage")
+  ap.add_argument("--vae_only", action="store_true",
+                  help="stop after the VAE; write reconstructions.png to --out (tuning)")
+  args = ap.parse_args(argv)
+
+  started = time.time()
+  timings: Dict[str, float] = {}
+  t = time.time()
+  # Some shapes carry a pattern their caption never names: the base can draw
+  # patterns (as Stable Diffusion can draw any dog) but cannot be told which one.
+  scenes = world.scenes(args.seed, args.images, split="train", patterns=True,
+                        pattern_share=args.pattern_share)
+  images = world.render_all(scenes)
+  timings["render_s"] = time.time() - t
+  _log(f"rendered {len(images)} images in {timings['render_s']:.0f}s")
+
+  t = time.time()
+  if args.vae_from:  # the VAE of an earlier run of this command (same seed, same renders)
+    vae_model, vae_params = loaders.load_vae(args.vae_from)
+    raw = encode_latents(vae_model, vae_params, images)
+    with open(os.path.join(args.vae_from, "TRAINING.json")) as f:
+      vae_mse = json.load(f)["vae_mse"]
+  else:
+    vae_model, vae_params, vae_mse = train_vae(images, args.vae_steps, args.vae_batch,
+                                               args.seed, args.kl_weight)
+    raw = encode_latents(vae_model, vae_params, images)
+  scale = float(1.0 / raw.std())
+  latents = raw * scale
+  timings["vae_s"] = time.time() - t
+  _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")
+  if args.vae_only:
+    _write_reconstructions(vae_model, vae_params, images[-32:], args.out)
+    return 0
+
+  text_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
+  text_model = clip.CLIPTextModel(text_cfg)
+  text_params = tiny.random_tree(clip.abstract_params(text_cfg), [args.seed, 5])
+  tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
+  captions = sorted({c for s in scenes for c in caption_variants(s)} | {""})
+  cap_id = {c: i for i, c in enumerate(captions)}
+  table = encode_captions(text_model, text_params, tokenizer, captions)
+  caption_index = np.array([[cap_id[c] for c in caption_variants(s)] for s in scenes])
+
+  t = time.time()
+  unet_model, unet_params, unet_loss = train_unet(
+      latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
+      args.seed, args.lr, args.ema, args.cfg_drop)
+  del unet_model
+  timings["unet_s"] = time.time() - t
+
+  vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
+
+  def write(tmp):
+    tiny.write_folder({"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
+                      tmp, unet_config=UNET, vae_config=vae_cfg, text_config=TEXT,
+                      scheduler_config=SCHEDULER)
+    record = {
+        "command": "python -m lfs_jax.mini.train_base " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "args": vars(args), "wall_s": round(time.time() - started, 1),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "vae_mse": vae_mse, "unet_loss": unet_loss, "scaling_factor": scale,
+        "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+    }
+    with open(os.path.join(tmp, "TRAINING.json"), "w") as f:
+      json.dump(record, f, indent=2)
+
+  out = os.path.abspath(args.out)
+  mini.write_folder_atomically(out, write)
+  _log(f"wrote {out} in {time.time() - started:.0f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,125 @@
+"""The mini world: renderer, shipped oracle and base, and a smoke run of the benchmark."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lfs_jax.mini import world
+
+ASSETS = os.path.join(os.path.dirname(world.__file__), os.pardir, "assets")
+
+
+def test_renderer_is_deterministic_and_seed_dependent():
+  a = world.render_all(world.scenes(3, 12, patterns=True))
+  b = world.render_all(world.scenes(3, 12, patterns=True))
+  c = world.render_all(world.scenes(4, 12, patterns=True))
+  assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a.astype(int) - c).mean() > 10
+  photos = [world.render_all(world.concept_scenes(world.CONCEPTS[0], 4, 0)) for _ in range(2)]
+  np.testing.assert_array_equal(*photos)
+
+
+def test_render_draws_what_the_scene_says():
+  s = world.Scene("square", "red", "blue", radius=0.35)
+  img = world.render(s)
+  assert tuple(img[16, 16]) == world.RGB["red"]      # centre: the shape
+  assert tuple(img[1, 1]) == world.RGB["blue"]       # corner: the background
+  striped = world.render(world.Scene("square", "red", "blue", "stripes", "white", radius=0.4))
+  column = {tuple(p) for p in striped[8:24, 16]}
+  assert world.RGB["red"] in column and world.RGB["white"] in column
+  assert world.render(s, size=64).shape == (64, 64, 3)
+
+
+def test_captions_and_held_out_split():
+  s = world.Scene("circle", "red", "blue")
+  assert world.caption(s) == "a red circle on a blue background"
+  assert world.caption(s, colour=False, background=False) == "a circle"
+  train, held = world.caption_triples("train"), world.caption_triples("heldout")
+  assert not set(train) & set(held)
+  assert 0.05 < len(held) / (len(train) + len(held)) < 0.2
+  # every shape and colour is still seen in training, so held-out captions test composition
+  assert {t[0] for t in train} == set(world.SHAPES) and {t[1] for t in train} == set(world.COLOURS)
+  assert all(not world.is_held_out(x.shape, x.colour, x.background)
+             for x in world.scenes(0, 200, split="train"))
+  with pytest.raises(ValueError, match="unknown mini concept"):
+    world.concept("nope")
+
+
+def test_shipped_oracle_reads_fresh_renders():
+  from lfs_jax.mini import oracle
+
+  params = oracle.load()
+  fresh = world.scenes(12345, 300, split="all", patterns=True)  # a seed never trained on
+  acc = oracle.accuracy(params, world.render_all(fresh), oracle.labels(fresh))
+  # Floors a little under what training measured on 1,000 fresh renders (shape 0.98,
+  # colour 0.998, background 1.0, pattern 0.89, second colour 0.97): the pattern
+  # head is the weakest (small checks and dots are a few pixels at 32 px).
+  for head, floor in (("shape", 0.95), ("colour", 0.97), ("background", 0.97),
+                      ("pattern", 0.82), ("colour2", 0.93)):
+    assert acc[head] >= floor, (head, acc)
+
+
+def test_shipped_assets_fit_and_load_through_the_standard_loader():
+  from lfs_jax.weights import loaders
+
+  total = sum(os.path.getsize(os.path.join(d, f)) for name in ("mini_base", "mini_oracle")
+              for d, _, fs in os.walk(os.path.join(ASSETS, name)) for f in fs)
+  assert total <= 20 * 2 ** 20, total
+  pipe = loaders.load_pipeline(os.path.join(ASSETS, "mini_base"))
+  assert pipe.vae.config.downsample_factor == 2
+  assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+  with open(os.path.join(ASSETS, "mini_base", "TRAINING.json")) as f:
+    record = json.load(f)
+  assert record["command"].startswith("python -m lfs_jax.mini.train_base")
+
+
+@pytest.fixture
+def mini_config(compile_cache):
+  def make(arg, **overrides):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "mini.py")
+    spec = importlib.util.spec_from_file_location("mini_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.compile_cache = compile_cache
+    c.mesh.data = 1
+    c.update_from_flattened_dict(overrides)
+    return c
+  return make
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 7 open: the shipped base is undertrained (held-out shape+colour 5%, "
+    "docs/mini_world.md); strict, so a base that meets the goal makes this fail "
+    "until the marker goes"))
+def test_base_follows_held_out_captions(mini_config):
+  from lfs_jax.mini import bench, oracle
+
+  got = bench.heldout_accuracy(mini_config("short"), oracle.load(), per_caption=1)
+  assert got["shape_and_colour"] >= 0.9, got
+
+
+def test_benchmark_smoke_run(tmp_path, mini_config):
+  from lfs_jax.mini import bench
+
+  cfg = mini_config("smoke")
+  work = str(tmp_path / "mini")
+  got = bench.run(cfg, work)
+  assert set(got["variants"]) == {"dfkd", "lfs"}
+  for v in got["variants"].values():
+    assert set(v["ia_matrix"]) == {"striped_star", "dotted_star"}
+    assert set(v["ia_matrix"]["striped_star"]) == {1, 2}   # learned in 1, seen after 1 and 2
+    assert set(v["ia_matrix"]["dotted_star"]) == {2}
+    assert -1.0 <= v["iad_mean"] <= 2.0
+  for name in ("results.json", "report.md", "plots.png", "samples_session1.png",
+               "samples_session2.png"):
+    assert os.path.getsize(os.path.join(work, name)) > 0
+  assert "dfkd" in got["table"] and "base model" in got["table"]
+  # A rerun reuses the finished runs and the stored evaluations: same numbers.
+  again = bench.run(cfg, work)
+  assert again["variants"] == got["variants"]
