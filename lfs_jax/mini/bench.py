@@ -24,9 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -100,12 +99,6 @@ def training_config(cfg, run: str, photos: str):
   base = config_base.get_config()
   runs._fill(base, d, "", "configs/mini.py")  # pylint: disable=protected-access
   return base
-
-
-@dataclasses.dataclass
-class Samples:
-  images: np.ndarray          # [N, 32, 32, 3] uint8
-  prompts: List[str]
 
 
 def _generate(run_model, prompts: Sequence[str], seeds: Sequence[int], strength: float,
@@ -397,12 +390,20 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   cfg = flags.FLAGS.config
+  if flags.FLAGS.heldout:
+    from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+    print(json.dumps(heldout_accuracy(cfg, oracle.load(cfg.mini.oracle or oracle.DEFAULT_DIR),
+                                      per_caption=2)))
+    return 0
   workdir = flags.FLAGS.workdir
+  if not workdir:
+    raise app.UsageError("--workdir is required")
   t = time.time()
   got = run(cfg, workdir)
   print()
@@ -420,6 +421,7 @@ if __name__ == "__main__":
 
   config_flags.DEFINE_config_file("config", _config.__file__ + ":short",
                                   "the benchmark config (default: its short version)")
-  flags.DEFINE_string("workdir", None, "output folder (reused: finished parts are skipped)",
-                      required=True)
+  flags.DEFINE_string("workdir", None, "output folder (reused: finished parts are skipped)")
+  flags.DEFINE_bool("heldout", False, "only measure the base on the held-out captions "
+                    "(2 samples each, the config's sampler) and print the oracle's scores")
   app.run(main)
