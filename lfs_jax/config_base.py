@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1                 # devices that shard the frozen base (the batch spans data x fsdp)
   c.mesh.frozen = "replicated"    # frozen base: replicated | fsdp (each leaf split on its largest
   # ^ dimension that mesh.fsdp divides, else replicated; see lfs_jax/parallel.py)
+  c.mesh.trainable = "replicated" # trainable delta, optimizer state, teacher: replicated | fsdp
 
   # Several processes (hosts) in one job; machine settings, free to change on --resume.
   c.distributed = ml_collections.ConfigDict()

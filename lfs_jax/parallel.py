@@ -10,8 +10,9 @@ whole. What lives where:
   | sampler's batch                       |                                           |
   | frozen base (UNet rest, text encoder, | mesh.frozen="replicated": every device    |
   | token table)                          | mesh.frozen="fsdp": `fsdp_spec` below     |
-  | trainable delta, optimizer state,     | replicated (19 M params on SD-1.5: small) |
-  | teacher, session data, schedule, keys |                                           |
+  | trainable delta, its optimizer state, | mesh.trainable="replicated": every device |
+  | the teacher                           | mesh.trainable="fsdp": `fsdp_spec` below  |
+  | session data, schedule, keys          | replicated                                |
 
 The FSDP rule (`fsdp_spec`): a leaf is split along its largest dimension whose size
 the fsdp axis divides (the first such on a tie); a leaf with no such dimension (a
@@ -79,9 +80,9 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(grid, (DATA, FSDP))
 
 
-def check_frozen_mode(mode: str) -> str:
+def check_frozen_mode(mode: str, field: str = "mesh.frozen") -> str:
   if mode not in FROZEN_MODES:
-    raise ConfigError(f"mesh.frozen must be one of {list(FROZEN_MODES)}, got {mode!r}")
+    raise ConfigError(f"{field} must be one of {list(FROZEN_MODES)}, got {mode!r}")
   return mode
 
 
@@ -128,11 +129,25 @@ class TrainShardings(NamedTuple):
   metrics: Any
 
 
-def train_shardings(mesh, frozen, mode: str) -> TrainShardings:
-  """The layout of the table above for a frozen tree of this structure."""
+def train_shardings(mesh, frozen, mode: str, state=None, teacher=None,
+                    trainable_mode: str = "replicated") -> TrainShardings:
+  """The layout of the table above for trees of these structures.
+
+  `state` and `teacher` (arrays or ShapeDtypeStructs; teacher None without DFKD)
+  are only read with trainable_mode="fsdp", which lays them out leaf by leaf as the
+  frozen base (the optimizer's moments like the weights they belong to).
+  """
+  check_frozen_mode(trainable_mode, "mesh.trainable")
   rep = replicated(mesh)
-  return TrainShardings(state=rep, frozen=frozen_shardings(frozen, mesh, mode), teacher=rep,
-                        data=rep, schedule=rep, rng=rep, metrics=rep)
+  state_sh = teacher_sh = rep
+  if trainable_mode == "fsdp":
+    if state is None:
+      raise ValueError("mesh.trainable=fsdp needs the train state's structure")
+    state_sh = frozen_shardings(state, mesh, "fsdp")
+    if teacher is not None:
+      teacher_sh = frozen_shardings(teacher, mesh, "fsdp")
+  return TrainShardings(state=state_sh, frozen=frozen_shardings(frozen, mesh, mode),
+                        teacher=teacher_sh, data=rep, schedule=rep, rng=rep, metrics=rep)
 
 
 # ------------------------------------------------------------------ host <-> mesh

@@ -72,7 +72,8 @@ def test_fsdp_step_matches_one_device(tmp_path, tiny_config):
   out = []
   for name, devices, mesh in (
       ("one", jax.devices()[:1], dict(mesh__data=1)),
-      ("fsdp", jax.devices(), dict(mesh__data=2, mesh__fsdp=4, mesh__frozen="fsdp"))):
+      ("fsdp", jax.devices(), dict(mesh__data=2, mesh__fsdp=4, mesh__frozen="fsdp",
+                                   mesh__trainable="fsdp"))):
     ctx = session.prepare(tiny_config(**common, **mesh), str(tmp_path / name),
                           devices=devices)
     su = session.setup_session(ctx, 1, session.base_delta(ctx))
@@ -89,8 +90,15 @@ def test_fsdp_step_matches_one_device(tmp_path, tiny_config):
   assert big and all("fsdp" in v.sharding.spec for v in big.values())
   for k, v in big.items():
     assert v.addressable_shards[0].data.size == v.size // 4, k
-  # Trainable delta and optimizer state stay replicated (small).
-  assert state.trainable["tokens"].sharding.is_fully_replicated
+  # mesh.trainable=fsdp: the delta, both Adam moments and the teacher are split too.
+  for name, tree in (("trainable", state.trainable), ("opt_state", state.opt_state),
+                     ("teacher", su.teacher)):
+    big = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)
+           if v.size >= 1024}
+    assert big, name
+    for k, v in big.items():
+      assert "fsdp" in v.sharding.spec, (name, k)
+      assert v.addressable_shards[0].data.size == v.size // 4, (name, k)
   (t1, m1), (t8, m8) = out
   for k in m1:
     np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
@@ -165,9 +173,11 @@ def _wait_two(procs, timeout=240):
 def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
                                                           compile_cache):
   work, ref = tmp_path / "run", str(tmp_path / "ref")
-  # FSDP across the processes: each holds half of every frozen weight.
+  # FSDP across the processes: each holds half of every frozen and trained weight
+  # (and of the optimizer state): the checkpoints gather them.
   procs = _start_two(work, compile_cache, "--config.data.sessions=dog;cat",
-                     "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp")
+                     "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp",
+                     "--config.mesh.trainable=fsdp")
   try:  # meanwhile, the same run in this process, 2 of its devices, replicated base
     session.run(tiny_config(train__steps=2, data__sessions="dog;cat", mesh__data=-1), ref,
                 devices=jax.devices()[:2])

@@ -46,7 +46,7 @@ from lfs_jax.train.tensorboard import SummaryWriter
 _TRAIN, _KD_CACHE, _TINY = 1, 2, 3
 # Config fields that may change between a run's start and its resumption.
 _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
-                "model.attention", "model.remat", "mesh.data", "mesh.fsdp", "mesh.frozen",
+                "model.attention", "model.remat", "mesh.data", "mesh.fsdp", "mesh.frozen", "mesh.trainable",
                 "distributed.cluster", "distributed.coordinator", "distributed.num_processes",
                 "distributed.process_id", "distributed.cpu_collectives")
 # Config groups that only steer sampling, never the trained weights.
@@ -233,11 +233,17 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   optimizer = step_lib.make_optimizer(cfg.train)
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
+  start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
+  trainable = {"unet": jax.tree.map(np.copy, start_unet), "tokens": np.asarray(new_rows)}
   first = ctx.step_fn is None
   if first:
     ctx.step_fn, ctx.shardings = step_lib.jit_train_step(
         ctx.mesh, frozen, frozen_mode=cfg.mesh.frozen, models=models, spec=spec,
-        optimizer=optimizer, train_tokens=cfg.train.train_tokens)
+        optimizer=optimizer, train_tokens=cfg.train.train_tokens,
+        state=jax.eval_shape(functools.partial(step_lib.init_state, optimizer=optimizer),
+                             trainable),
+        teacher={"unet": start_unet} if use_kd else None,
+        trainable_mode=cfg.mesh.trainable)
   sh = ctx.shardings
   # Host or local values -> global arrays on the mesh (the same on every process).
   # The base goes from host memory leaf by leaf straight into its sharding (it never
@@ -246,10 +252,8 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
     ctx.frozen_base = parallel.put({"unet": rest, "text": pipe.text_encoder_params},
                                    {"unet": sh.frozen["unet"], "text": sh.frozen["text"]})
   frozen = {**ctx.frozen_base, "tokens": parallel.put(token_table, sh.frozen["tokens"])}
-  start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
   # The teacher gets buffers of its own: the student's are donated at every step.
   teacher = parallel.put({"unet": start_unet}, sh.teacher) if use_kd else None
-  trainable = {"unet": jax.tree.map(np.copy, start_unet), "tokens": np.asarray(new_rows)}
   root = jax.random.key(cfg.seed)
   data = parallel.put(data, sh.data)
   if spec.kd_cached:
@@ -388,6 +392,7 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   if cfg.compile_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
   parallel.check_frozen_mode(cfg.mesh.frozen)
+  parallel.check_frozen_mode(cfg.mesh.trainable, "mesh.trainable")
   # In host memory: setup_session places the frozen base straight into its shardings.
   pipe = base_lib.load_base(cfg.model, cfg.seed, on_host=True)
   mesh = parallel.make_mesh(cfg.mesh, devices)

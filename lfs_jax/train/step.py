@@ -70,7 +70,8 @@ def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, sc
 
 
 def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
-                   train_tokens: bool):
+                   train_tokens: bool, state=None, teacher=None,
+                   trainable_mode: str = "replicated"):
   """`train_step` jitted with explicit in/out shardings; the state buffers are donated.
 
   Args:
@@ -78,12 +79,16 @@ def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
     frozen: the frozen trees (arrays or ShapeDtypeStructs): only their structure
       and shapes are read, to lay them out by `frozen_mode` (parallel.frozen_shardings).
     frozen_mode: mesh.frozen, "replicated" or "fsdp".
+    state, teacher: the train state and teacher trees (arrays or ShapeDtypeStructs;
+      teacher None without DFKD), read for their structure when trainable_mode
+      (mesh.trainable) is "fsdp".
 
   Returns:
     (step_fn, shardings): the jitted step and its parallel.TrainShardings, which the
     caller uses to place the arguments (`parallel.put`) before the first call.
   """
-  shardings = parallel.train_shardings(mesh, frozen, frozen_mode)
+  shardings = parallel.train_shardings(mesh, frozen, frozen_mode, state, teacher,
+                                       trainable_mode)
   step = functools.partial(train_step, models=models, spec=spec, optimizer=optimizer,
                            train_tokens=train_tokens)
   s = shardings
