@@ -76,6 +76,25 @@ def test_shipped_assets_fit_and_load_through_the_standard_loader():
   assert record["command"].startswith("python -m lfs_jax.mini.train_base")
 
 
+def test_train_base_torch_backend_writes_loadable_folders(tmp_path):
+  """The CPU training loop (PyTorch) hands back weights the project's loaders read."""
+  from lfs_jax.mini import train_base
+  from lfs_jax.weights import loaders
+
+  out = tmp_path / "base"
+  assert train_base.main([f"--out={out}", "--backend=torch", "--images=64",
+                          "--unet_steps=4", "--unet_batch=4", "--snapshot_every=2",
+                          f"--vae_from={os.path.join(ASSETS, 'mini_base')}"]) == 0
+  record = json.loads((out / "TRAINING.json").read_text())
+  assert record["backend"] == "torch" and np.isfinite(record["unet_loss"])
+  assert record["vae_record"]["command"].startswith("python -m lfs_jax.mini.train_base")
+  final = loaders.load_pipeline(str(out))
+  snap = loaders.load_pipeline(str(tmp_path / "base_step2"))  # the EMA after 2 steps
+  a, b = (np.asarray(p.unet_params["conv_in"]["kernel"]) for p in (final, snap))
+  assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+  assert not os.path.exists(tmp_path / "base_step4")  # the last step is the folder itself
+
+
 @pytest.fixture
 def mini_config(compile_cache):
   def make(arg, **overrides):
