@@ -10,9 +10,12 @@ project runs on it unchanged:
     trains a new token's row and the cross-attention, never the encoder, so
     training it would cost time without testing anything more;
   - VAE (AutoencoderKL, 32 px -> 16x16x4 latents), trained first;
-  - UNet (UNet2DConditionModel), trained with captions that drop the colour or the
-    background at random (and 10% empty captions, for classifier-free guidance);
-    its EMA weights are shipped.
+  - UNet (UNet2DConditionModel), v-prediction on SD's schedule rescaled to zero
+    terminal SNR, half of each batch at high noise (where only the caption says
+    what to draw), captions that drop the colour or the background at random (and
+    10% empty captions, for classifier-free guidance); its EMA weights are shipped.
+    `--backend=torch` runs this loop in PyTorch (2.5x faster on a CPU);
+    `--unet_from` continues from a folder's UNet.
 Both see the same renders: solid shapes, and (30%) shapes with a pattern in a
 second colour that the caption never names, so the base can draw patterns but no
 prompt can ask for a particular one: that is what a concept session teaches.
@@ -75,7 +78,11 @@ UNET = {
 # Stable Diffusion's schedule, with SD 2.x's v-prediction: a model this small,
 # trained this briefly, learned to denoise with epsilon-prediction but could not
 # generate from pure noise (at high noise an epsilon error is amplified ~14x in the
-# predicted image; v is the image there).
+# predicted image; v is the image there). Rescaled to zero terminal SNR, sampled
+# with trailing timesteps (arXiv 2305.08891): with SD's own schedule the last step
+# still holds sqrt(0.0047) = 7% of the image, enough for these big shapes to be read
+# from the "noise" in training, so the model learned to take the shape from its
+# noise and ignore the caption's shape word (its samples' shapes followed the seed).
 SCHEDULER = {
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -86,7 +93,20 @@ SCHEDULER = {
     "steps_offset": 1,
     "clip_sample": False,
     "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
 }
+# Training timesteps: this share of each batch is drawn from [HIGH_T, 1000), where
+# the image is (nearly) gone and only the caption says what to draw; the rest from
+# [0, 1000).
+HIGH_T = 600
+
+
+def draw_timesteps(u_share: np.ndarray, u_t: np.ndarray, high_share: float) -> np.ndarray:
+  """Timesteps from two uniform [0, 1) draws per image (numpy or jax arrays alike)."""
+  low = (u_t * 1000).astype("int32")
+  high = (HIGH_T + u_t * (1000 - HIGH_T)).astype("int32")
+  return (u_share < high_share) * high + (u_share >= high_share) * low
 
 
 def _log(msg: str) -> None:
@@ -153,13 +173,22 @@ def encode_captions(text_model, text_params, tokenizer, captions: List[str]) -> 
                          for i in range(0, len(ids), 128)])
 
 
+def draw_batch(rng: np.random.Generator, caption_index: np.ndarray, batch: int, drop: float,
+               empty_index: int):
+  """Image indices and caption rows of one batch: a random caption variant per image,
+  the empty caption with probability `drop` (classifier-free guidance)."""
+  idx = rng.integers(0, len(caption_index), batch)
+  cap = caption_index[idx, rng.integers(0, caption_index.shape[1], batch)]
+  return idx, np.where(rng.random(batch) < drop, empty_index, cap)
+
+
 def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
-               ema_decay: float, drop: float):
+               ema_decay: float, drop: float, high_share: float = 0.0, init=None):
   """latents [N, h, w, 4] (scaled); caption_index [N, V] rows of text_table per image."""
   cfg = unet.UNetConfig.from_diffusers(UNET)
   model = unet.UNet2DConditionModel(cfg)
-  params = tiny.random_tree(unet.abstract_params(cfg), [seed, 3])
+  params = init if init is not None else tiny.random_tree(unet.abstract_params(cfg), [seed, 3])
   _log(f"unet: {unet.num_params(params):,} parameters")
   noise_sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
@@ -170,7 +199,8 @@ def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.nd
 
   def loss_fn(p, z0, ctx, key):
     k1, k2 = jax.random.split(key)
-    t = jax.random.randint(k1, (z0.shape[0],), 0, 1000)
+    u = jax.random.uniform(k1, (2, z0.shape[0]))
+    t = draw_timesteps(u[0], u[1], high_share)
     noise = jax.random.normal(k2, z0.shape)
     zt = schedule_lib.add_noise(noise_sched, z0, noise, t)
     out = model.apply({"params": p}, zt, t, ctx)
@@ -192,10 +222,7 @@ def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.nd
   key = jax.random.PRNGKey(seed + 1)
   t0, losses = time.time(), []
   for i in range(steps):
-    idx = rng.integers(0, len(latents), batch)
-    variant = rng.integers(0, caption_index.shape[1], batch)
-    cap = caption_index[idx, variant]
-    cap = np.where(rng.random(batch) < drop, empty_index, cap)
+    idx, cap = draw_batch(rng, caption_index, batch, drop, empty_index)
     z0 = latents[idx]
     params, opt_state, ema, loss = step(params, opt_state, ema, z0, cap,
                                         jax.random.fold_in(key, i))
@@ -235,6 +262,10 @@ def main(argv=None) -> int:
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--ema", type=float, default=0.999)
   ap.add_argument("--cfg_drop", type=float, default=0.1)
+  ap.add_argument("--high_noise", type=float, default=0.5,
+                  help=f"share of each batch trained at timesteps >= {HIGH_T}")
+  ap.add_argument("--unet_from", default="",
+                  help="a model folder: start the UNet from its weights (continue training)")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                   help="the UNet's training loop: jax, or torch (PyTorch CPU, 2.5x faster "
                   "than XLA:CPU on 2 cores; needs the test extras)")
@@ -293,7 +324,7 @@ def main(argv=None) -> int:
   vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
   out = os.path.abspath(args.out)
 
-  def save(unet_params, folder: str, unet_loss: float) -> None:
+  def save(unet_params, folder: str, unet_loss, steps_done: int) -> None:
     def write(tmp):
       tiny.write_folder({"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                         tmp, unet_config=UNET, vae_config=vae_cfg, text_config=TEXT,
@@ -305,10 +336,17 @@ def main(argv=None) -> int:
           "timings_s": {k: round(v, 1) for k, v in timings.items()},
           "vae_mse": vae_mse, "unet_loss": unet_loss, "scaling_factor": scale,
           "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-          "backend": args.backend,
+          "backend": args.backend, "steps_done": steps_done,
       }
       if vae_record:
         record["vae_record"] = vae_record
+      if args.unet_from:  # the run the UNet continued from (and its own predecessors)
+        with open(os.path.join(args.unet_from, "TRAINING.json")) as f:
+          source = json.load(f)
+        record["unet_record"] = [{"command": source["command"],
+                                  "unet_s": source["timings_s"].get("unet_s"),
+                                  "steps": source.get("steps_done")}
+                                 ] + source.get("unet_record", [])
       with open(os.path.join(tmp, "TRAINING.json"), "w") as f:
         json.dump(record, f, indent=2)
     mini.write_folder_atomically(folder, write)
@@ -320,20 +358,22 @@ def main(argv=None) -> int:
 
     def snapshot(params, step):
       timings["unet_s"] = time.time() - t
-      save(params, f"{out}_step{step}", float("nan"))
+      save(params, f"{out}_step{step}", None, step)
       _log(f"wrote {out}_step{step}")
 
     unet_params, unet_loss = train_torch.train_unet(
         UNET, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"], latents,
         caption_index, table, cap_id[""], args.unet_steps, args.unet_batch, args.seed,
-        args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every)
+        args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
+        high_share=args.high_noise, init=args.unet_from or None)
   else:
+    init = loaders.load_unet(args.unet_from)[1] if args.unet_from else None
     unet_model, unet_params, unet_loss = train_unet(
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
-        args.seed, args.lr, args.ema, args.cfg_drop)
+        args.seed, args.lr, args.ema, args.cfg_drop, args.high_noise, init)
     del unet_model
   timings["unet_s"] = time.time() - t
-  save(unet_params, out, unet_loss)
+  save(unet_params, out, unet_loss, args.unet_steps)
   _log(f"wrote {out} in {time.time() - started:.0f}s")
   return 0
 

@@ -24,16 +24,19 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
                ema_decay: float, drop: float, log: Callable[[str], None],
                snapshot: Optional[Callable[[dict, int], None]] = None,
-               snapshot_every: int = 0):
+               snapshot_every: int = 0, high_share: float = 0.0,
+               init: Optional[str] = None):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps).
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
   text_table [C, 77, d] per image; `snapshot(params, step)` is called every
-  `snapshot_every` steps with the EMA so far (bias-corrected).
+  `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a model
+  folder whose UNet weights to start from; `high_share`: see train_base.HIGH_T.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
 
+  from lfs_jax.mini import train_base  # pylint: disable=g-import-not-at-top
   from lfs_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
@@ -41,6 +44,11 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   torch.set_num_threads(os.cpu_count() or 1)
   model = diffusers.UNet2DConditionModel(
       **{k: v for k, v in unet_config.items() if not k.startswith("_")})
+  if init:
+    from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
+    state = files.read_state(files.component_folder(init, "unet"))
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    log(f"unet (torch): starting from {init}")
   model.train()
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
@@ -71,12 +79,10 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
 
   t0, losses = time.time(), []
   for i in range(steps):
-    idx = rng.integers(0, len(latents), batch)
-    variant = rng.integers(0, caption_index.shape[1], batch)
-    cap = caption_index[idx, variant]
-    cap = np.where(rng.random(batch) < drop, empty_index, cap)
+    idx, cap = train_base.draw_batch(rng, caption_index, batch, drop, empty_index)
     z0 = z_all[idx]
-    t = torch.randint(0, len(alphas_cumprod), (batch,), generator=gen)
+    u = torch.rand((2, batch), generator=gen).numpy()
+    t = torch.from_numpy(train_base.draw_timesteps(u[0], u[1], high_share)).long()
     noise = torch.randn(z0.shape, generator=gen)
     a = ab[t].sqrt()[:, None, None, None]
     s = (1 - ab[t]).sqrt()[:, None, None, None]
