@@ -257,6 +257,8 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
     lines.append(f"| {v} | {s['ia_final']:.3f} | {s['iad_mean']:.3f} | "
                  f"{s['concept_accuracy_final']:.3f} | {s['class_accuracy_final']:.3f} | "
                  f"{s['class_accuracy_drop']:+.3f} | {s['class_patterned'][k]:.3f} |")
+  if goal(summaries):
+    lines += ["", goal(summaries) + "."]
   for v, s in summaries.items():
     ks = sorted(s["class_accuracy"])
     lines += ["", f"## {v}: IA[concept, session] (concept accuracy in brackets)", "",
@@ -274,6 +276,19 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
   return "\n".join(lines)
 
 
+def goal(summaries: Dict[str, Dict[str, Any]]) -> str:
+  """Issue 7's goal, when lfs and custom_diffusion were both judged: one line."""
+  if not {"lfs", "custom_diffusion"} <= set(summaries):
+    return ""
+  lfs, cd = summaries["lfs"], summaries["custom_diffusion"]
+  iad_ok = lfs["iad_mean"] <= 0.5 * cd["iad_mean"]
+  class_ok = lfs["class_accuracy_drop"] <= 0.05
+  return (f"goal: IAD(lfs) {lfs['iad_mean']:.3f} <= half of IAD(custom_diffusion) "
+          f"{cd['iad_mean']:.3f}: {'met' if iad_ok else 'NOT met'}; class-prompt accuracy "
+          f"of lfs within 5 points of the base ({-lfs['class_accuracy_drop']:+.3f}): "
+          f"{'met' if class_ok else 'NOT met'}")
+
+
 def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
   """The printed table."""
   head = f"{'variant':<17}{'IA final':>9}{'IAD':>8}{'concept acc':>12}{'class acc':>10}{'drop':>8}"
@@ -283,7 +298,7 @@ def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
                 f"{s['concept_accuracy_final']:>12.3f}{s['class_accuracy_final']:>10.3f}"
                 f"{s['class_accuracy_drop']:>+8.3f}")
   rows.append(f"{'base model':<17}{'':>9}{'':>8}{'':>12}{base_class:>10.3f}")
-  return "\n".join(rows)
+  return "\n".join(rows + ([goal(summaries)] if goal(summaries) else []))
 
 
 def run(cfg, workdir: str) -> Dict[str, Any]:
