@@ -182,6 +182,11 @@ def draw_batch(rng: np.random.Generator, caption_index: np.ndarray, batch: int, 
   return idx, np.where(rng.random(batch) < drop, empty_index, cap)
 
 
+def lr_schedule(lr: float, steps: int) -> optax.Schedule:
+  """The UNet's learning rate: linear warmup, then cosine down to 5% (both loops)."""
+  return optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.05)
+
+
 def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
                ema_decay: float, drop: float, high_share: float = 0.0, init=None):
@@ -192,7 +197,7 @@ def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.nd
   _log(f"unet: {unet.num_params(params):,} parameters")
   noise_sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-      optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.05), weight_decay=1e-4))
+      lr_schedule(lr, steps), weight_decay=1e-4))
   opt_state = opt.init(params)
   ema = jax.tree.map(jnp.zeros_like, params)
   table = jnp.asarray(text_table)

@@ -4,14 +4,13 @@ The same loss, data, optimiser and EMA as `train_base.train_unet`, on diffusers'
 UNet2DConditionModel: on a 2-core CPU, PyTorch's oneDNN convolutions run this small
 UNet's forward, backward and Adam step 2.5x faster than XLA:CPU (294 vs 747 ms at
 batch 32, measured side by side; docs/mini_world.md), which is the difference
-between one and three hours of training. On an accelerator use the JAX loop. The trained weights come back as a Flax tree through
-the project's own torch->Flax converter, so the shipped folder is written, and
-read, exactly as with the JAX loop.
+between one and three hours of training. On an accelerator use the JAX loop. The
+trained weights come back as a Flax tree through the project's own torch->Flax
+converter, so the shipped folder is written, and read, exactly as with the JAX loop.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -52,14 +51,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   model.train()
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
-  warmup = min(200, steps // 10)
-
-  def lr_at(i):  # warmup, then cosine to 5% (as optax.warmup_cosine_decay_schedule)
-    if i < warmup:
-      return lr * i / warmup
-    frac = (i - warmup) / max(1, steps - warmup)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
+  # The JAX loop's schedule, evaluated once for every step.
+  lr_at = np.asarray(train_base.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
   ema = [torch.zeros_like(p) for p in model.parameters()]
   ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
@@ -89,7 +82,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     zt = a * z0 + s * noise
     target = a * noise - s * z0 if prediction_type == "v_prediction" else noise
     for g in opt.param_groups:
-      g["lr"] = lr_at(i)
+      g["lr"] = float(lr_at[i])
     out = model(zt, t, table[torch.from_numpy(cap)]).sample
     loss = torch.mean((out - target) ** 2)
     opt.zero_grad(set_to_none=True)
