@@ -78,12 +78,14 @@ def test_shipped_assets_fit_and_load_through_the_standard_loader():
 
 def test_train_base_torch_backend_writes_loadable_folders(tmp_path):
   """The CPU training loop (PyTorch) hands back weights the project's loaders read."""
+  import jax
+
   from lfs_jax.mini import train_base
   from lfs_jax.weights import loaders
 
   out = tmp_path / "base"
   shipped = os.path.join(ASSETS, "mini_base")
-  assert train_base.main([f"--out={out}", "--backend=torch", "--images=64",
+  assert train_base.main([f"--out={out}", "--backend=torch", "--images=64", "--seed=1",
                           "--unet_steps=4", "--unet_batch=4", "--snapshot_every=2",
                           f"--vae_from={shipped}", f"--unet_from={shipped}"]) == 0
   record = json.loads((out / "TRAINING.json").read_text())
@@ -99,6 +101,12 @@ def test_train_base_torch_backend_writes_loadable_folders(tmp_path):
   # --unet_from: training went on from the shipped weights (4 small steps stay close).
   start = loaders.load_unet(shipped)[1]["conv_in"]["kernel"]
   assert np.abs(a - np.asarray(start)).max() < 0.05
+  # ... and kept what that UNet learned to read, though --seed drew other renders: the
+  # frozen text encoder and the latents' scaling factor.
+  for got, want in zip(jax.tree.leaves(final.text_encoder_params),
+                       jax.tree.leaves(loaders.load_text_encoder(shipped)[1])):
+    np.testing.assert_array_equal(got, want)
+  assert final.vae.config.scaling_factor == loaders.load_vae(shipped)[0].config.scaling_factor
 
 
 def test_training_timesteps_favour_high_noise():

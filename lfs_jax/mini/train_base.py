@@ -270,7 +270,8 @@ def main(argv=None) -> int:
   ap.add_argument("--high_noise", type=float, default=0.5,
                   help=f"share of each batch trained at timesteps >= {HIGH_T}")
   ap.add_argument("--unet_from", default="",
-                  help="a model folder: start the UNet from its weights (continue training)")
+                  help="a model folder: start the UNet from its weights and keep its text "
+                  "encoder (continue training; --seed then only picks new renders)")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                   help="the UNet's training loop: jax, or torch (PyTorch CPU, 2.5x faster "
                   "than XLA:CPU on 2 cores; needs the test extras)")
@@ -278,7 +279,8 @@ def main(argv=None) -> int:
                   help="also write the EMA so far to OUT_step<N> every N UNet steps "
                   "(torch backend)")
   ap.add_argument("--vae_from", default="",
-                  help="a model folder written by this command: reuse its VAE, skip that stage")
+                  help="a model folder written by this command: reuse its VAE and scaling "
+                  "factor, skip that stage")
   ap.add_argument("--vae_only", action="store_true",
                   help="stop after the VAE; write reconstructions.png to --out (tuning)")
   args = ap.parse_args(argv)
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
   _log(f"rendered {len(images)} images in {timings['render_s']:.0f}s")
 
   t = time.time()
-  if args.vae_from:  # the VAE of an earlier run of this command (same seed, same renders)
+  if args.vae_from:  # the VAE of an earlier run of this command
     vae_model, vae_params = loaders.load_vae(args.vae_from)
     raw = encode_latents(vae_model, vae_params, images)
     with open(os.path.join(args.vae_from, "TRAINING.json")) as f:
@@ -310,6 +312,9 @@ def main(argv=None) -> int:
                                                args.seed, args.kl_weight)
     raw = encode_latents(vae_model, vae_params, images)
   scale = float(1.0 / raw.std())
+  if args.vae_from:  # an earlier VAE keeps its scaling factor: the UNet learned that scale
+    with open(os.path.join(args.vae_from, "vae", "config.json")) as f:
+      scale = float(json.load(f)["scaling_factor"])
   latents = raw * scale
   timings["vae_s"] = time.time() - t
   _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")
@@ -319,7 +324,10 @@ def main(argv=None) -> int:
 
   text_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
   text_model = clip.CLIPTextModel(text_cfg)
-  text_params = tiny.random_tree(clip.abstract_params(text_cfg), [args.seed, 5])
+  if args.unet_from:  # the UNet learned to read that folder's frozen encoder, whatever --seed is
+    text_params = loaders.load_text_encoder(args.unet_from)[1]
+  else:
+    text_params = tiny.random_tree(clip.abstract_params(text_cfg), [args.seed, 5])
   tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
   captions = sorted({c for s in scenes for c in caption_variants(s)} | {""})
   cap_id = {c: i for i, c in enumerate(captions)}
