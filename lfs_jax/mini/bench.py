@@ -122,11 +122,14 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
   m = cfg.mini
   strength = float(cfg.icgen.strength) if icgen else 1.0
   concepts = list(run_model.registry.concepts)
-  cls = class_prompts(classes, m.class_prompts, cfg.seed)
+  # Each class prompt with m.class_seeds seeds: one sample a prompt would make a
+  # single sample worth 1/(classes * class_prompts) of the accuracy.
+  cls = [pc for pc in class_prompts(classes, m.class_prompts, cfg.seed)
+         for _ in range(m.class_seeds)]
   prompts = [f"a {c.token} {c.class_word}" for c in concepts for _ in range(m.eval_images)]
   seeds = [i for _ in concepts for i in range(m.eval_images)]
   prompts += [p for p, _ in cls]
-  seeds += [0] * len(cls)
+  seeds += [i % m.class_seeds for i in range(len(cls))]
   images = _generate(run_model, prompts, seeds, strength, cfg)
   feats, pred = oracle.predict(oracle_params, images)
   out: Dict[str, Any] = {"concepts": {}, "samples": {}}
@@ -147,7 +150,7 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
   out["class"] = {"accuracy": float((shape_ok & colour_ok).mean()),
                   "shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()),
                   "patterned": float((pred["pattern"][n:] != 0).mean()), "n": len(cls)}
-  out["samples"]["class"] = images[n:][:4]
+  out["samples"]["class"] = images[n:][::m.class_seeds][:4]
   return out
 
 
@@ -161,7 +164,7 @@ def base_run_model(cfg):
                        concepts_lib.Registry(), {})
 
 
-def heldout_accuracy(cfg, oracle_params, per_caption: int = 2) -> Dict[str, float]:
+def heldout_accuracy(cfg, oracle_params, per_caption: int = 8) -> Dict[str, float]:
   """The base on every held-out caption: share with shape / colour / both right."""
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
@@ -174,8 +177,11 @@ def heldout_accuracy(cfg, oracle_params, per_caption: int = 2) -> Dict[str, floa
   shape = pred["shape"] == np.array([world.SHAPES.index(t[0]) for t in want])
   colour = pred["colour"] == np.array([world.COLOURS.index(t[1]) for t in want])
   bg = pred["background"] == np.array([world.BACKGROUNDS.index(t[2]) for t in want])
+  asked = np.array([t[0] for t in want])
   return {"shape_and_colour": float((shape & colour).mean()), "shape": float(shape.mean()),
-          "colour": float(colour.mean()), "background": float(bg.mean()), "n": len(prompts)}
+          "colour": float(colour.mean()), "background": float(bg.mean()), "n": len(prompts),
+          "by_shape": {s: float((shape & colour)[asked == s].mean())
+                       for s in world.SHAPES if (asked == s).any()}}
 
 
 def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
@@ -414,7 +420,7 @@ def main(argv):
     from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
     print(json.dumps(heldout_accuracy(cfg, oracle.load(cfg.mini.oracle or oracle.DEFAULT_DIR),
-                                      per_caption=2)))
+                                      per_caption=flags.FLAGS.per_caption)))
     return 0
   workdir = flags.FLAGS.workdir
   if not workdir:
@@ -437,6 +443,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", _config.__file__ + ":short",
                                   "the benchmark config (default: its short version)")
   flags.DEFINE_string("workdir", None, "output folder (reused: finished parts are skipped)")
-  flags.DEFINE_bool("heldout", False, "only measure the base on the held-out captions "
-                    "(2 samples each, the config's sampler) and print the oracle's scores")
+  flags.DEFINE_bool("heldout", False, "only measure the base (--config.model.path) on the "
+                    "held-out captions with the config's sampler and print the oracle's scores")
+  flags.DEFINE_integer("per_caption", 8, "--heldout: samples (seeds) per held-out caption")
   app.run(main)

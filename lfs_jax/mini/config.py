@@ -40,7 +40,7 @@ def get_config(arg="full"):
   c.concepts.templates = ("a {}",)  # the world's caption form: "a <c1> star"
   c.train.steps = 120
   c.train.batch_size = 4
-  c.train.learning_rate = 1e-4    # x batch size; the small model needs larger steps than SD
+  c.train.learning_rate = 3e-4    # x batch size; at 1e-4 concepts were only partly learned (docs)
   c.train.log_every = 20
   c.train.progress_every = 0
   c.kd.weight = 1.0
@@ -57,6 +57,7 @@ def get_config(arg="full"):
   c.mini.photos = 4               # rendered photos per concept
   c.mini.eval_images = 8          # samples per concept prompt
   c.mini.class_prompts = 8        # class prompts per class ("a red star on a white background")
+  c.mini.class_seeds = 4          # samples (seeds) per class prompt
   c.mini.oracle = ""              # oracle folder ("" = the shipped one)
 
   if arg == "short":
@@ -69,6 +70,7 @@ def get_config(arg="full"):
     c.sample.steps = 4
     c.mini.eval_images = 2
     c.mini.class_prompts = 2
+    c.mini.class_seeds = 1
   elif arg != "full":
     raise ValueError(f"configs/mini.py takes :full, :short or :smoke, got :{arg}")
   return c
