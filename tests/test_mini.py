@@ -139,13 +139,16 @@ def mini_config(compile_cache):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 7 open: the shipped base gets held-out shape and colour right in 81% of "
-    "samples, goal 90% (stars and diamonds; docs/mini_world.md); strict, so a base "
-    "that meets the goal makes this fail until the marker goes"))
+    "issue 7 open: the shipped base gets held-out shape and colour right in 89.1% of "
+    "256 samples, goal 90% (a green circle on purple and a yellow star on red are "
+    "drawn as a square and a diamond; docs/mini_world.md); strict, so a base that "
+    "meets the goal makes this fail until the marker goes"))
 def test_base_follows_held_out_captions(mini_config):
   from lfs_jax.mini import bench, oracle
 
-  got = bench.heldout_accuracy(mini_config("short"), oracle.load(), per_caption=1)
+  # 8 seeds of each of the 32 held-out captions: with fewer, one caption's luck moves
+  # the share by several points (seed 0 alone gives 94% on the same base).
+  got = bench.heldout_accuracy(mini_config("short"), oracle.load(), per_caption=8)
   assert got["shape_and_colour"] >= 0.9, got
 
 
