@@ -263,8 +263,9 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
     lines.append(f"| {v} | {s['ia_final']:.3f} | {s['iad_mean']:.3f} | "
                  f"{s['concept_accuracy_final']:.3f} | {s['class_accuracy_final']:.3f} | "
                  f"{s['class_accuracy_drop']:+.3f} | {s['class_patterned'][k]:.3f} |")
-  if goal(summaries):
-    lines += ["", goal(summaries) + "."]
+  verdict = goal(summaries)
+  if verdict:
+    lines += ["", verdict + "."]
   for v, s in summaries.items():
     ks = sorted(s["class_accuracy"])
     lines += ["", f"## {v}: IA[concept, session] (concept accuracy in brackets)", "",
@@ -304,7 +305,8 @@ def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
                 f"{s['concept_accuracy_final']:>12.3f}{s['class_accuracy_final']:>10.3f}"
                 f"{s['class_accuracy_drop']:>+8.3f}")
   rows.append(f"{'base model':<17}{'':>9}{'':>8}{'':>12}{base_class:>10.3f}")
-  return "\n".join(rows + ([goal(summaries)] if goal(summaries) else []))
+  verdict = goal(summaries)
+  return "\n".join(rows + ([verdict] if verdict else []))
 
 
 def run(cfg, workdir: str) -> Dict[str, Any]:

@@ -300,6 +300,7 @@ def main(argv=None) -> int:
   if args.vae_from:  # the VAE of an earlier run of this command
     vae_model, vae_params = loaders.load_vae(args.vae_from)
     raw = encode_latents(vae_model, vae_params, images)
+    scale = float(vae_model.config.scaling_factor)  # the scale a continued UNet learned
     with open(os.path.join(args.vae_from, "TRAINING.json")) as f:
       source = json.load(f)
     vae_mse = source["vae_mse"]
@@ -311,10 +312,7 @@ def main(argv=None) -> int:
     vae_model, vae_params, vae_mse = train_vae(images, args.vae_steps, args.vae_batch,
                                                args.seed, args.kl_weight)
     raw = encode_latents(vae_model, vae_params, images)
-  scale = float(1.0 / raw.std())
-  if args.vae_from:  # an earlier VAE keeps its scaling factor: the UNet learned that scale
-    with open(os.path.join(args.vae_from, "vae", "config.json")) as f:
-      scale = float(json.load(f)["scaling_factor"])
+    scale = float(1.0 / raw.std())
   latents = raw * scale
   timings["vae_s"] = time.time() - t
   _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")

@@ -46,7 +46,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   if init:
     from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
     state = files.read_state(files.component_folder(init, "unet"))
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     log(f"unet (torch): starting from {init}")
   model.train()
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
