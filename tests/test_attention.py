@@ -55,6 +55,18 @@ def test_implementation_choice(monkeypatch):
   # splash is a TPU kernel: asked for off a TPU, the error names the setting.
   with pytest.raises(ValueError, match="model.attention"):
     attention.resolve_implementation("splash", jnp.bfloat16, 64, **long_self)
+  # On a GPU, auto takes cuDNN where its flash kernel also trains: bf16/fp16, head
+  # width a multiple of 8 up to 128, even lengths (never the 77 text tokens).
+  with monkeypatch.context() as m:
+    m.setattr(attention, "_on_gpu", lambda: True)
+    gpu = lambda dtype, d, q, kv, **kw: attention.resolve_implementation(
+        "auto", dtype, d, q_len=q, kv_len=kv, **kw)
+    assert gpu(jnp.bfloat16, 40, 4096, 4096) == gpu(jnp.float16, 64, 256, 256) == "cudnn"
+    assert gpu(jnp.bfloat16, 40, 4096, 77) == "xla"                  # UNet cross-attention
+    assert gpu(jnp.bfloat16, 64, 77, 77, is_causal=True) == "xla"    # CLIP
+    assert gpu(jnp.float32, 40, 4096, 4096) == "xla"
+    assert gpu(jnp.bfloat16, 36, 4096, 4096) == "xla"
+    assert gpu(jnp.bfloat16, 160, 4096, 4096) == "xla"
   # On a TPU, auto takes splash for long self-attention only.
   monkeypatch.setattr(attention, "_on_tpu", lambda: True)
   pick = lambda q, kv, **kw: attention.resolve_implementation("auto", jnp.bfloat16, 64,

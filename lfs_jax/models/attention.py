@@ -34,6 +34,10 @@ def _on_tpu() -> bool:
   return jax.default_backend() == "tpu"
 
 
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
 def splash_available() -> bool:
   """Whether "splash" can run here: a TPU backend (or the interpreter, for tests)."""
   return _on_tpu() or splash_interpret
@@ -49,8 +53,13 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   """Returns "xla", "cudnn" or "splash" for a requested implementation.
 
   "auto" picks splash on a TPU for self-attention (q_len == kv_len) over at least
-  SPLASH_MIN_LEN tokens that the kernel tiles; cuDNN on a GPU when the dtype and
-  head width allow it; XLA everywhere else (CPU, float32, short or cross-attention).
+  SPLASH_MIN_LEN tokens that the kernel tiles; cuDNN on a GPU when the dtype, the
+  head width and the lengths allow it; XLA everywhere else (CPU, float32, short or
+  cross-attention on a TPU). cuDNN's flash kernel refuses to train on odd lengths
+  (JAX 0.11 on an H100: "Unsupported sequence length Q 77, KV 77" for CLIP's causal
+  attention), so auto keeps every attention over the 77 text tokens (CLIP's, and
+  the UNet's cross-attention) on XLA: they are short, and the long self-attention
+  of the UNet, where cuDNN pays, has even lengths.
   "splash" takes the kernel wherever it tiles the lengths (multiples of 128, no
   causal mask) and XLA for the rest (cross-attention to 77 text tokens, CLIP's
   causal mask, small maps); off a TPU it is an error. "cudnn" is taken at its
@@ -71,10 +80,10 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, *, q_len: 
   if _on_tpu():
     long_self = q_len == kv_len and q_len >= SPLASH_MIN_LEN
     return "splash" if long_self and _splash_fits(q_len, kv_len, is_causal) else "xla"
-  on_gpu = jax.default_backend() == "gpu"
   fits = (jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
-          and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0)
-  return "cudnn" if on_gpu and fits else "xla"
+          and head_dim <= _CUDNN_MAX_HEAD_DIM and head_dim % 8 == 0
+          and q_len % 2 == 0 and kv_len % 2 == 0)
+  return "cudnn" if _on_gpu() and fits else "xla"
 
 
 def dot_product_attention(
