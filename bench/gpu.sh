@@ -6,6 +6,8 @@
 #   bash bench/gpu.sh torch     # PyTorch eager (~2 min)
 #   bash bench/gpu.sh compile   # PyTorch torch.compile (slow: the anchors' first steps took 135 s)
 #   bash bench/gpu.sh all       # jax then torch (may pass one 10-minute command: prefer two calls)
+#   bash bench/gpu.sh lease     # one call for a 15-minute lease (~9 min): jax cold, torch eager,
+#                               # then warm-cache compiles of the train steps
 #
 # It writes $OUT/bench.jsonl (timed runs), $OUT/bench_warm.jsonl (warm-cache compiles)
 # and $OUT/<stage>.log, and prints a markdown table of everything measured so far.
@@ -61,8 +63,18 @@ run_jax() {
   timeout 120 python3 -m bench --frameworks jax --workloads "$WORKLOADS" --out "$OUT/bench_warm.jsonl" \
     --jax-flags "--compile-cache $CACHE --compile-only" 2>&1 | tee "$OUT/jax_warm.log"
 }
+run_lease() {
+  # Everything a 15-minute lease allows in one command, each part capped so the whole
+  # ends inside 9 minutes: cold JAX (every workload), PyTorch eager, warm JAX compiles.
+  rm -rf "$CACHE"
+  timeout 330 python3 -m bench --frameworks jax --workloads "$WORKLOADS" --out "$OUT/bench.jsonl" \
+    --jax-flags "--compile-cache $CACHE" 2>&1 | tee "$OUT/jax.log"
+  run_torch eager 150
+  timeout 50 python3 -m bench --frameworks jax --workloads cd,lfs --out "$OUT/bench_warm.jsonl" \
+    --jax-flags "--compile-cache $CACHE --compile-only" 2>&1 | tee "$OUT/jax_warm.log"
+}
 run_torch() {
-  timeout 300 python3 -m bench --frameworks torch --workloads "$WORKLOADS" --torch-modes "$1" \
+  timeout "${2:-300}" python3 -m bench --frameworks torch --workloads "$WORKLOADS" --torch-modes "$1" \
     --out "$OUT/bench.jsonl" 2>&1 | tee "$OUT/torch_$1.log"
 }
 
@@ -71,7 +83,8 @@ case "$stage" in
   torch) run_torch eager ;;
   compile) run_torch compile ;;
   all) run_jax; run_torch eager ;;
-  *) echo "usage: bash bench/gpu.sh [jax|torch|compile|all]" >&2; exit 2 ;;
+  lease) run_lease ;;
+  *) echo "usage: bash bench/gpu.sh [jax|torch|compile|all|lease]" >&2; exit 2 ;;
 esac
 
 echo; echo "== timed runs ($OUT/bench.jsonl)"

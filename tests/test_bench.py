@@ -71,6 +71,14 @@ def test_record_mfu_and_table():
   assert bench.peak_flops("cpu (2 cores)") is None
   text = run.table([rec])
   assert "| cd | jax |" in text and "27.1%" in text and "cold" in text
+  # With a PyTorch record of the same workload on the same card, both rows use its
+  # FLOP count (XLA's compiled count on a GPU misses the cuDNN/cuBLAS calls).
+  ref = bench.record(workload="cd", framework="torch-eager", device="NVIDIA H100 80GB HBM3",
+                     batch=8, resolution=512, ms=100.0, peak_mem_gib=12.5, compile_s=None,
+                     flops=14.0e12, notes="")
+  low = dict(rec, flops=0.5e12)
+  rows = run.table([low, ref]).splitlines()
+  assert "| 280.00 | 28.3% |" in rows[2] and "| 140.00 | 14.2% |" in rows[3]
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} absent")
