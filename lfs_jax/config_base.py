@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.weight = 1.0               # lambda of the DFKD loss (ignored for method=custom_diffusion)
   c.kd.mode = "trajectory"        # noise: z at t=T-1 | trajectory: points of the teacher's DDIM path from z
   c.kd.steps = 4                  # T_tau: DDIM steps of the teacher trajectory
-  c.kd.prompts = "class,previous,empty"  # DFKD conditions: any of class, previous, empty
+  c.kd.prompts = "class,previous,empty"  # DFKD conditions: any of class, past_classes, previous, empty
+  c.kd.class_templates = ()       # templates of the class conditions ("a {} in the snow"); () = concepts.templates[0]
   c.kd.batch_size = 2             # pure-noise latents per step
   c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)
 

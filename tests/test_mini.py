@@ -46,6 +46,13 @@ def test_captions_and_held_out_split():
              for x in world.scenes(0, 200, split="train"))
   with pytest.raises(ValueError, match="unknown mini concept"):
     world.concept("nope")
+  # DFKD class templates in the caption form: "a {}" first, distinct, seeded.
+  t = world.class_templates(8, seed=0)
+  assert t[0] == "a {}" and len(set(t)) == 8 and t == world.class_templates(8, seed=0)
+  assert t != world.class_templates(8, seed=1)
+  for x in t[1:]:
+    colour, shape, background = x.split()[1], "{}", x.split()[-2]
+    assert x == world.caption(world.Scene(shape, colour, background))
 
 
 def test_shipped_oracle_reads_fresh_renders():
@@ -171,6 +178,10 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
   # A rerun reuses the finished runs and the stored evaluations: same numbers.
   again = bench.run(cfg, work)
   assert again["variants"] == got["variants"]
+  # Stored evaluations are keyed by how their model was trained, not only by sampling.
+  with open(os.path.join(work, "eval", "lfs_session1.json")) as f:
+    trained_by = json.load(f)["stamp"]["trained_by"]
+  assert trained_by["method"] == "lfs" and trained_by["kd"]["weight"] == cfg.kd.weight
 
 
 def test_goal_line_judges_iad_and_class_drop():

@@ -201,6 +201,8 @@ def _folder_dataset(root, files):
      {"concepts__token_format": "<|endoftext|>"}, "<|endoftext|>"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"data__sessions": "a;zebra"}, "zebra"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"kd__prompts": "class,nonsense"}, "nonsense"),
+    ({"a/0.png": "image", "b/0.png": "image"}, {"kd__class_templates": ("a {} by {}",)},
+     "kd.class_templates"),
     ({"a/0.png": "image", "b/0.png": "image"},
      {"model__source": "local", "model__path": "/nonexistent/sd"}, "/nonexistent/sd"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"model__attention": "splash"},
@@ -217,6 +219,25 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, tiny_config, files,
     session.run(cfg, str(work))
   assert needle in str(e.value)
   assert not work.exists()
+
+
+def test_kd_class_templates(tmp_path, tiny_config):
+  cfg = tiny_config(kd__class_templates=("a {} in the snow", "a red {}"))
+  ctx = session.prepare(cfg, str(tmp_path))
+  second = ctx.registry.up_to(2)
+  cls = second.in_session(2)[0].class_word
+  prompts = session._kd_prompts(cfg, second, 2)  # pylint: disable=protected-access
+  # Every template for the session's class, then the earlier concept's prompt, then "".
+  assert prompts[:2] == [f"a {cls} in the snow", f"a red {cls}"]
+  assert len(prompts) == 4 and prompts[-1] == ""
+  assert ctx.max_kd == 4  # the step is padded for them once per run
+  plain = session._kd_prompts(tiny_config(), second, 2)  # pylint: disable=protected-access
+  assert plain[0] == tiny_config().concepts.templates[0].format(cls) and len(plain) == 3
+  # past_classes: the class words of earlier sessions, with the same templates.
+  past = tiny_config(kd__prompts="past_classes,empty", kd__class_templates=("a {} in snow",))
+  old_cls = second.in_session(1)[0].class_word
+  assert session._kd_prompts(past, second, 2) == [f"a {old_cls} in snow", ""]  # pylint: disable=protected-access
+  assert session._kd_prompts(past, second, 1) == [""]  # pylint: disable=protected-access
 
 
 def test_restart_rules(tmp_path, tiny_config):

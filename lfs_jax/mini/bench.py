@@ -93,8 +93,10 @@ def training_config(cfg, run: str, photos: str):
   from lfs_jax import config_base, runs  # pylint: disable=g-import-not-at-top
 
   d = cfg.to_dict()
-  d.pop("mini")
+  n_templates = d.pop("mini")["kd_class_templates"]
   d["method"] = RUN_METHODS[run]
+  if n_templates and RUN_METHODS[run] == "lfs":
+    d["kd"]["class_templates"] = world.class_templates(n_templates, cfg.seed)
   d["data"]["root"] = photos
   base = config_base.get_config()
   runs._fill(base, d, "", "configs/mini.py")  # pylint: disable=protected-access
@@ -337,22 +339,26 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
 
   # Train the runs the variants need; an existing run directory is resumed.
   needed = sorted({VARIANTS[v][0] for v in variants})
+  run_configs = {}
   for r in needed:
     t = time.time()
     rdir = os.path.join(workdir, "runs", r)
     rcfg = training_config(cfg, r, photos)
+    run_configs[r] = rcfg.to_dict()
     _log(f"== training run {r!r} ({RUN_METHODS[r]}), {len(sessions)} sessions ==")
     session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
     timings[f"train {r}"] = time.time() - t
 
-  def cached(path, compute):
+  def cached(path, compute, trained_by):
+    # Reused only if the sampling, the judging and the model's training all match.
+    key = json.loads(json.dumps(dict(stamp, trained_by=trained_by)))
     if os.path.exists(path):
       with open(path) as f:
         got = json.load(f)
-      if got.get("stamp") == stamp:
+      if got.get("stamp") == key:
         return got
     got = compute()
-    got["stamp"] = stamp
+    got["stamp"] = key
     samples = got.pop("samples", {})
     _atomic_json(path, got)
     np.savez(path[:-5] + ".npz", **samples)
@@ -369,7 +375,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   base_cfg = training_config(cfg, "cd", photos)
   base = cached(base_path, lambda: dict(evaluate_session(
       base_run_model(base_cfg), cfg, icgen=False, oracle_params=oracle_params, refs=refs,
-      classes=classes)))
+      classes=classes)), {"model": cfg.model.to_dict()})
   per_variant: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in variants}
   pngs = []
   for k in range(1, len(sessions) + 1):
@@ -390,7 +396,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
           model_of(r), cfg, icgen=icgen, oracle_params=oracle_params, refs=refs,
           classes=classes)
       _log(f"evaluating {v} after session {k}")
-      per_variant[v][k] = cached(path, compute)
+      per_variant[v][k] = cached(path, compute, run_configs[r])
       s = load_samples(path)
       tiles = [s[n][0] for n in learned] + list(s["class"][:3])
       rows.append((f"{v}", tiles))

@@ -59,6 +59,7 @@ def get_config(arg="full"):
   c.mini.class_prompts = 8        # class prompts per class ("a red star on a white background")
   c.mini.class_seeds = 4          # samples (seeds) per class prompt
   c.mini.oracle = ""              # oracle folder ("" = the shipped one)
+  c.mini.kd_class_templates = 0   # >0: DFKD class conditions in caption form (world.class_templates)
 
   if arg == "short":
     c.data.sessions = "striped_star;checked_square;dotted_star"

@@ -92,6 +92,19 @@ def is_held_out(shape: str, colour: str, background: str) -> bool:
   return (i + 2 * j + 4 * k) % 9 == 0
 
 
+def class_templates(n: int, seed: int) -> Tuple[str, ...]:
+  """n DFKD class templates in the world's caption form: "a {}" and n-1 coloured ones.
+
+  ("a red {} on a blue background", ...), the (colour, background) pairs drawn with
+  `seed`, so the teacher is also asked about the colour-and-background phrasing the
+  class prompts use, not only about the bare class word.
+  """
+  pairs = [(c, b) for c in COLOURS for b in BACKGROUNDS if b != c]
+  rng = np.random.default_rng([seed, 47])
+  picked = [pairs[i] for i in rng.permutation(len(pairs))[:max(n - 1, 0)]]
+  return ("a {}",) + tuple(f"a {c} {{}} on a {b} background" for c, b in picked)
+
+
 def caption_triples(split: str) -> List[Tuple[str, str, str]]:
   """All (shape, colour, background) of a split: "train", "heldout" or "all"."""
   if split not in ("train", "heldout", "all"):

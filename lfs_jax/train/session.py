@@ -51,7 +51,7 @@ _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "che
                 "distributed.process_id", "distributed.cpu_collectives")
 # Config groups that only steer sampling, never the trained weights.
 _FREE_PREFIXES = ("sample.", "icgen.", "eval.")
-_KD_PROMPTS = ("class", "previous", "empty")
+_KD_PROMPTS = ("class", "past_classes", "previous", "empty")
 
 
 class Preempted(Exception):
@@ -122,9 +122,17 @@ def _kd_prompts(cfg, registry, session: int) -> List[str]:
   if bad:
     raise ConfigError(f"kd.prompts: unknown kind(s) {bad}; use any of {list(_KD_PROMPTS)}")
   template = cfg.concepts.templates[0]
-  prompts = []
+  class_templates = tuple(cfg.kd.class_templates) or (template,)
+  bad = [t for t in class_templates if not isinstance(t, str) or t.count("{}") != 1]
+  if bad:
+    raise ConfigError(f"kd.class_templates: each needs exactly one '{{}}' for the class "
+                      f"word, got {bad}")
+  words = []
   if "class" in kinds:
-    prompts += [template.format(c.class_word) for c in registry.in_session(session)]
+    words += [c.class_word for c in registry.in_session(session)]
+  if "past_classes" in kinds:  # the classes of earlier sessions' concepts, also kept
+    words += [c.class_word for c in registry.before(session)]
+  prompts = [t.format(w) for w in dict.fromkeys(words) for t in class_templates]
   if "previous" in kinds:
     prompts += [template.format(c.phrase()) for c in registry.before(session)]
   if "empty" in kinds:
