@@ -70,8 +70,11 @@ run_lease() {
   timeout 330 python3 -m bench --frameworks jax --workloads "$WORKLOADS" --out "$OUT/bench.jsonl" \
     --jax-flags "--compile-cache $CACHE" 2>&1 | tee "$OUT/jax.log"
   run_torch eager 150
-  timeout 50 python3 -m bench --frameworks jax --workloads cd,lfs --out "$OUT/bench_warm.jsonl" \
-    --jax-flags "--compile-cache $CACHE --compile-only" 2>&1 | tee "$OUT/jax_warm.log"
+  local warm  # the train steps among $WORKLOADS: the warm-compile target is theirs
+  warm=$(tr ',' '\n' <<<"$WORKLOADS" | grep -xE 'cd|lfs|lfs_cached' | head -2 | paste -sd, -)
+  [ -n "$warm" ] && timeout 50 python3 -m bench --frameworks jax --workloads "$warm" \
+    --out "$OUT/bench_warm.jsonl" --jax-flags "--compile-cache $CACHE --compile-only" 2>&1 \
+    | tee "$OUT/jax_warm.log"
 }
 run_torch() {
   timeout "${2:-300}" python3 -m bench --frameworks torch --workloads "$WORKLOADS" --torch-modes "$1" \
