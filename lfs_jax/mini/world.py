@@ -102,7 +102,7 @@ def class_templates(n: int, seed: int) -> Tuple[str, ...]:
   pairs = [(c, b) for c in COLOURS for b in BACKGROUNDS if b != c]
   rng = np.random.default_rng([seed, 47])
   picked = [pairs[i] for i in rng.permutation(len(pairs))[:max(n - 1, 0)]]
-  return ("a {}",) + tuple(f"a {c} {{}} on a {b} background" for c, b in picked)
+  return ("a {}",) + tuple(caption(Scene("{}", c, b)) for c, b in picked)
 
 
 def caption_triples(split: str) -> List[Tuple[str, str, str]]:
