@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.mode = "trajectory"        # noise: z at t=T-1 | trajectory: points of the teacher's DDIM path from z
   c.kd.steps = 4                  # T_tau: DDIM steps of the teacher trajectory
   c.kd.prompts = "class,previous,empty"  # DFKD conditions: any of class, past_classes, previous, empty
+  c.kd.from_base = ""             # [choice, off] kinds of kd.prompts distilled from the base, not session k-1 ("class,empty")
   c.kd.class_templates = ()       # templates of the class conditions ("a {} in the snow"); () = concepts.templates[0]
   c.kd.batch_size = 2             # pure-noise latents per step
   c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)

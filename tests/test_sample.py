@@ -271,6 +271,13 @@ def test_resume_ignores_sampling_fields():
   current.seed = 3
   with pytest.raises(ConfigError, match="seed"):
     session.check_compatible(old, current.to_dict())
+  # A run written before kd.from_base existed continues at its default, not at another.
+  current.seed = stored["seed"]
+  older = {**old, "kd": {k: v for k, v in stored["kd"].items() if k != "from_base"}}
+  session.check_compatible(older, current.to_dict())
+  current.kd.from_base = "class"
+  with pytest.raises(ConfigError, match="kd.from_base"):
+    session.check_compatible(older, current.to_dict())
 
 
 def test_slugs_and_grids():

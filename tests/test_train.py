@@ -1,5 +1,6 @@
 """Lifelong sessions on the tiny config: the loop, DFKD, checkpoints, resume, sharding."""
 
+import functools
 import hashlib
 import os
 import signal
@@ -201,6 +202,9 @@ def _folder_dataset(root, files):
      {"concepts__token_format": "<|endoftext|>"}, "<|endoftext|>"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"data__sessions": "a;zebra"}, "zebra"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"kd__prompts": "class,nonsense"}, "nonsense"),
+    ({"a/0.png": "image", "b/0.png": "image"}, {"kd__from_base": "previous"}, "kd.from_base"),
+    ({"a/0.png": "image", "b/0.png": "image"},
+     {"kd__prompts": "class,previous", "kd__from_base": "empty"}, "kd.from_base"),
     ({"a/0.png": "image", "b/0.png": "image"}, {"kd__class_templates": ("a {} by {}",)},
      "kd.class_templates"),
     ({"a/0.png": "image", "b/0.png": "image"},
@@ -238,6 +242,47 @@ def test_kd_class_templates(tmp_path, tiny_config):
   old_cls = second.in_session(1)[0].class_word
   assert session._kd_prompts(past, second, 2) == [f"a {old_cls} in snow", ""]  # pylint: disable=protected-access
   assert session._kd_prompts(past, second, 1) == [""]  # pylint: disable=protected-access
+
+
+def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_config):
+  cfg = tiny_config(kd__from_base="class,empty", kd__mode="noise")
+  ctx = session.prepare(cfg, str(tmp_path))
+  conds = session._kd_conditions(cfg, ctx.registry.up_to(2), 2)  # pylint: disable=protected-access
+  assert [b for _, b in conds] == [True, False, True] and conds[-1][0] == ""
+  # The previous session differs from the base, as it does after any training.
+  base = session.base_delta(ctx)
+  rs = np.random.default_rng(0)
+  prev = {"unet": jax.tree.map(lambda x: np.asarray(x) + 0.05 * rs.standard_normal(x.shape),
+                               base["unet"]),
+          "tokens": rs.standard_normal((1, 32)).astype(np.float32)}
+  su = session.setup_session(ctx, 2, prev)
+  assert su.spec.kd_from_base and set(su.teacher) == {"unet", "base"}
+  np.testing.assert_array_equal(np.asarray(su.data.kd_base), [True, False, True])
+
+  @jax.jit
+  def predict(selected, x, t, cond):
+    params = losses.params_lib.merge(selected, su.frozen["unet"])
+    return su.models.unet.apply({"params": params}, x, t, su.data.kd_context[cond])
+
+  # Each DFKD target is its own teacher's prediction: the base's for the class prompt
+  # and "", the previous session's for the earlier concept.
+  cache = jax.jit(functools.partial(
+      losses.kd_cache, size=16, latent_shape=su.data.latent_mean.shape[1:], models=su.models,
+      spec=su.spec))(su.teacher, su.frozen, su.data.kd_context, su.data.n_kd, ctx.schedule,
+                     jax.random.key(3), kd_base=su.data.kd_base)
+  cond = np.asarray(cache["cond"])
+  assert set(cond) == {0, 1, 2}
+  from_base = np.asarray(su.data.kd_base)[cond][:, None, None, None]
+  want_base = np.asarray(predict(su.teacher["base"], cache["x"], cache["t"], cond))
+  want_prev = np.asarray(predict(su.teacher["unet"], cache["x"], cache["t"], cond))
+  np.testing.assert_allclose(np.asarray(cache["target"]),
+                             np.where(from_base, want_base, want_prev), atol=1e-5)
+  assert np.abs(want_base - want_prev).max() > 1e-3
+  # The step's fresh (uncached) targets too: at the session's first step the student
+  # is the previous session, so only the base's conditions can make the KD loss > 0.
+  _, metrics = ctx.step_fn(su.state, su.frozen, su.teacher, su.data, ctx.schedule,
+                           su.train_key)
+  assert float(metrics["kd"]) > 0.0 and np.isfinite(float(metrics["loss"]))
 
 
 def test_restart_rules(tmp_path, tiny_config):

@@ -33,6 +33,7 @@ class LossSpec:
   scaling_factor: float      # VAE latent scale
   scheduler: Any             # diffusion.schedule.SchedulerConfig (frozen dataclass)
   batch_sharding: Any = None  # NamedSharding splitting the UNet batch over data x fsdp
+  kd_from_base: bool = False  # some conditions are distilled from the base (kd.from_base)
 
 
 class SessionData(NamedTuple):
@@ -49,6 +50,7 @@ class SessionData(NamedTuple):
   kd_context: jax.Array      # [NC, L, D] text embeddings of the DFKD conditions
   n_kd: jax.Array            # int32: conditions [0, n_kd) are real
   kd_cache: Optional[Dict[str, jax.Array]] = None  # x, t, cond, target (see kd_cache)
+  kd_base: Optional[jax.Array] = None  # [NC] bool: condition distilled from the base (kd.from_base)
 
 
 class Models(NamedTuple):
@@ -135,7 +137,8 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     trainable: {"unet": selected UNet leaves, "tokens": [M, D] this session's token rows}.
     frozen: {"unet": the other UNet leaves, "text": text encoder, "tokens": [R, D] the
       run's token rows (earlier concepts' learned values; the rest unused)}.
-    teacher: {"unet": the previous session's selected leaves} or None (no DFKD).
+    teacher: {"unet": the previous session's selected leaves} or None (no DFKD); with
+      spec.kd_from_base also "base": the base model's selected leaves.
     batch: the session's SessionData.
     schedule: diffusion.schedule.NoiseSchedule.
     rng: this step's key.
@@ -197,16 +200,35 @@ def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, sp
   z = jax.random.normal(k_z, shape, jnp.float32)
   cond = jax.random.randint(k_c, (k,), 0, batch.n_kd)
   context = batch.kd_context[cond]
-  teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
-  xs, ts, outs = teacher_trajectory(models, teacher_unet, schedule, spec, z, context)
+  xs, ts, outs = _teachers(teacher, frozen, batch.kd_base, cond, schedule, spec, models,
+                           z, context)
   p = jax.random.randint(k_p, (k,), 0, spec.kd_points)
   rows = jnp.arange(k)
   return xs[p, rows], ts[p], context, outs[p, rows]
 
 
+def _teachers(teacher, frozen, kd_base, cond, schedule, spec: LossSpec, models: Models,
+              z: jax.Array, context: jax.Array):
+  """teacher_trajectory for conditions `cond`: each from the teacher its condition names.
+
+  Without spec.kd_from_base every condition is the previous session's. With it, the
+  conditions flagged in `kd_base` [NC] take the base model's path and predictions
+  instead; both teachers run on every row (a second teacher forward per point) and
+  each row keeps its own teacher's.
+  """
+  prev = params_lib.merge(teacher["unet"], frozen["unet"])
+  xs, ts, outs = teacher_trajectory(models, prev, schedule, spec, z, context)
+  if not spec.kd_from_base:
+    return xs, ts, outs
+  base = params_lib.merge(teacher["base"], frozen["unet"])
+  xs_b, _, outs_b = teacher_trajectory(models, base, schedule, spec, z, context)
+  pick = kd_base[cond].reshape((1, -1) + (1,) * (z.ndim - 1))
+  return jnp.where(pick, xs_b, xs), ts, jnp.where(pick, outs_b, outs)
+
+
 def kd_cache(teacher, frozen, kd_context, n_kd, schedule, rng, *, size: int,
              latent_shape: Tuple[int, int, int], models: Models,
-             spec: LossSpec) -> Dict[str, jax.Array]:
+             spec: LossSpec, kd_base=None) -> Dict[str, jax.Array]:
   """Teacher targets for `size` noises, all trajectory points: computed once a session.
 
   The teacher is frozen for the whole session, so its prediction at a given
@@ -219,14 +241,14 @@ def kd_cache(teacher, frozen, kd_context, n_kd, schedule, rng, *, size: int,
   k_z, k_c = jax.random.split(rng)
   chunk = spec.kd_batch_size
   n_chunks = -(-size // chunk)
-  teacher_unet = params_lib.merge(teacher["unet"], frozen["unet"])
   shape = (n_chunks, chunk) + tuple(latent_shape)
   z = jax.random.normal(k_z, shape, jnp.float32)
   cond = jax.random.randint(k_c, (n_chunks, chunk), 0, n_kd)
 
   def one(args):
     zc, cc = args
-    xs, ts, outs = teacher_trajectory(models, teacher_unet, schedule, spec, zc, kd_context[cc])
+    xs, ts, outs = _teachers(teacher, frozen, kd_base, cc, schedule, spec, models, zc,
+                             kd_context[cc])
     return xs, jnp.broadcast_to(ts[:, None], (ts.shape[0], chunk)), outs, jnp.broadcast_to(
         cc[None], (ts.shape[0], chunk))
 

@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import tqdm
 from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import config_base
 from lfs_jax import data as data_lib
 from lfs_jax import parallel
 from lfs_jax.diffusion import schedule as schedule_lib
@@ -76,11 +77,16 @@ def is_free_field(key: str) -> bool:
 def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
   """Refuses to continue a run under a config that would change its results.
 
-  data.sessions may grow (new sessions appended: that is lifelong learning).
+  data.sessions may grow (new sessions appended: that is lifelong learning). A field
+  that `stored` lacks (added to the code after the run began) is compatible at its
+  default, which is how that run was trained.
   """
   a, b = _flat(stored), _flat(current)
+  defaults = _flat(config_base.get_config().to_dict())
   for key in sorted(set(a) | set(b)):
     if is_free_field(key) or a.get(key) == b.get(key):
+      continue
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
       continue
     if key == "data.sessions":
       # "" = none yet (a run that starts with an imported session, see interop).
@@ -116,28 +122,53 @@ class _Context:
   frozen_base: Any = None         # {"unet": rest, "text": ...} on the mesh (placed once a run)
 
 
-def _kd_prompts(cfg, registry, session: int) -> List[str]:
-  kinds = [s.strip() for s in cfg.kd.prompts.split(",") if s.strip()]
+def _kinds(cfg, field: str) -> List[str]:
+  kinds = [s.strip() for s in str(cfg.kd[field]).split(",") if s.strip()]
   bad = [k for k in kinds if k not in _KD_PROMPTS]
   if bad:
-    raise ConfigError(f"kd.prompts: unknown kind(s) {bad}; use any of {list(_KD_PROMPTS)}")
+    raise ConfigError(f"kd.{field}: unknown kind(s) {bad}; use any of {list(_KD_PROMPTS)}")
+  return kinds
+
+
+def _kd_conditions(cfg, registry, session: int) -> List[Tuple[str, bool]]:
+  """Session `session`'s DFKD conditions: (prompt, distilled from the base model?)."""
+  kinds = _kinds(cfg, "prompts")
+  from_base = _kinds(cfg, "from_base")
+  if "previous" in from_base:
+    raise ConfigError("kd.from_base cannot hold 'previous': those prompts name earlier "
+                      "concepts, which only the previous session's model has learnt")
+  if set(from_base) - set(kinds):
+    raise ConfigError(f"kd.from_base={cfg.kd.from_base!r} names kinds that "
+                      f"kd.prompts={cfg.kd.prompts!r} does not use")
   template = cfg.concepts.templates[0]
   class_templates = tuple(cfg.kd.class_templates) or (template,)
   bad = [t for t in class_templates if not isinstance(t, str) or t.count("{}") != 1]
   if bad:
     raise ConfigError(f"kd.class_templates: each needs exactly one '{{}}' for the class "
                       f"word, got {bad}")
-  words = []
-  if "class" in kinds:
-    words += [c.class_word for c in registry.in_session(session)]
-  if "past_classes" in kinds:  # the classes of earlier sessions' concepts, also kept
-    words += [c.class_word for c in registry.before(session)]
-  prompts = [t.format(w) for w in dict.fromkeys(words) for t in class_templates]
+  out = []
+  for kind, concepts in (("class", registry.in_session(session)),
+                         ("past_classes", registry.before(session))):
+    if kind in kinds:  # past_classes: the classes of earlier sessions' concepts, also kept
+      words = dict.fromkeys(c.class_word for c in concepts)
+      out += [(t.format(w), kind in from_base) for w in words for t in class_templates]
   if "previous" in kinds:
-    prompts += [template.format(c.phrase()) for c in registry.before(session)]
+    out += [(template.format(c.phrase()), False) for c in registry.before(session)]
   if "empty" in kinds:
-    prompts.append("")
-  return list(dict.fromkeys(prompts))
+    out.append(("", "empty" in from_base))
+  return _first_of_each(out)
+
+
+def _first_of_each(pairs: List[Tuple[str, bool]]) -> List[Tuple[str, bool]]:
+  """Drops repeated prompts, keeping each one's first place and flag."""
+  seen = {}
+  for prompt, flag in pairs:
+    seen.setdefault(prompt, flag)
+  return list(seen.items())
+
+
+def _kd_prompts(cfg, registry, session: int) -> List[str]:
+  return [p for p, _ in _kd_conditions(cfg, registry, session)]
 
 
 def _encode_latents(ctx: _Context, images: np.ndarray):
@@ -176,7 +207,7 @@ def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
       rescale=cfg.data.rescale, rescale_min=cfg.data.rescale_min,
       rescale_max=cfg.data.rescale_max,
       scaling_factor=ctx.pipe.vae.config.scaling_factor, scheduler=ctx.pipe.scheduler,
-      batch_sharding=sharding)
+      batch_sharding=sharding, kd_from_base=use_kd and bool(_kinds(cfg, "from_base")))
 
 
 def _session_inputs(ctx: _Context, session: int, prev_delta):
@@ -201,7 +232,8 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
       concepts_lib.tokenize(tokenizer, [t.format(c.phrase()) for t in cfg.concepts.templates],
                             max_len) for c in owner])
 
-  kd_prompts = _kd_prompts(cfg, registry, session) or [""]
+  kd_conds = _kd_conditions(cfg, registry, session) or [("", False)]
+  kd_prompts = [p for p, _ in kd_conds]
   kd_ids = _pad(concepts_lib.tokenize(tokenizer, kd_prompts, max_len), ctx.max_kd)
   kd_context = ctx.text(pipe.text_encoder_params, jnp.asarray(kd_ids),
                         jnp.asarray(token_table, pipe.text_encoder.dtype))
@@ -211,7 +243,9 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
       prompt_ids=jnp.asarray(_pad(prompt_ids, ctx.max_images)),
       n_images=jnp.asarray(len(imgs), jnp.int32),
       token_offset=jnp.asarray(len(old_rows), jnp.int32),
-      kd_context=kd_context, n_kd=jnp.asarray(len(kd_prompts), jnp.int32))
+      kd_context=kd_context, n_kd=jnp.asarray(len(kd_prompts), jnp.int32),
+      kd_base=(jnp.asarray(_pad(np.asarray([b for _, b in kd_conds]), ctx.max_kd))
+               if ctx.spec.kd_from_base else None))
   bank = {f"concept{registry.concepts.index(c) + 1}": {
       "mean": mean[[i for i, o in enumerate(owner) if o is c]],
       "logvar": logvar[[i for i, o in enumerate(owner) if o is c]]} for c in new}
@@ -242,6 +276,12 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
   start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
+  teacher = None
+  if use_kd:
+    teacher = {"unet": start_unet}
+    if spec.kd_from_base:  # the base's own leaves, for the conditions of kd.from_base
+      teacher["base"] = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                                     base_delta(ctx)["unet"])
   trainable = {"unet": jax.tree.map(np.copy, start_unet), "tokens": np.asarray(new_rows)}
   first = ctx.step_fn is None
   if first:
@@ -250,8 +290,7 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
         optimizer=optimizer, train_tokens=cfg.train.train_tokens,
         state=jax.eval_shape(functools.partial(step_lib.init_state, optimizer=optimizer),
                              trainable),
-        teacher={"unet": start_unet} if use_kd else None,
-        trainable_mode=cfg.mesh.trainable)
+        teacher=teacher, trainable_mode=cfg.mesh.trainable)
   sh = ctx.shardings
   # Host or local values -> global arrays on the mesh (the same on every process).
   # The base goes from host memory leaf by leaf straight into its sharding (it never
@@ -261,7 +300,7 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
                                    {"unet": sh.frozen["unet"], "text": sh.frozen["text"]})
   frozen = {**ctx.frozen_base, "tokens": parallel.put(token_table, sh.frozen["tokens"])}
   # The teacher gets buffers of its own: the student's are donated at every step.
-  teacher = parallel.put({"unet": start_unet}, sh.teacher) if use_kd else None
+  teacher = parallel.put(teacher, sh.teacher) if use_kd else None
   root = jax.random.key(cfg.seed)
   data = parallel.put(data, sh.data)
   if spec.kd_cached:
@@ -271,7 +310,8 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
     key = jax.random.fold_in(jax.random.fold_in(root, _KD_CACHE), session)
     with jax.set_mesh(ctx.mesh):  # traced under the mesh, as the step (compile_step)
       data = data._replace(kd_cache=cache_fn(teacher, frozen, data.kd_context, data.n_kd,
-                                             ctx.schedule, parallel.put(key, sh.rng)))
+                                             ctx.schedule, parallel.put(key, sh.rng),
+                                             kd_base=data.kd_base))
   state = parallel.put(step_lib.init_state(trainable, optimizer), sh.state)
   train_key = parallel.put(jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session),
                            sh.rng)
