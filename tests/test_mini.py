@@ -171,6 +171,9 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
     assert set(v["ia_matrix"]["striped_star"]) == {1, 2}   # learned in 1, seen after 1 and 2
     assert set(v["ia_matrix"]["dotted_star"]) == {2}
     assert -1.0 <= v["iad_mean"] <= 2.0
+    # Class accuracy needs shape and colour right: never above either share alone.
+    for k, acc in v["class_accuracy"].items():
+      assert acc <= min(v["class_shape"][k], v["class_colour"][k]) + 1e-9
   for name in ("results.json", "report.md", "plots.png", "samples_session1.png",
                "samples_session2.png"):
     assert os.path.getsize(os.path.join(work, name)) > 0

@@ -201,6 +201,8 @@ def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
       "ia_final": float(np.mean([ia[n][k_last] for n in names])),
       "concept_accuracy_final": float(np.mean([acc[n][k_last] for n in names])),
       "class_accuracy": {k: per_session[k]["class"]["accuracy"] for k in per_session},
+      "class_shape": {k: per_session[k]["class"]["shape"] for k in per_session},
+      "class_colour": {k: per_session[k]["class"]["colour"] for k in per_session},
       "class_patterned": {k: per_session[k]["class"]["patterned"] for k in per_session},
       "class_accuracy_final": final_class,
       "class_accuracy_drop": base_class - final_class,
@@ -256,7 +258,8 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
            f"{cfg.sample.guidance}; ICGen strength {cfg.icgen.strength}; "
            f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}.", "",
            f"Base model: class-prompt accuracy {base['class']['accuracy']:.3f} "
-           f"(patterned {base['class']['patterned']:.3f}).", "",
+           f"(shape {base['class']['shape']:.3f}, colour {base['class']['colour']:.3f}, "
+           f"patterned {base['class']['patterned']:.3f}).", "",
            "| variant | IA final | IAD mean | concept acc final | class acc final | "
            "class acc drop vs base | class patterned final |",
            "|---|---|---|---|---|---|---|"]
@@ -279,8 +282,9 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
       iad = s["iad"].get(n)
       lines.append(f"| {n} ({sessions_of[n]}) | " + " | ".join(cells) + " | "
                    + (f"{iad:.3f}" if iad is not None else "-") + " |")
-    lines.append("| class accuracy | " + " | ".join(
-        f"{s['class_accuracy'][k]:.3f}" for k in ks) + " | |")
+    for key in ("accuracy", "shape", "colour"):
+      lines.append(f"| class {key} | " + " | ".join(
+          f"{s['class_' + key][k]:.3f}" for k in ks) + " | |")
   lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
   return "\n".join(lines)
 
