@@ -145,11 +145,6 @@ def mini_config(compile_cache):
   return make
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 7 open: the shipped base gets held-out shape and colour right in 89.1% of "
-    "256 samples, goal 90% (a green circle on purple and a yellow star on red are "
-    "drawn as a square and a diamond; docs/mini_world.md); strict, so a base that "
-    "meets the goal makes this fail until the marker goes"))
 def test_base_follows_held_out_captions(mini_config):
   from lfs_jax.mini import bench, oracle
 
