@@ -116,6 +116,25 @@ def test_train_base_torch_backend_writes_loadable_folders(tmp_path):
   assert final.vae.config.scaling_factor == loaders.load_vae(shipped)[0].config.scaling_factor
 
 
+def test_train_base_same_command_same_weights(tmp_path):
+  """Rerunning a recorded train_base command reproduces its UNet bit for bit."""
+  from lfs_jax.mini import train_base
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  args = ["--backend=torch", "--images=16", "--unet_steps=2", "--unet_batch=2",
+          f"--vae_from={shipped}", f"--unet_from={shipped}"]
+  unet_file = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+  for name in ("a", "b"):
+    assert train_base.main([f"--out={tmp_path / name}", "--seed=5"] + args) == 0
+  a, b = ((tmp_path / name / unet_file).read_bytes() for name in ("a", "b"))
+  assert a == b
+  # ... and the two steps did move the weights they started from.
+  from safetensors.numpy import load_file
+  start, trained = load_file(os.path.join(shipped, unet_file)), load_file(tmp_path / "a" / unet_file)
+  assert start.keys() == trained.keys()
+  assert any(not np.array_equal(start[k], trained[k]) for k in start)
+
+
 def test_training_timesteps_favour_high_noise():
   from lfs_jax.mini import train_base
 
