@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.class_templates = ()       # templates of the class conditions ("a {} in the snow"); () = concepts.templates[0]
   c.kd.batch_size = 2             # pure-noise latents per step
   c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)
+  c.kd.kv_weight = 0.0            # [choice, off] weight of a K/V anchor: the attn2 to_k/to_v outputs on the
+  # ^ DFKD conditions' text contexts kept to the teacher's (losses.kv_anchor; 0 = off, the paper's loss)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep_progress = 1  # progress checkpoints kept within a session

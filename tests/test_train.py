@@ -14,7 +14,7 @@ import pytest
 from lfs_jax import checkpoint, concepts
 from lfs_jax.train import losses, session
 from lfs_jax.train import step as step_lib
-from lfs_jax.weights.convert import flatten
+from lfs_jax.weights.convert import flatten, unflatten
 
 
 def _copy(tree):
@@ -245,7 +245,8 @@ def test_kd_class_templates(tmp_path, tiny_config):
 
 
 def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_config):
-  cfg = tiny_config(kd__from_base="class,empty", kd__mode="noise")
+  # kd.kv_weight rides along (one compiled step serves both options): checked at the end.
+  cfg = tiny_config(kd__from_base="class,empty", kd__mode="noise", kd__kv_weight=3.0)
   ctx = session.prepare(cfg, str(tmp_path))
   conds = session._kd_conditions(cfg, ctx.registry.up_to(2), 2)  # pylint: disable=protected-access
   assert [b for _, b in conds] == [True, False, True] and conds[-1][0] == ""
@@ -280,9 +281,46 @@ def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_confi
   assert np.abs(want_base - want_prev).max() > 1e-3
   # The step's fresh (uncached) targets too: at the session's first step the student
   # is the previous session, so only the base's conditions can make the KD loss > 0.
-  _, metrics = ctx.step_fn(su.state, su.frozen, su.teacher, su.data, ctx.schedule,
-                           su.train_key)
+  state, metrics = ctx.step_fn(su.state, su.frozen, su.teacher, su.data, ctx.schedule,
+                               su.train_key)
   assert float(metrics["kd"]) > 0.0 and np.isfinite(float(metrics["loss"]))
+  # kd.kv_weight: the anchor's second moment is that of the session's own DFKD
+  # contexts; it reads 0 while the keys and values are the teacher's, and the
+  # step's loss holds it at its weight once the first update has moved them.
+  np.testing.assert_allclose(np.asarray(su.data.kv_gram),
+                             np.asarray(losses.kv_gram(su.data.kd_context, 3)), rtol=1e-6)
+  assert su.spec.kv_weight == 3.0 and float(metrics["kv"]) == 0.0
+  moved = losses.kv_anchor(state.trainable["unet"], su.teacher["unet"], su.data.kv_gram)
+  state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
+                               su.train_key)
+  assert float(moved) > 0.0
+  np.testing.assert_allclose(float(metrics["kv"]), float(moved), rtol=1e-5)
+
+
+def test_kv_anchor_is_the_mean_change_of_keys_and_values_on_the_contexts():
+  from lfs_jax.models import tiny
+
+  unet_params = tiny.pipeline(0).unet_params
+  rs = np.random.default_rng(1)
+  teacher, _ = losses.params_lib.split(unet_params, losses.params_lib.selection_predicate(
+      "crossattn"))  # to_q and to_out too: the anchor must leave them out
+  student = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rs.standard_normal(x.shape), teacher)
+  width = tiny.TEXT["hidden_size"]
+  contexts = rs.standard_normal((3, 7, width)).astype(np.float32)
+  contexts[2] = 1e3  # a padding row past n: ignored
+  got = float(losses.kv_anchor(student, teacher, losses.kv_gram(contexts, 2)))
+  tokens = contexts[:2].reshape(-1, width)
+  want = []
+  s_flat, t_flat = flatten(student), flatten(teacher)
+  for path in sorted(s_flat):
+    if path[-3:] in (("attn2", "to_k", "kernel"), ("attn2", "to_v", "kernel")):
+      want.append(np.mean(np.square(tokens @ s_flat[path] - tokens @ t_flat[path])))
+  assert len(want) == 8  # the tiny UNet's four transformer blocks, a key and a value each
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-4)
+  # Moving only what does not read the text (queries, outputs) costs nothing.
+  only_q = {p: (s_flat[p] if p[-2] in ("to_q", "to_out_0") else t_flat[p]) for p in t_flat}
+  assert float(losses.kv_anchor(unflatten(only_q), teacher,
+                                losses.kv_gram(contexts, 2))) == 0.0
 
 
 def test_restart_rules(tmp_path, tiny_config):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.diffusion import steps as steps_lib
 from lfs_jax.train import params as params_lib
+from lfs_jax.weights.convert import flatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class LossSpec:
   scheduler: Any             # diffusion.schedule.SchedulerConfig (frozen dataclass)
   batch_sharding: Any = None  # NamedSharding splitting the UNet batch over data x fsdp
   kd_from_base: bool = False  # some conditions are distilled from the base (kd.from_base)
+  kv_weight: float = 0.0     # weight of kv_anchor (kd.kv_weight; 0 = off)
 
 
 class SessionData(NamedTuple):
@@ -51,6 +53,7 @@ class SessionData(NamedTuple):
   n_kd: jax.Array            # int32: conditions [0, n_kd) are real
   kd_cache: Optional[Dict[str, jax.Array]] = None  # x, t, cond, target (see kd_cache)
   kd_base: Optional[jax.Array] = None  # [NC] bool: condition distilled from the base (kd.from_base)
+  kv_gram: Optional[jax.Array] = None  # [D, D] float32: kv_gram of the DFKD conditions (kd.kv_weight)
 
 
 class Models(NamedTuple):
@@ -185,7 +188,41 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     kd = jnp.mean(jnp.square(out[spec.batch_size:] - target_kd.astype(jnp.float32)))
     loss = loss + spec.kd_weight * kd
     metrics["kd"] = kd
+    if spec.kv_weight:
+      kv = kv_anchor(trainable["unet"], teacher["unet"], batch.kv_gram)
+      loss = loss + spec.kv_weight * kv
+      metrics["kv"] = kv
   return loss, metrics
+
+
+def kv_gram(contexts: jax.Array, n: int) -> jax.Array:
+  """[D, D] float32 second moment E[c c^T] over every token of contexts[:n] ([NC, L, D])."""
+  x = jnp.asarray(contexts[:n], jnp.float32).reshape(-1, contexts.shape[-1])
+  return x.T @ x / x.shape[0]
+
+
+def kv_anchor(student, teacher, gram: jax.Array) -> jax.Array:
+  """[choice] How far the trained keys and values have moved on the anchor contexts.
+
+  Only the cross-attention keys and values (attn2 to_k / to_v, c -> c @ W) read the
+  text, and they are all a class prompt's condition reaches: a class prompt's
+  samples change only as far as c @ W does on its context tokens c. For each trained
+  attn2 to_k / to_v kernel W against the teacher's W0 (D = W - W0), the mean over the
+  anchor tokens of |c @ D|^2 per output channel is tr(D^T G D) / width with G =
+  E[c c^T] (`kv_gram`); the result is the mean over those kernels. Exact and
+  data-free (no UNet call): a distillation of the keys and values on the DFKD
+  conditions, where DFKD proper matches the UNet's output on noise.
+  """
+  s_flat, t_flat = flatten(student), flatten(teacher)
+  terms = []
+  for path, w in s_flat.items():
+    if path[-1] == "kernel" and len(path) >= 3 and path[-3] == "attn2" and path[-2] in (
+        "to_k", "to_v"):
+      d = w.astype(jnp.float32) - t_flat[path].astype(jnp.float32)
+      terms.append(jnp.sum(d * (gram @ d)) / d.shape[1])
+  if not terms:
+    raise ValueError("kv_anchor: the trained UNet leaves hold no attn2 to_k/to_v kernel")
+  return jnp.mean(jnp.stack(terms))
 
 
 def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, spec):

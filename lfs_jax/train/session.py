@@ -192,6 +192,8 @@ def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
     raise ConfigError(f"kd.mode must be 'noise' or 'trajectory', got {cfg.kd.mode!r}")
   if cfg.kd.steps < 1:
     raise ConfigError(f"kd.steps must be >= 1, got {cfg.kd.steps}")
+  if not cfg.kd.kv_weight >= 0:
+    raise ConfigError(f"kd.kv_weight must be >= 0 (0 = off), got {cfg.kd.kv_weight}")
   n_batch = ctx.mesh.size  # the batch is split over data x fsdp
   for name, b in (("train.batch_size", cfg.train.batch_size),
                   ("kd.batch_size", cfg.kd.batch_size)):
@@ -207,7 +209,8 @@ def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
       rescale=cfg.data.rescale, rescale_min=cfg.data.rescale_min,
       rescale_max=cfg.data.rescale_max,
       scaling_factor=ctx.pipe.vae.config.scaling_factor, scheduler=ctx.pipe.scheduler,
-      batch_sharding=sharding, kd_from_base=use_kd and bool(_kinds(cfg, "from_base")))
+      batch_sharding=sharding, kd_from_base=use_kd and bool(_kinds(cfg, "from_base")),
+      kv_weight=float(cfg.kd.kv_weight) if use_kd else 0.0)
 
 
 def _session_inputs(ctx: _Context, session: int, prev_delta):
@@ -245,7 +248,8 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
       token_offset=jnp.asarray(len(old_rows), jnp.int32),
       kd_context=kd_context, n_kd=jnp.asarray(len(kd_prompts), jnp.int32),
       kd_base=(jnp.asarray(_pad(np.asarray([b for _, b in kd_conds]), ctx.max_kd))
-               if ctx.spec.kd_from_base else None))
+               if ctx.spec.kd_from_base else None),
+      kv_gram=losses.kv_gram(kd_context, len(kd_prompts)) if ctx.spec.kv_weight else None)
   bank = {f"concept{registry.concepts.index(c) + 1}": {
       "mean": mean[[i for i, o in enumerate(owner) if o is c]],
       "logvar": logvar[[i for i, o in enumerate(owner) if o is c]]} for c in new}
