@@ -256,7 +256,8 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
            f"Sessions: `{cfg.data.sessions}`; {cfg.train.steps} steps per session; "
            f"sampler {cfg.sample.sampler} {cfg.sample.steps} steps, guidance "
            f"{cfg.sample.guidance}; ICGen strength {cfg.icgen.strength}; "
-           f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}.", "",
+           f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}; "
+           f"K/V anchor weight {cfg.kd.kv_weight} (ours; 0 = the paper's loss alone).", "",
            f"Base model: class-prompt accuracy {base['class']['accuracy']:.3f} "
            f"(shape {base['class']['shape']:.3f}, colour {base['class']['colour']:.3f}, "
            f"patterned {base['class']['patterned']:.3f}).", "",
