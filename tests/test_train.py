@@ -297,6 +297,16 @@ def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_confi
   np.testing.assert_allclose(float(metrics["kv"]), float(moved), rtol=1e-5)
 
 
+def test_kv_anchor_runs_without_dfkd_and_only_for_lfs(tmp_path, tiny_config):
+  ctx = session.prepare(tiny_config(kd__weight=0.0, kd__kv_weight=2.0), str(tmp_path))
+  assert not ctx.spec.use_kd and ctx.spec.kv_weight == 2.0  # the anchor alone
+  cd = session._loss_spec(ctx, False)  # pylint: disable=protected-access  # custom_diffusion
+  assert not cd.use_kd and cd.kv_weight == 0.0
+  with pytest.raises(ValueError, match="kd.kv_weight"):
+    session.prepare(tiny_config(kd__kv_weight=-1.0), str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
+
+
 def test_kv_anchor_is_the_mean_change_of_keys_and_values_on_the_contexts():
   from lfs_jax.models import tiny
 

@@ -140,8 +140,8 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     trainable: {"unet": selected UNet leaves, "tokens": [M, D] this session's token rows}.
     frozen: {"unet": the other UNet leaves, "text": text encoder, "tokens": [R, D] the
       run's token rows (earlier concepts' learned values; the rest unused)}.
-    teacher: {"unet": the previous session's selected leaves} or None (no DFKD); with
-      spec.kd_from_base also "base": the base model's selected leaves.
+    teacher: {"unet": the previous session's selected leaves} or None (neither DFKD nor
+      the K/V anchor); with spec.kd_from_base also "base": the base model's leaves.
     batch: the session's SessionData.
     schedule: diffusion.schedule.NoiseSchedule.
     rng: this step's key.
@@ -188,10 +188,10 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     kd = jnp.mean(jnp.square(out[spec.batch_size:] - target_kd.astype(jnp.float32)))
     loss = loss + spec.kd_weight * kd
     metrics["kd"] = kd
-    if spec.kv_weight:
-      kv = kv_anchor(trainable["unet"], teacher["unet"], batch.kv_gram)
-      loss = loss + spec.kv_weight * kv
-      metrics["kv"] = kv
+  if spec.kv_weight:
+    kv = kv_anchor(trainable["unet"], teacher["unet"], batch.kv_gram)
+    loss = loss + spec.kv_weight * kv
+    metrics["kv"] = kv
   return loss, metrics
 
 

@@ -186,8 +186,11 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
 
 
-def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
+def _loss_spec(ctx: _Context, lfs: bool) -> losses.LossSpec:
+  """The loss of method=lfs (`lfs`) or custom_diffusion: DFKD where kd.weight > 0, the
+  K/V anchor where kd.kv_weight > 0 (either can run without the other)."""
   cfg = ctx.cfg
+  use_kd = lfs and cfg.kd.weight > 0
   if cfg.kd.mode not in ("noise", "trajectory"):
     raise ConfigError(f"kd.mode must be 'noise' or 'trajectory', got {cfg.kd.mode!r}")
   if cfg.kd.steps < 1:
@@ -210,7 +213,7 @@ def _loss_spec(ctx: _Context, use_kd: bool) -> losses.LossSpec:
       rescale_max=cfg.data.rescale_max,
       scaling_factor=ctx.pipe.vae.config.scaling_factor, scheduler=ctx.pipe.scheduler,
       batch_sharding=sharding, kd_from_base=use_kd and bool(_kinds(cfg, "from_base")),
-      kv_weight=float(cfg.kd.kv_weight) if use_kd else 0.0)
+      kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0)
 
 
 def _session_inputs(ctx: _Context, session: int, prev_delta):
@@ -274,14 +277,15 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   """Builds session `session`'s inputs and fresh train state (compiles the step once a run)."""
   cfg, pipe = ctx.cfg, ctx.pipe
   registry, data, token_table, new_rows, bank = _session_inputs(ctx, session, prev_delta)
-  spec, use_kd = ctx.spec, ctx.spec.use_kd
+  spec = ctx.spec
+  use_teacher = spec.use_kd or spec.kv_weight > 0  # DFKD and the K/V anchor read it
   models = losses.Models(unet=pipe.unet, text=pipe.text_encoder)
   optimizer = step_lib.make_optimizer(cfg.train)
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
   start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
   teacher = None
-  if use_kd:
+  if use_teacher:
     teacher = {"unet": start_unet}
     if spec.kd_from_base:  # the base's own leaves, for the conditions of kd.from_base
       teacher["base"] = jax.tree.map(lambda x: np.asarray(x, np.float32),
@@ -304,7 +308,7 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
                                    {"unet": sh.frozen["unet"], "text": sh.frozen["text"]})
   frozen = {**ctx.frozen_base, "tokens": parallel.put(token_table, sh.frozen["tokens"])}
   # The teacher gets buffers of its own: the student's are donated at every step.
-  teacher = parallel.put(teacher, sh.teacher) if use_kd else None
+  teacher = parallel.put(teacher, sh.teacher) if use_teacher else None
   root = jax.random.key(cfg.seed)
   data = parallel.put(data, sh.data)
   if spec.kd_cached:
@@ -464,7 +468,7 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
       sessions, images, registry,
       max_images=max(sum(len(images[c.name]) for c in s) for s in sessions),
       max_new=max(len(s) for s in sessions), max_kd=max(kd_counts), first=first)
-  ctx.spec = _loss_spec(ctx, cfg.method == "lfs" and cfg.kd.weight > 0)
+  ctx.spec = _loss_spec(ctx, cfg.method == "lfs")
   ctx.encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))
   ctx.text = jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
       {"params": p}, ids, extra_embeddings=rows))
