@@ -213,11 +213,11 @@ def kv_anchor(student, teacher, gram: jax.Array) -> jax.Array:
   data-free (no UNet call): a distillation of the keys and values on the DFKD
   conditions, where DFKD proper matches the UNet's output on noise.
   """
+  is_kv = params_lib.selection_predicate("crossattn_kv")
   s_flat, t_flat = flatten(student), flatten(teacher)
   terms = []
   for path, w in s_flat.items():
-    if path[-1] == "kernel" and len(path) >= 3 and path[-3] == "attn2" and path[-2] in (
-        "to_k", "to_v"):
+    if path[-1] == "kernel" and is_kv("/".join(path)):
       d = w.astype(jnp.float32) - t_flat[path].astype(jnp.float32)
       terms.append(jnp.sum(d * (gram @ d)) / d.shape[1])
   if not terms:
