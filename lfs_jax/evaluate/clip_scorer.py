@@ -23,6 +23,7 @@ import numpy as np
 
 from lfs_jax import concepts as concepts_lib
 from lfs_jax.errors import EvalError
+from lfs_jax.evaluate import encoders
 from lfs_jax.evaluate import metrics
 from lfs_jax.evaluate import preprocess as preprocess_lib
 from lfs_jax.weights import loaders
@@ -92,17 +93,7 @@ class ClipScorer:
     self.max_length = self.model.config.text.max_position_embeddings
 
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
-    """Applies a jitted tower over x [N, ...] in padded batches -> [N, P] float32."""
-    b, n = self.batch_size, len(x)
-    out = []
-    for i in range(0, n, b):
-      chunk = x[i:i + b]
-      pad = b - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(jax.device_get(fn(self.params, jnp.asarray(chunk),
-                                              model=self.model)))[:b - pad])
-    return np.concatenate(out)
+    return encoders.batched(fn, self.params, self.model, x, self.batch_size)
 
   def image_embeddings(self, images: Union[np.ndarray, Sequence[np.ndarray]]) -> np.ndarray:
     """uint8 RGB images (one [N, H, W, 3] array or a list of any sizes) -> unit [N, P]."""

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
-from lfs_jax.models import clip, clip_vision, unet, vae
+from lfs_jax.models import clip, clip_vision, dino, unet, vae
 from lfs_jax.weights import convert, files
 
 _EXPECTED_CLASS = {
@@ -115,14 +115,69 @@ def load_clip(path: str, *, dtype=jnp.float32, attention: str = "xla",
 
   cfg = clip_vision.CLIPConfig.from_transformers(files.read_config(path))
   processor = preprocess.PreprocessConfig.from_folder(path)
-  if processor.crop != (cfg.vision.image_size,) * 2:
+  if processor.output_size != (cfg.vision.image_size,) * 2:
     raise ValueError(
-        f"{path}/preprocessor_config.json crops to {processor.crop}, but the vision "
+        f"{path}/preprocessor_config.json resizes/crops to {processor.output_size}, but the vision "
         f"model takes {cfg.vision.image_size}x{cfg.vision.image_size} images")
   params = convert.torch_to_flax(
       files.read_state(path, variant), clip_vision.abstract_params(cfg), dtype=dtype,
       ignore=clip_vision.IGNORED_KEYS, source=path)
   return clip_vision.CLIPModel(cfg, dtype=dtype, attention=attention), params, processor
+
+
+def load_dino(path: str, *, dtype=jnp.float32, attention: str = "xla",
+              variant: Optional[str] = None):
+  """Loads a local Hugging Face ViTModel or Dinov2Model folder (the DINO image encoder).
+
+  The folder holds config.json (model_type "vit" or "dinov2"), model.safetensors (or
+  shards) and the preprocessor_config.json of its image processor (ViTImageProcessor
+  for DINO v1, e.g. facebook/dino-vits16; BitImageProcessor for DINOv2).
+
+  Args:
+    path: the folder.
+    dtype: parameter dtype (float32 default).
+    attention: "xla", "cudnn" or "auto" (see models.attention).
+    variant: weight-file variant, e.g. "fp16".
+
+  Returns:
+    (module, params, preprocess_config): a dino.DinoViT, its parameters and the
+    evaluate.preprocess.PreprocessConfig that prepares its pixel_values.
+
+  Raises:
+    WeightsNotFoundError: the folder, config.json, preprocessor_config.json or the
+      weights are missing (names the folder).
+    PickleRefusedError: the folder has only pickle weights (names it, and the
+      one-line conversion).
+    UnsupportedConfigError: naming a config field we do not implement.
+    ValueError: the preprocessor's output size does not fit the model.
+    WeightsMismatchError: naming the first tensor that does not fit.
+  """
+  from lfs_jax.evaluate import preprocess  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(path):
+    raise files.WeightsNotFoundError(f"DINO folder {path!r} does not exist")
+  cfg = dino.DinoConfig.from_transformers(files.read_config(path))
+  processor = preprocess.PreprocessConfig.from_folder(
+      path, "ViTImageProcessor" if cfg.kind == "vit" else "BitImageProcessor")
+  h, w = processor.output_size
+  if (cfg.kind == "vit" and (h, w) != (cfg.image_size,) * 2) or h % cfg.patch_size or (
+      w % cfg.patch_size):
+    want = (f"{cfg.image_size}x{cfg.image_size}" if cfg.kind == "vit"
+            else f"a multiple of the patch size {cfg.patch_size} on each side")
+    raise ValueError(f"{path}/preprocessor_config.json resizes/crops to {h}x{w}, but the "
+                     f"model takes {want}")
+  try:
+    state = files.read_state(path, variant)
+  except files.PickleRefusedError:
+    raise files.PickleRefusedError(
+        f"DINO folder {path} holds only pickle weights (pytorch_model.bin, as "
+        "facebook/dino-vits16 ships); lfs_jax never unpickles. Convert once, in a trusted "
+        "environment:\n  python -c \"import sys, transformers; d=sys.argv[1]; "
+        "transformers.AutoModel.from_pretrained(d).save_pretrained(d, "
+        f"safe_serialization=True)\" {path}") from None
+  params = convert.torch_to_flax(state, dino.abstract_params(cfg), dtype=dtype,
+                                 ignore=dino.IGNORED_KEYS, source=path)
+  return dino.DinoViT(cfg, dtype=dtype, attention=attention), params, processor
 
 
 def load_tokenizer(path: str):
