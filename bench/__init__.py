@@ -37,8 +37,8 @@ PEAK_BF16_FLOPS = (
 )
 
 # SD 1.5 component configs (diffusers / transformers config.json contents of the public
-# model card; the same as /work/shared/data/sd_configs/sd15, which does not travel to
-# the device machine, so they are written out here; tests/test_bench.py compares them).
+# model card; the same as tests/data/sd_configs/sd15, written out here so the bench
+# needs no test data; tests/test_bench.py compares them).
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu",
     "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,

@@ -18,6 +18,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+# Small data shipped with the tests (see tests/data/README.md); nothing outside the clone.
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
@@ -65,3 +68,34 @@ def make_tiny_run(tmp_path_factory, compile_cache):
     return workdir
 
   return make
+
+
+@pytest.fixture(scope="session")
+def dreambooth_root(tmp_path_factory):
+  """A dataset folder in the DreamBooth layout: the real prompts_and_classes.txt, the
+  bundled photos for dog/cat/dog2 and two generated 8x8 JPEGs for every other subject."""
+  import shutil
+
+  import numpy as np
+  from PIL import Image
+
+  from lfs_jax import datasets
+
+  root = tmp_path_factory.mktemp("dreambooth") / "dataset"
+  root.mkdir()
+  text = os.path.join(DATA, "dreambooth", "prompts_and_classes.txt")
+  shutil.copy(text, root / "prompts_and_classes.txt")
+  with open(text) as f:
+    lines = [l.strip() for l in f]
+  table = lines[lines.index("subject_name,class") + 1:]
+  subjects = [l.split(",")[0] for l in table[:table.index("")]]
+  bundled = datasets.bundled_root()
+  for i, name in enumerate(subjects):
+    if name in datasets.bundled_classes:
+      shutil.copytree(os.path.join(bundled, name), root / name)
+      continue
+    (root / name).mkdir()
+    for k in range(2):
+      Image.fromarray(np.full((8, 8, 3), (i * 8 + k) % 256, np.uint8)).save(
+          root / name / f"0{k}.jpg")
+  return str(root)

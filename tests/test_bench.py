@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # bench/ sits beside lfs_jax/ but is not installed with it
@@ -17,8 +18,8 @@ if ROOT not in sys.path:  # bench/ sits beside lfs_jax/ but is not installed wit
 import bench  # noqa: E402
 from bench import bench_jax, run  # noqa: E402
 
-# The shared folder beside the checkout (absent on a plain clone elsewhere).
-SHARED = os.path.join(ROOT, os.pardir, "shared", "data", "sd_configs", "sd15")
+# The SD 1.5 component configs shipped with the tests (tests/data/README.md).
+SD15 = os.path.join(ROOT, "tests", "data", "sd_configs", "sd15")
 
 
 def _lines(text):
@@ -44,8 +45,6 @@ def test_jax_bench_tiny_vae(capsys):
 
 
 def test_torch_bench_tiny_vae(capsys):
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("diffusers")
   from bench import bench_torch  # pylint: disable=g-import-not-at-top
   from diffusers.utils import logging  # pylint: disable=g-import-not-at-top
   threads, verbosity = torch.get_num_threads(), logging.get_verbosity()
@@ -81,10 +80,9 @@ def test_record_mfu_and_table():
   assert "| 280.00 | 28.3% |" in rows[2] and "| 140.00 | 14.2% |" in rows[3]
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} absent")
-def test_sd15_configs_match_shared():
+def test_sd15_configs_match_shipped():
   for name, want in (("unet/config.json", bench.SD15_UNET), ("vae/config.json", bench.SD15_VAE),
                      ("text_encoder/config.json", bench.SD15_TEXT),
                      ("scheduler/scheduler_config.json", bench.SD15_SCHEDULER)):
-    with open(os.path.join(SHARED, name)) as f:
+    with open(os.path.join(SD15, name)) as f:
       assert json.load(f) == want, name

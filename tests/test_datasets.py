@@ -9,8 +9,6 @@ import pytest
 from lfs_jax import data, datasets
 from lfs_jax.datasets import DatasetError
 
-DREAMBOOTH = "/work/shared/data/dreambooth/dataset"
-
 _DB_TEXT = """Classes
 
 subject_name,class
@@ -53,25 +51,31 @@ def _write(path, text):
 # ---------------------------------------------------------------------------
 # DreamBooth
 
-@pytest.mark.skipif(not os.path.isdir(DREAMBOOTH), reason=f"{DREAMBOOTH} not present")
-def test_real_dreambooth():
-  concepts = datasets.read_dreambooth(DREAMBOOTH)
+def test_real_dreambooth(dreambooth_root):
+  """The dataset's own prompts_and_classes.txt, subject folders as the fixture built them."""
+  concepts = datasets.read_dreambooth(dreambooth_root)
   assert len(concepts) == 30
+  assert list(concepts)[:3] == ["backpack", "backpack_dog", "bear_plushie"]  # file order
   dog2, teapot, backpack_dog = concepts["dog2"], concepts["teapot"], concepts["backpack_dog"]
   assert dog2.class_word == "dog" and concepts["bear_plushie"].class_word == "stuffed animal"
+  assert concepts["pink_sunglasses"].class_word == "glasses"
   assert len(dog2.prompts) == 25 and len(teapot.prompts) == 25
   assert dog2.prompts[0] == "a {} in the jungle"
+  assert dog2.prompts[-1] == "a cube shaped {}" and dog2.prompts[-5] == "a red {}"
   assert "a {} wearing a red hat" in dog2.prompts            # live prompts
   assert "a {} wearing a red hat" not in teapot.prompts      # object prompts
   assert "a {} with a wheat field in the background" in teapot.prompts
+  assert teapot.prompts[-3] == "a shiny {}"
   assert backpack_dog.prompts == teapot.prompts              # a backpack is an object
   live = sorted(n for n, c in concepts.items() if c.prompts == dog2.prompts)
   assert live == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
   assert all(os.path.isabs(p) and p.endswith(".jpg") for p in dog2.images)
-  assert list(dog2.images) == sorted(dog2.images) and len(dog2.images) >= 4
+  assert [os.path.basename(p) for p in dog2.images] == ["00.jpg", "01.jpg", "02.jpg"]
+  assert [os.path.dirname(p) for p in dog2.images] == [os.path.join(dreambooth_root, "dog2")] * 3
+  assert len(teapot.images) == 2
   assert dog2.render("<c1>")[0] == "a <c1> dog in the jungle"
   # The parent folder works too.
-  assert datasets.read_dreambooth(os.path.dirname(DREAMBOOTH)).keys() == concepts.keys()
+  assert datasets.read_dreambooth(os.path.dirname(dreambooth_root)).keys() == concepts.keys()
 
 
 def test_synthetic_dreambooth(tmp_path):

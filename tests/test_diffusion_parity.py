@@ -6,18 +6,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import diffusers
 import pytest
+import torch
+from diffusers.schedulers import scheduling_ddpm
 
 from lfs_jax.diffusion import schedule as sched_lib
 from lfs_jax.diffusion import steps as steps_lib
 from lfs_jax.errors import UnsupportedConfigError
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
-
-_CONFIGS_DIR = "/work/shared/data/sd_configs"
-_SD15 = {  # /work/shared/data/sd_configs/sd15/scheduler/scheduler_config.json
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sd_configs")
+_SD15 = {  # tests/data/sd_configs/sd15/scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
@@ -60,8 +59,6 @@ def _rel(a, b):
 def test_real_configs_load():
   for name, expected in [("sd15", "epsilon"), ("sd21", "v_prediction")]:
     path = os.path.join(_CONFIGS_DIR, name, "scheduler", "scheduler_config.json")
-    if not os.path.exists(path):
-      pytest.skip(f"{path} not present")
     cfg = sched_lib.SchedulerConfig.from_json_file(path)
     assert cfg.prediction_type == expected
     assert (cfg.beta_schedule, cfg.steps_offset, cfg.set_alpha_to_one, cfg.clip_sample) == (

@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from PIL import Image
 
 from lfs_jax import runs, sample
@@ -112,8 +114,6 @@ def test_eval_settings_are_validated(tiny_config):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
   """A tiny random transformers CLIPModel (32 px) with the real CLIP tokenizer."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   folder = str(tmp_path_factory.mktemp("clip"))
   torch.manual_seed(0)
   config = transformers.CLIPConfig(

@@ -13,7 +13,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import diffusers
 import pytest
+import torch
 
 from lfs_jax import checkpoint, concepts, config_base, interop
 from lfs_jax.models import tiny
@@ -21,9 +23,6 @@ from lfs_jax.train import params as params_lib
 from lfs_jax.train import session
 from lfs_jax.weights import files, loaders, safetensors_io
 from lfs_jax.weights.convert import flatten, unflatten
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 
 def _config(folder, compile_cache, **overrides):

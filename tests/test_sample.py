@@ -8,10 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import diffusers
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from diffusers.schedulers import scheduling_ddpm
 from PIL import Image
 
 from lfs_jax import config_base, icgen, runs, sample
@@ -172,9 +175,6 @@ class _FakeUNet(nn.Module):
     ("ddpm", 0.6, 0.0)])
 def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
   """The whole loop (grid, pairing, CFG, ICGen start, per-step noise) vs diffusers."""
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
-  scheduling_ddpm = pytest.importorskip("diffusers.schedulers.scheduling_ddpm")
   from lfs_jax.models import tiny  # its scheduler config is SD 1.5's
   config = {k: v for k, v in tiny.SCHEDULER.items() if k != "skip_prk_steps"}
   spec = sampler.SamplerSpec(kind, sampler.schedule_lib.SchedulerConfig.from_diffusers(config))

@@ -2,11 +2,14 @@
 
 import inspect
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import diffusers
 
 from lfs_jax.errors import UnsupportedConfigError
 from lfs_jax.models import unet as unet_lib
@@ -14,10 +17,7 @@ from lfs_jax.models.unet import UNetConfig, abstract_params, num_params
 from lfs_jax.models.unet_blocks import timestep_embedding
 from lfs_jax.weights import load_unet
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-SD_CONFIGS = "/work/shared/data/sd_configs"
+SD_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sd_configs")
 
 # SD-1-like: conv projections, one head count for every block.
 TINY_SD1 = dict(
@@ -90,7 +90,7 @@ def test_timestep_embedding_matches_diffusers(flip, shift, dim):
 
 
 def _sd_config(name):
-  with open(f"{SD_CONFIGS}/{name}/unet/config.json") as f:
+  with open(os.path.join(SD_CONFIGS, name, "unet", "config.json")) as f:
     return json.load(f)
 
 

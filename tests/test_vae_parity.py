@@ -1,21 +1,22 @@
 """The Flax AutoencoderKL matches diffusers' on tiny random weights (float32, rel err <= 1e-5)."""
 
 import json
+import os
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from lfs_jax.errors import UnsupportedConfigError  # noqa: E402
-from lfs_jax.models import vae  # noqa: E402
-from lfs_jax.weights import convert, safetensors_io  # noqa: E402
+from lfs_jax.errors import UnsupportedConfigError
+from lfs_jax.models import vae
+from lfs_jax.weights import convert, load_vae, safetensors_io
 
 TOL = 1e-5
-SD15_CONFIG = "/work/shared/data/sd_configs/sd15/vae/config.json"
+SD15_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sd_configs",
+                           "sd15", "vae", "config.json")
 
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
@@ -46,17 +47,8 @@ def _save_reference(path, kwargs, seed):
 
 
 def _load(path):
-  """(module, params) through the lead's loader when it exists, by hand otherwise."""
-  try:
-    from lfs_jax.weights import load_vae
-  except ImportError:
-    load_vae = None
-  if load_vae is not None:
-    return load_vae(str(path))
-  with open(path / "config.json") as f:
-    cfg = vae.VAEConfig.from_diffusers(json.load(f))
-  state = safetensors_io.load_file(str(path / "diffusion_pytorch_model.safetensors"))
-  return vae.AutoencoderKL(cfg), convert.torch_to_flax(state, vae.abstract_params(cfg))
+  """(module, params) through the package's loader."""
+  return load_vae(str(path))
 
 
 @pytest.mark.parametrize("kwargs", [TINY, BARE], ids=["sd", "bare"])

@@ -527,8 +527,8 @@ def test_safetensors_io_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- full-size SD trees (abstract)
 
-# config.json contents of the public SD 1.5 / 2.1 model cards (also under
-# /work/shared/data/sd_configs/; copied here so these tests never skip).
+# config.json contents of the public SD 1.5 / 2.1 model cards, as literals (the files
+# in tests/data/sd_configs/ must agree: test_literals_match_shipped_configs).
 _SD_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu",
     "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
@@ -574,7 +574,7 @@ SD21 = {
     "scheduler": dict(_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction"),
 }
 SD_CONFIGS = {"sd15": SD15, "sd21": SD21}
-SHARED = "/work/shared/data/sd_configs"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sd_configs")
 
 # Parameter counts (diffusers / transformers: SD 1.5 UNet 859,520,964, VAE 83,653,863,
 # CLIP ViT-L/14 text 123,060,480; SD 2.1 UNet 865,910,724, OpenCLIP ViT-H text 340,387,840).
@@ -603,10 +603,9 @@ def test_full_size_trees_are_abstract(model, component):
     assert len(proj.shape) == (2 if model == "sd21" else 4)
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"{SHARED} absent (literals used above)")
 @pytest.mark.parametrize("model", sorted(SD_CONFIGS))
-def test_literals_match_shared_configs(model):
+def test_literals_match_shipped_configs(model):
   for component, want in SD_CONFIGS[model].items():
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    with open(os.path.join(SHARED, model, component, name)) as f:
+    with open(os.path.join(SHIPPED, model, component, name)) as f:
       assert json.load(f) == want, (model, component)
