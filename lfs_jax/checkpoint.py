@@ -160,6 +160,17 @@ def clear_progress(workdir: str) -> None:
   parallel.barrier("lfs_jax: progress cleared")  # no process sees it half deleted
 
 
+def drop_finished_progress(workdir: str, finished: List[int]) -> None:
+  """Drops progress/ when it belongs to a finished session.
+
+  A kill between a session's save and `clear_progress` leaves that session's
+  progress behind; the next session would resume from it or collide with its steps.
+  """
+  meta = progress_meta(workdir)
+  if meta is not None and meta["session"] in finished:
+    clear_progress(workdir)
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Process 0 writes run metadata; tmp file + rename so readers never see half a file."""
   if jax.process_index() != 0:

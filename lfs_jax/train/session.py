@@ -336,6 +336,8 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
 def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
                    stop) -> Dict[str, Any]:
   cfg = ctx.cfg
+  # SIGTERM while loading the base or saving the last session: stop before any work.
+  _stop_if_asked(stop, f"session {session} not started")
   su = setup_session(ctx, session, prev_delta)
   registry, frozen, teacher, data, state = su.registry, su.frozen, su.teacher, su.data, su.state
   n_new = len(registry.in_session(session))
@@ -345,6 +347,7 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
     if got is not None and got["meta"]["session"] == session:
       state = got["state"]
       print(f"session {session}: resumed at step {int(state.step)}")
+  _stop_if_asked(stop, f"session {session} stopped before step {int(state.step) + 1}")
 
   writer = SummaryWriter(os.path.join(ctx.workdir, "logs")) if jax.process_index() == 0 else None
   first, total = int(state.step), cfg.train.steps
@@ -363,12 +366,14 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
       pending = []
       bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "grad_norm"})
     bar.update(1)
-    if cfg.train.progress_every and done % cfg.train.progress_every == 0 and done < total:
+    if done == total:
+      continue  # the session save below keeps this step
+    stopping = _should_stop(stop, done, cfg.train.log_every)
+    # One save a step, whoever asks: the progress cadence and SIGTERM can name the same step.
+    if stopping or (cfg.train.progress_every and done % cfg.train.progress_every == 0):
       checkpoint.save_progress(ctx.workdir, done, state, {"session": session},
                                cfg.checkpoint.keep_progress)
-    if _should_stop(stop, done, cfg.train.log_every) and done < total:
-      checkpoint.save_progress(ctx.workdir, done, state, {"session": session},
-                               cfg.checkpoint.keep_progress)
+    if stopping:
       bar.close()
       raise Preempted(f"session {session} stopped at step {done}; progress saved")
   bar.close()
@@ -389,6 +394,12 @@ def _train_session(ctx: _Context, session: int, prev_delta, *, resume: bool,
   if jax.process_index() == 0:
     registry.save(os.path.join(ctx.workdir, "concepts.json"))
   return {"session": session, **last}
+
+
+def _stop_if_asked(stop, where: str) -> None:
+  """Raises Preempted if SIGTERM came (to any process) since the last saved state."""
+  if parallel.agree_any(stop["flag"]):
+    raise Preempted(f"{where}; nothing new to save")
 
 
 def _should_stop(stop, done: int, every: int) -> bool:
@@ -513,11 +524,12 @@ def run(cfg, workdir: str, *, resume: bool = False,
   Raises:
     Preempted: SIGTERM arrived; progress was saved (main exits 0).
   """
-  ctx = prepare(cfg, workdir, resume=resume, devices=devices)
-  stop = {"flag": False}
+  stop = {"flag": False}  # set by SIGTERM from the start: loading the base can take minutes
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   try:
+    ctx = prepare(cfg, workdir, resume=resume, devices=devices)
     done = checkpoint.finished_sessions(workdir)
+    checkpoint.drop_finished_progress(workdir, done)
     prev_delta = base_delta(ctx)
     results = []
     for k in range(1, ctx.first + len(ctx.sessions)):
