@@ -55,7 +55,8 @@ class Registry:
     return Registry(tuple(c for c in self.concepts if c.session <= session))
 
   def add_session(self, specs: Sequence[ConceptSpec], session: int, *,
-                  token_format: str, vocab: Sequence[str] = ()) -> "Registry":
+                  token_format: str, vocab: Sequence[str] = (),
+                  initializer: str = "class") -> "Registry":
     """Returns a registry with `specs` learned in `session` (tokens numbered on).
 
     Raises:
@@ -80,7 +81,8 @@ class Registry:
       records = tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p)) for p in spec.images)
       concepts.append(Concept(
           name=spec.name, token=token, class_word=spec.class_word,
-          initializer=spec.class_word.split()[-1], session=session, images=records,
+          initializer=(spec.class_word.split()[-1] if initializer == "class"
+                       else initializer), session=session, images=records,
           prompts=tuple(spec.prompts)))
       names.add(spec.name)
     return Registry(tuple(concepts))

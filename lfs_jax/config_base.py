@@ -37,11 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.rescale = True           # Custom Diffusion's random rescale with a loss mask
   c.data.rescale_min = 0.4        # [choice] range of the rescale factor (done in latent space)
   c.data.rescale_max = 1.4
+  c.data.rescale_cues = False     # prefix the prompt of a photo rescaled below 0.6 with "a far away "
+  # ^ or "very small ", above 1.2 with "zoomed in " or "close up " (Custom Diffusion: True; needs data.rescale)
 
   c.concepts = ml_collections.ConfigDict()
   c.concepts.token_format = "<c{}>"  # modifier token of the k-th concept (1-based)
   c.concepts.templates = ("photo of a {}", "a photo of a {}", "a picture of a {}")
   # ^ training prompts; "{}" becomes "<token> <class>" (or "<class>" for DFKD class prompts)
+  c.concepts.initializer = "class"  # a new token's starting embedding: "class" (its concept's class
+  # ^ word) or this word's for every concept (Custom Diffusion: "ktn", a rare token)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 40              # optimiser steps per session
@@ -53,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.adam_b2 = 0.999
   c.train.adam_eps = 1e-8
   c.train.grad_clip = 1.0         # global-norm clip
+  c.train.loss_reduction = "mean"  # denoising loss per image: mean (over masked elements) | cd
+  # ^ (Custom Diffusion: "cd", the masked sum over the latent channels / mask pixels = 4x mean on SD)
+  c.train.regulariser_lr_scale = 1.0  # learning rate x this when a regulariser doubles the batch
+  # ^ (DFKD rows of method=lfs) (Custom Diffusion: 2.0, with prior preservation)
   c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn
   c.train.train_tokens = True     # learn the new modifier tokens' embedding rows
   c.train.log_every = 10          # steps between metric syncs (progress bar, TensorBoard)
@@ -127,6 +135,12 @@ def use_local_sd(c: ml_collections.ConfigDict, resolution: int) -> ml_collection
   c.data.root = ""                # required: your concept folders
   c.data.resolution = resolution
   c.train.steps = 250             # Custom Diffusion's single-concept recipe
+  # Custom Diffusion's recipe in full (config fields above; no mini-world measurement
+  # has argued for other values on Stable Diffusion).
+  c.train.loss_reduction = "cd"
+  c.train.regulariser_lr_scale = 2.0
+  c.concepts.initializer = "ktn"
+  c.data.rescale_cues = True
   c.train.batch_size = 8
   c.train.log_every = 25
   c.train.progress_every = 100

@@ -36,6 +36,8 @@ class LossSpec:
   batch_sharding: Any = None  # NamedSharding splitting the UNet batch over data x fsdp
   kd_from_base: bool = False  # some conditions are distilled from the base (kd.from_base)
   kv_weight: float = 0.0     # weight of kv_anchor (kd.kv_weight; 0 = off)
+  loss_reduction: str = "mean"  # train.loss_reduction: mean | cd (see denoise_loss)
+  rescale_cues: bool = False  # data.rescale_cues: prompt_ids hold len(RESCALE_CUES) per template
 
 
 class SessionData(NamedTuple):
@@ -96,13 +98,49 @@ def teacher_trajectory(models: Models, unet_params, schedule, spec: LossSpec,
   return jax.lax.stop_gradient(xs), ts, jax.lax.stop_gradient(outs)
 
 
-def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec) -> Tuple[jax.Array, jax.Array]:
+# Custom Diffusion's caption cues for a rescaled photo (data.rescale_cues): prefixes
+# of the prompt, "" when the photo keeps its size. cue_index picks one per image.
+RESCALE_CUES = ("", "a far away ", "very small ", "zoomed in ", "close up ")
+CUE_SHRUNK = 0.6    # a rescale factor below this is "far away" / "very small"
+CUE_ENLARGED = 1.2  # above this "zoomed in" / "close up"
+
+
+def cue_index(scale: jax.Array, u: jax.Array) -> jax.Array:
+  """[B] int32 index into RESCALE_CUES for rescale factors [B] and uniforms u [B] in [0, 1).
+
+  As Custom Diffusion's data loader: shrunk below CUE_SHRUNK of the frame, one of
+  the two "small" cues at random; enlarged above CUE_ENLARGED, one of the two
+  "close" cues; otherwise none.
+  """
+  second = (u >= 0.5).astype(jnp.int32)
+  return jnp.where(scale < CUE_SHRUNK, 1 + second,
+                   jnp.where(scale > CUE_ENLARGED, 3 + second, 0)).astype(jnp.int32)
+
+
+def denoise_loss(sq: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
+  """Masked squared error [B, h, w, c] (mask [B, h, w, 1]) -> the scalar denoising loss.
+
+  "mean": per image, the mean over the masked elements (every channel), then over
+  the batch. "cd": Custom Diffusion's, per image the masked sum over all channels
+  divided by the mask's pixel count (c times "mean"), then the mean over the batch.
+  """
+  masked = (sq * mask).sum(axis=(1, 2, 3))
+  if reduction == "cd":
+    return (masked / mask.sum(axis=(1, 2, 3))).mean()
+  if reduction == "mean":
+    return (masked / (mask.sum(axis=(1, 2, 3)) * sq.shape[-1])).mean()
+  raise ValueError(f"train.loss_reduction must be 'mean' or 'cd', got {reduction!r}")
+
+
+def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec
+             ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Random flip and Custom Diffusion's random rescale, on latents [B, h, w, c].
 
   [choice] The rescale happens in latent space (latents are encoded once per
   session): a factor s in [min, max] shrinks the latent into a random spot of a
   zero canvas (s < 1) or zooms into a random crop (s > 1); the returned mask
-  [B, h, w, 1] keeps the loss to where the photo is.
+  [B, h, w, 1] keeps the loss to where the photo is. Returns (z, mask, s [B]; ones
+  without the rescale).
   """
   b, h, w, _ = z.shape
   k_flip, k_scale, k_pos = jax.random.split(rng, 3)
@@ -110,6 +148,7 @@ def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec) -> Tuple[jax.Array, j
     flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
     z = jnp.where(flip, z[:, :, ::-1, :], z)
   mask = jnp.ones((b, h, w, 1), z.dtype)
+  s = jnp.ones((b,), z.dtype)
   if spec.rescale:
     s = jax.random.uniform(k_scale, (b,), minval=spec.rescale_min, maxval=spec.rescale_max)
     # translation puts the scaled image at a random offset inside (or over) the canvas
@@ -125,7 +164,7 @@ def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec) -> Tuple[jax.Array, j
 
     z, mask = jax.vmap(one)(z, mask, s, trans)
     mask = (mask > 0.5).astype(z.dtype)
-  return z, mask
+  return z, mask, s
 
 
 def _text(models: Models, text_params, rows, ids):
@@ -153,12 +192,16 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   idx = jax.random.randint(k_idx, (spec.batch_size,), 0, batch.n_images)
   mean, logvar = batch.latent_mean[idx], batch.latent_logvar[idx]
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
-  z, mask = _augment(z * spec.scaling_factor, k_aug, spec)
+  z, mask, scale = _augment(z * spec.scaling_factor, k_aug, spec)
   noise = jax.random.normal(k_noise, z.shape, z.dtype)
   t = jax.random.randint(k_t, (spec.batch_size,), 0, spec.scheduler.num_train_timesteps)
   x_t = schedule_lib.add_noise(schedule, z, noise, t)
   target = schedule_lib.training_target(schedule, spec.scheduler.prediction_type, z, noise, t)
-  tpl = jax.random.randint(k_tpl, (spec.batch_size,), 0, batch.prompt_ids.shape[1])
+  n_cues = len(RESCALE_CUES) if spec.rescale_cues else 1
+  tpl = jax.random.randint(k_tpl, (spec.batch_size,), 0, batch.prompt_ids.shape[1] // n_cues)
+  if spec.rescale_cues:  # each template's prompts are its RESCALE_CUES variants, in order
+    k_cue = jax.random.fold_in(k_tpl, 1)  # a new key; the others stay as they were
+    tpl = tpl * n_cues + cue_index(scale, jax.random.uniform(k_cue, (spec.batch_size,)))
   ids = batch.prompt_ids[idx, tpl]
   rows = jax.lax.dynamic_update_slice(
       frozen["tokens"], trainable["tokens"].astype(frozen["tokens"].dtype),
@@ -179,9 +222,8 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   out = models.unet.apply({"params": unet_params}, x_in, t_in, c_in).astype(jnp.float32)
   out_data = out[:spec.batch_size]
 
-  sq = jnp.square(out_data - target.astype(jnp.float32)) * mask
-  per_image = sq.sum(axis=(1, 2, 3)) / (mask.sum(axis=(1, 2, 3)) * z.shape[-1])
-  denoise = per_image.mean()
+  denoise = denoise_loss(jnp.square(out_data - target.astype(jnp.float32)), mask,
+                         spec.loss_reduction)
   metrics = {"denoise": denoise}
   loss = denoise
   if spec.use_kd:

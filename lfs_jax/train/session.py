@@ -197,6 +197,15 @@ def _loss_spec(ctx: _Context, lfs: bool) -> losses.LossSpec:
     raise ConfigError(f"kd.steps must be >= 1, got {cfg.kd.steps}")
   if not cfg.kd.kv_weight >= 0:
     raise ConfigError(f"kd.kv_weight must be >= 0 (0 = off), got {cfg.kd.kv_weight}")
+  if cfg.train.loss_reduction not in ("mean", "cd"):
+    raise ConfigError(f"train.loss_reduction must be 'mean' or 'cd', got "
+                      f"{cfg.train.loss_reduction!r}")
+  if not cfg.train.regulariser_lr_scale > 0:
+    raise ConfigError(f"train.regulariser_lr_scale must be > 0, got "
+                      f"{cfg.train.regulariser_lr_scale}")
+  if cfg.data.rescale_cues and not cfg.data.rescale:
+    raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
+                      "needs data.rescale=True")
   n_batch = ctx.mesh.size  # the batch is split over data x fsdp
   for name, b in (("train.batch_size", cfg.train.batch_size),
                   ("kd.batch_size", cfg.kd.batch_size)):
@@ -213,7 +222,8 @@ def _loss_spec(ctx: _Context, lfs: bool) -> losses.LossSpec:
       rescale_max=cfg.data.rescale_max,
       scaling_factor=ctx.pipe.vae.config.scaling_factor, scheduler=ctx.pipe.scheduler,
       batch_sharding=sharding, kd_from_base=use_kd and bool(_kinds(cfg, "from_base")),
-      kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0)
+      kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
+      loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues))
 
 
 def _session_inputs(ctx: _Context, session: int, prev_delta):
@@ -234,8 +244,10 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
   owner = sum(([c] * len(ctx.images[c.name]) for c in new), [])
   mean, logvar = _encode_latents(ctx, imgs)
   max_len = pipe.text_encoder.config.max_position_embeddings
+  cues = losses.RESCALE_CUES if cfg.data.rescale_cues else ("",)  # the order losses expects
   prompt_ids = np.stack([
-      concepts_lib.tokenize(tokenizer, [t.format(c.phrase()) for t in cfg.concepts.templates],
+      concepts_lib.tokenize(tokenizer, [cue + t.format(c.phrase())
+                                        for t in cfg.concepts.templates for cue in cues],
                             max_len) for c in owner])
 
   kd_conds = _kd_conditions(cfg, registry, session) or [("", False)]
@@ -280,7 +292,7 @@ def setup_session(ctx: _Context, session: int, prev_delta) -> SessionSetup:
   spec = ctx.spec
   use_teacher = spec.use_kd or spec.kv_weight > 0  # DFKD and the K/V anchor read it
   models = losses.Models(unet=pipe.unet, text=pipe.text_encoder)
-  optimizer = step_lib.make_optimizer(cfg.train)
+  optimizer = step_lib.make_optimizer(cfg.train, regularised=spec.use_kd)
   _, rest = params_lib.split(pipe.unet_params, ctx.predicate)
   frozen = {"unet": rest, "text": pipe.text_encoder_params, "tokens": token_table}
   start_unet = jax.tree.map(lambda x: np.asarray(x, np.float32), prev_delta["unet"])
@@ -448,6 +460,9 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
                       "or choose a new --workdir")
   if cfg.method not in ("lfs", "custom_diffusion"):
     raise ConfigError(f"method must be 'lfs' or 'custom_diffusion', got {cfg.method!r}")
+  if not isinstance(cfg.concepts.initializer, str) or not cfg.concepts.initializer.strip():
+    raise ConfigError("concepts.initializer must be 'class' or a word whose embedding starts "
+                      f"every new token, got {cfg.concepts.initializer!r}")
   predicate = params_lib.selection_predicate(cfg.train.selection)
   sessions = base_lib.session_specs(cfg.data)
   images = {}
@@ -468,7 +483,7 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   vocab = pipe.tokenizer.get_vocab()
   for k, specs in enumerate(sessions, start=first):
     registry = registry.add_session(specs, k, token_format=cfg.concepts.token_format,
-                                    vocab=vocab)
+                                    vocab=vocab, initializer=cfg.concepts.initializer)
   kd_counts = [len(_kd_prompts(cfg, registry, k) or [""])
                for k in range(first, first + len(sessions))]
 

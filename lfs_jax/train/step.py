@@ -25,9 +25,14 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with Custom Diffusion's defaults: lr 1e-5 x batch, wd 1e-2, clip 1.0."""
+def make_optimizer(train_cfg, regularised: bool = False) -> optax.GradientTransformation:
+  """AdamW with Custom Diffusion's defaults: lr 1e-5 x batch, wd 1e-2, clip 1.0.
+
+  `regularised`: a regulariser adds rows to every batch (DFKD), so the rate is also
+  multiplied by train.regulariser_lr_scale (Custom Diffusion doubles it).
+  """
   lr = train_cfg.learning_rate * (train_cfg.batch_size if train_cfg.scale_lr else 1)
+  lr *= train_cfg.regulariser_lr_scale if regularised else 1.0
   return optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(lr, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,

@@ -1,0 +1,111 @@
+"""Custom Diffusion's recipe as config fields: loss reduction, rescale cues, token
+initialiser, the learning rate with a regulariser (each against an independent numpy or
+hand-written reference)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lfs_jax import config_base
+from lfs_jax.train import losses, session
+from lfs_jax.train import step as step_lib
+
+
+def _masked_case(seed=0):
+  rng = np.random.default_rng(seed)
+  sq = rng.random((3, 5, 6, 4)).astype(np.float32)
+  mask = (rng.random((3, 5, 6, 1)) < 0.6).astype(np.float32)
+  mask[:, 0, 0] = 1.0  # every image keeps a pixel
+  return sq, mask
+
+
+def test_cd_reduction_is_the_masked_channel_sum_over_mask_pixels():
+  sq, mask = _masked_case()
+  want_cd = np.mean([(sq[i] * mask[i]).sum() / mask[i].sum() for i in range(3)])
+  # "mean": each image's mean over its masked elements (every channel counted)
+  want_mean = np.mean([sq[i][np.broadcast_to(mask[i], sq[i].shape) > 0].mean()
+                       for i in range(3)])
+  got_cd = float(losses.denoise_loss(jnp.asarray(sq), jnp.asarray(mask), "cd"))
+  got_mean = float(losses.denoise_loss(jnp.asarray(sq), jnp.asarray(mask), "mean"))
+  np.testing.assert_allclose(got_cd, want_cd, rtol=1e-6)
+  np.testing.assert_allclose(got_mean, want_mean, rtol=1e-6)
+  np.testing.assert_allclose(got_cd, 4 * got_mean, rtol=1e-6)  # 4 latent channels
+  with pytest.raises(ValueError, match="train.loss_reduction"):
+    losses.denoise_loss(jnp.asarray(sq), jnp.asarray(mask), "sum")
+
+
+def _custom_diffusion_prefix(scale, u):
+  """Custom Diffusion's data loader, written out: the prefix for a rescale factor."""
+  if scale < 0.6:
+    return ["a far away ", "very small "][int(u >= 0.5)]
+  if scale > 1.2:
+    return ["zoomed in ", "close up "][int(u >= 0.5)]
+  return ""
+
+
+def test_rescale_cues_follow_custom_diffusion():
+  scale = np.array([0.3, 0.59, 0.6, 0.61, 1.0, 1.2, 1.21, 1.4, 0.45, 1.3], np.float32)
+  u = np.array([0.1, 0.9, 0.2, 0.7, 0.5, 0.3, 0.49, 0.51, 0.5, 0.0], np.float32)
+  got = np.asarray(losses.cue_index(jnp.asarray(scale), jnp.asarray(u)))
+  assert [losses.RESCALE_CUES[i] for i in got] == [
+      _custom_diffusion_prefix(s, v) for s, v in zip(scale, u)]
+
+
+def _first_update(regularised, scale):
+  cfg = config_base.get_config().train
+  cfg.regulariser_lr_scale = scale
+  cfg.weight_decay = 0.0
+  opt = step_lib.make_optimizer(cfg, regularised=regularised)
+  w = {"w": jnp.zeros((3,))}
+  u, _ = opt.update({"w": jnp.array([0.5, -0.2, 0.1])}, opt.init(w), w)
+  return np.asarray(optax.apply_updates(w, u)["w"])
+
+
+def test_learning_rate_scales_only_with_a_regulariser():
+  lr = 1e-5 * 2  # config_base: 1e-5 x batch 2
+  # Adam's first step moves every weight by lr against its gradient's sign.
+  np.testing.assert_allclose(_first_update(False, 2.0), [-lr, lr, -lr], rtol=1e-3)
+  np.testing.assert_allclose(_first_update(True, 2.0), [-2 * lr, 2 * lr, -2 * lr], rtol=1e-3)
+  np.testing.assert_allclose(_first_update(True, 1.0), [-lr, lr, -lr], rtol=1e-3)
+
+
+def test_sd_configs_take_custom_diffusions_recipe_and_the_default_keeps_ours():
+  sd = config_base.use_local_sd(config_base.get_config(), 512)
+  assert (sd.train.loss_reduction, sd.train.regulariser_lr_scale, sd.concepts.initializer,
+          sd.data.rescale_cues) == ("cd", 2.0, "ktn", True)
+  c = config_base.get_config()
+  assert (c.train.loss_reduction, c.train.regulariser_lr_scale, c.concepts.initializer,
+          c.data.rescale_cues) == ("mean", 1.0, "class", False)
+
+
+def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
+  cfg = tiny_config(train__loss_reduction="cd", data__rescale_cues=True,
+                    concepts__initializer="ktn", train__regulariser_lr_scale=2.0)
+  ctx = session.prepare(cfg, str(tmp_path / "run"))
+  assert ctx.spec.loss_reduction == "cd" and ctx.spec.rescale_cues
+  assert {c.initializer for c in ctx.registry.concepts} == {"ktn"}
+  _, data, _, rows, _ = session._session_inputs(  # pylint: disable=protected-access
+      ctx, 1, session.base_delta(ctx))
+  tok = ctx.pipe.tokenizer
+  n_cues = len(losses.RESCALE_CUES)
+  assert data.prompt_ids.shape[1] == n_cues * len(cfg.concepts.templates)
+  first = tok.decode(np.asarray(data.prompt_ids[0, 1]), skip_special_tokens=True)
+  assert first.startswith("a far away photo of a")  # template 0, cue 1
+  table = np.asarray(ctx.pipe.text_encoder_params["text_model"]["embeddings"]
+                     ["token_embedding"]["embedding"])
+  ktn = tok("ktn", add_special_tokens=False)["input_ids"]
+  np.testing.assert_allclose(np.asarray(rows)[0], table[ktn].mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"train__loss_reduction": "sum"}, "train.loss_reduction"),
+    ({"data__rescale_cues": True, "data__rescale": False}, "data.rescale_cues"),
+    ({"train__regulariser_lr_scale": 0.0}, "train.regulariser_lr_scale"),
+    ({"concepts__initializer": " "}, "concepts.initializer"),
+])
+def test_bad_recipe_fields_are_named(tmp_path, tiny_config, overrides, needle):
+  with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+    session.prepare(tiny_config(**overrides), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
