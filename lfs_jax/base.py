@@ -77,8 +77,16 @@ def parse_classes(text: str) -> Dict[str, str]:
   return out
 
 
-def session_specs(data_cfg) -> List[List[datasets.ConceptSpec]]:
-  """The concepts of each session, in order, from the dataset the config names."""
+def session_specs(data_cfg, seed: int = 0) -> List[List[datasets.ConceptSpec]]:
+  """The concepts of each session, in order, from the dataset the config names.
+
+  With data.heldout = n > 0, n photos of every concept (drawn by `seed` and the
+  concept's name) are held out as evaluation references (datasets.hold_out).
+
+  Raises:
+    ConfigError / DatasetError: a bad format, root, session list or held-out count;
+      a concept that the split leaves without a training photo (named).
+  """
   fmt = data_cfg.format
   root = data_cfg.root
   if fmt == "folders":
@@ -94,5 +102,10 @@ def session_specs(data_cfg) -> List[List[datasets.ConceptSpec]]:
         f"data.format must be folders, dreambooth or customconcept101, got {fmt!r}")
   if root and not os.path.isdir(root):
     raise ConfigError(f"data.root {root!r} does not exist")
-  return datasets.select(found, data_cfg.sessions)
+  n = data_cfg.heldout
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ConfigError(f"data.heldout={n!r}: the number of photos per concept held out as "
+                      "evaluation references, an integer >= 0")
+  return [[datasets.hold_out(spec, n, seed) for spec in session]
+          for session in datasets.select(found, data_cfg.sessions)]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +31,10 @@ class Concept:
   session: int                   # 1-based session that learned it
   images: Tuple[data_lib.ImageRecord, ...]
   prompts: Tuple[str, ...] = ()  # evaluation prompts with "{}" for "<token> <class>"
+  # Photos held out as evaluation references only (data.heldout): never trained on,
+  # never an ICGen context; and the seed that drew them.
+  references: Tuple[data_lib.ImageRecord, ...] = ()
+  split_seed: Optional[int] = None
 
   def phrase(self) -> str:
     """"<c3> dog": what "{}" in a template becomes."""
@@ -78,12 +82,14 @@ class Registry:
         raise ConceptError(
             f"modifier token {token!r} for concept {spec.name!r} already exists in the "
             "tokenizer; choose another concepts.token_format")
-      records = tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p)) for p in spec.images)
+      record = lambda paths: tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p))
+                                   for p in paths)
       concepts.append(Concept(
           name=spec.name, token=token, class_word=spec.class_word,
           initializer=(spec.class_word.split()[-1] if initializer == "class"
-                       else initializer), session=session, images=records,
-          prompts=tuple(spec.prompts)))
+                       else initializer), session=session,
+          images=record(spec.images), prompts=tuple(spec.prompts),
+          references=record(spec.heldout), split_seed=spec.split_seed))
       names.add(spec.name)
     return Registry(tuple(concepts))
 
@@ -95,6 +101,8 @@ class Registry:
     out = []
     for d in json.loads(text):
       d["images"] = tuple(data_lib.ImageRecord(**r) for r in d["images"])
+      # A registry from before held-out references has none.
+      d["references"] = tuple(data_lib.ImageRecord(**r) for r in d.get("references", ()))
       d["prompts"] = tuple(d["prompts"])
       out.append(Concept(**d))
     return cls(tuple(out))

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.rescale_max = 1.4
   c.data.rescale_cues = False     # prefix the prompt of a photo rescaled below 0.6 with "a far away "
   # ^ or "very small ", above 1.2 with "zoomed in " or "close up " (Custom Diffusion: True; needs data.rescale)
+  c.data.heldout = 0              # photos per concept held out as evaluation references only (never
+  # ^ trained on, never an ICGen context), drawn by `seed` and the concept's name; 0 = none.
+  # Recorded in concepts.json ("references"); evaluate against them with eval.references
 
   c.concepts = ml_collections.ConfigDict()
   c.concepts.token_format = "<c{}>"  # modifier token of the k-th concept (1-based)
@@ -123,6 +126,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32          # images or texts per CLIP call (the last call is padded)
   c.eval.grid = 16                # tiles in each cell's sample grid (first image of every prompt first)
   c.eval.out = "metrics"          # results folder inside the run directory
+  c.eval.image_encoders = "clip"  # image alignment (IA) by: clip | dino | both (TA is always CLIP's)
+  c.eval.dino = ""                # local Hugging Face ViTModel / Dinov2Model folder (DINO ViT-S/16:
+  # ^ a safetensors copy of facebook/dino-vits16), needed when image_encoders is dino or both
+  c.eval.references = "train"     # IA against: train (the photos learned from) | heldout (the
+  # ^ data.heldout photos, never trained on) | both
+  c.eval.protocol = ""            # "" | customconcept101 | dreambooth: report.md leads with that
+  # ^ benchmark's published columns, under their published names
   return c
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -64,13 +65,18 @@ class ConceptSpec:
   Attributes:
     name: subject folder name, e.g. "dog2".
     class_word: e.g. "dog", "stuffed animal".
-    images: sorted absolute image paths.
+    images: sorted absolute image paths (the training and ICGen-context photos).
     prompts: evaluation prompts, each with exactly one "{}" for "<token> <class>".
+    heldout: photos held out as evaluation references only (`hold_out`): never
+      trained on, never an ICGen context.
+    split_seed: the seed of that split (None when nothing is held out).
   """
   name: str
   class_word: str
   images: Tuple[str, ...]
   prompts: Tuple[str, ...]
+  heldout: Tuple[str, ...] = ()
+  split_seed: Optional[int] = None
 
   def __post_init__(self):
     if not self.name:
@@ -371,6 +377,32 @@ def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
                             images=_list_images(folder, name),
                             prompts=prompt_cache[prompt_path])
   return out
+
+
+# ---------------------------------------------------------------------------
+# Held-out reference photos
+
+def hold_out(spec: ConceptSpec, n: int, seed: int) -> ConceptSpec:
+  """Moves `n` of the concept's photos, drawn by (seed, concept name), to `heldout`.
+
+  The draw depends only on the seed, the concept's name and its sorted photo list,
+  so a concept gets the same split in any session order and on every host.
+
+  Raises:
+    DatasetError: the concept has no more than `n` photos (nothing left to train on).
+  """
+  if n <= 0:
+    return spec
+  if n >= len(spec.images):
+    raise DatasetError(
+        f"concept {spec.name!r} has {len(spec.images)} photo(s); holding out "
+        f"data.heldout={n} as references leaves none to train on: lower data.heldout "
+        "or leave this concept out of data.sessions")
+  picked = set(random.Random(f"lfs_jax heldout {seed} {spec.name}").sample(
+      range(len(spec.images)), n))
+  return dataclasses.replace(
+      spec, images=tuple(p for i, p in enumerate(spec.images) if i not in picked),
+      heldout=tuple(p for i, p in enumerate(spec.images) if i in picked), split_seed=seed)
 
 
 # ---------------------------------------------------------------------------

@@ -102,15 +102,17 @@ def _import():
 
 
 def _evaluate():
-  from lfs_jax.evaluate import run_eval  # pylint: disable=g-import-not-at-top
+  from lfs_jax.evaluate import report, run_eval  # pylint: disable=g-import-not-at-top
 
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   got = run_eval.evaluate(_workdir(), clip=_CLIP.value, overrides=overrides)
-  for v, r in got["metrics"]["variants"].items():
-    f = r["final"]
-    print(f"{v}: " + " ".join(f"{k}={x:.4f}" if x is not None else f"{k}=-" for k, x in (
-        ("TA", f["ta"]), ("CLIPScore", f["clipscore"]), ("IA", f["ia"]),
-        ("IAD", r["iad_mean"]))))
+  m = got["metrics"]
+  for v, r in m["variants"].items():
+    pairs = [(report.HEADERS[k], r["final"][k]) for k in m["metrics"]]
+    pairs += [(f"IAD({report.HEADERS[k]})", r["forgetting"][k]["iad_mean"])
+              for k in m["ia_metrics"]]
+    print(f"{v}: " + " ".join(f"{k}={x:.4f}" if x is not None else f"{k}=-"
+                              for k, x in pairs))
   print(f"{got['computed']} cells computed, {got['reused']} reused; results in "
         f"{os.path.abspath(got['out_dir'])} (see report.md)")
   return 0

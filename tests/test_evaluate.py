@@ -227,8 +227,8 @@ def test_a_concept_without_photos_or_bank_is_scored_without_ia(run_dir, clip_dir
   assert run_eval.reference_photos(dog) == []
   settings = run_eval.EvalSettings.from_config(run.cfg, clip_dir)
   got = run_eval.compute_cell(run, run_eval.Cell(1, dog, "icgen"),
-                              clip_scorer.ClipScorer(clip_dir, 4), None, settings,
-                              str(tmp_path))
+                              run_eval.Scorers(clip_scorer.ClipScorer(clip_dir, 4)),
+                              {"ia": None}, settings, str(tmp_path))
   plain = _cells(run_dir)["cells"]["1/dog/plain"]
   assert got["icgen_images"] == 0 and got["ia"] is None
   assert got["ta"] == pytest.approx(plain["ta"], abs=1e-6)  # the plain cell's images

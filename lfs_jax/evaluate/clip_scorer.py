@@ -1,9 +1,8 @@
 """A local CLIP folder as an evaluator: uint8 images and texts -> unit embeddings -> metrics.
 
     scorer = ClipScorer("/models/clip-vit-base-patch32", batch_size=32)
-    refs = scorer.image_embeddings(photos)             # [M, P], any photo sizes
-    for name, value in scorer.scores(images, texts, refs):
-      ...                                              # ("ta", .), ("clipscore", .), ("ia", .)
+    emb = scorer.image_embeddings(images)              # unit [N, P], any image sizes
+    scorer.text_scores(emb, texts)                     # {"ta": ., "clipscore": .}
 
 The folder is a Hugging Face CLIPModel saved with save_pretrained (config.json,
 model.safetensors, preprocessor_config.json) plus its tokenizer files (vocab.json,
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Iterator, Sequence, Tuple, Union
+from typing import Dict, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,7 @@ _text_jit = jax.jit(_text_features, static_argnames=("model",))
 
 
 class ClipScorer:
-  """CLIP embeddings and the TA / CLIPScore / IA of a set of generated images.
+  """CLIP embeddings and the TA / CLIPScore of a set of generated images.
 
   Attributes:
     folder: the CLIP folder.
@@ -106,24 +105,16 @@ class ClipScorer:
     ids = concepts_lib.tokenize(self.tokenizer, list(texts), self.max_length)
     return self._batched(_text_jit, ids)
 
-  def scores(self, images: np.ndarray, texts: Sequence[str], reference: np.ndarray
-             ) -> Iterator[Tuple[str, float]]:
-    """Yields ("ta", .), ("clipscore", .), ("ia", .) for generated images.
+  def text_scores(self, image_embeddings: np.ndarray, texts: Sequence[str]
+                  ) -> Dict[str, float]:
+    """{"ta": ., "clipscore": .} of images [N, P] (image_embeddings) against N texts.
 
-    Args:
-      images: uint8 [N, H, W, 3] generated images.
-      texts: N texts, the one each image is scored against (TA).
-      reference: [M, P] embeddings of the concept's photos (IA), or None for a
-        concept without photos (one imported with --mode=import): IA is then NaN.
+    Text i is the one image i is scored against; repeated texts are embedded once.
     """
-    if len(images) != len(texts):
-      raise ValueError(f"{len(images)} images but {len(texts)} texts")
-    emb = self.image_embeddings(images)
+    if len(image_embeddings) != len(texts):
+      raise ValueError(f"{len(image_embeddings)} images but {len(texts)} texts")
     unique = list(dict.fromkeys(texts))
     text_emb = self.text_embeddings(unique)
     per_image = text_emb[[unique.index(t) for t in texts]]
-    ta, cs = metrics.text_alignment(emb, per_image)
-    yield "ta", ta
-    yield "clipscore", cs
-    yield "ia", (float("nan") if reference is None
-                 else metrics.image_alignment(emb, reference))
+    ta, cs = metrics.text_alignment(image_embeddings, per_image)
+    return {"ta": ta, "clipscore": cs}

@@ -4,10 +4,12 @@ Reads each run's <workdir>/<eval.out>/metrics.json (written by --mode=evaluate) 
 writes, in `out_dir` (default: the first run's <eval.out>/compare/):
 
     compare.md    one table: per run and variant, the last session's TA, CLIPScore,
-                  IA, IAD, IAD %, then the mean IA after every session
+                  every IA metric (CLIP, DINO; training or held-out photos), the
+                  headline IA's IAD and IAD %, then its mean after every session
     compare.csv   the same rows
     compare.json  the same, plus each run's evaluation settings
-    compare.png   mean IA and mean TA over sessions, one line per run and variant
+    compare.png   the mean of TA and of each image alignment over sessions, one line per
+                  run and variant
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import report
 
 _STYLES = {"icgen": "-", "plain": "--"}
+_ORDER = ("ta", "clipscore", "ia", "ia_heldout", "dino", "dino_heldout")
+
+
+def metric_names(runs: Sequence[Dict[str, Any]]) -> List[str]:
+  """The metrics any run has, in a fixed order (metrics.json from before DINO: TA, IA)."""
+  have = set().union(*(m.get("metrics", ("ta", "clipscore", "ia")) for m in runs))
+  return [k for k in _ORDER if k in have]
+
+
+def headline(m: Dict[str, Any]) -> str:
+  """The IA metric a run's IAD fields are about (its first IA metric)."""
+  return m.get("ia_metrics", ["ia"])[0]
 
 
 def load_metrics(workdir: str, sub: str = "metrics") -> Dict[str, Any]:
@@ -54,14 +68,15 @@ def run_names(workdirs: Sequence[str]) -> List[str]:
 
 def rows_of(names: Sequence[str], runs: Sequence[Dict[str, Any]], sessions: Sequence[int]
             ) -> List[Dict[str, Any]]:
-  """One row per (run, variant): final means, IAD and the mean IA after every session."""
+  """One row per (run, variant): final means, the headline IA's IAD and its mean after
+  every session."""
   rows = []
   for name, m in zip(names, runs):
     for v, r in m["variants"].items():
-      ia = dict(zip(m["sessions"], r["per_session"]["ia"]))
+      ia = dict(zip(m["sessions"], r["per_session"][headline(m)]))
       rows.append({"run": name, "method": m["method"], "variant": v,
-                   "sessions": len(m["sessions"]), **r["final"], "iad": r["iad_mean"],
-                   "iad_rel": r["iad_rel_mean"],
+                   "sessions": len(m["sessions"]), **r["final"], "iad_of": headline(m),
+                   "iad": r["iad_mean"], "iad_rel": r["iad_rel_mean"],
                    **{f"ia@{k}": ia.get(k) for k in sessions}})
   return rows
 
@@ -98,22 +113,25 @@ def compare(workdirs: Sequence[str], *, out_dir: Optional[str] = None,
     return result
   os.makedirs(out_dir, exist_ok=True)
 
-  header = ["run", "method", "variant", "sessions", "TA", "CLIPScore", "IA", "IAD", "IAD %",
-            *(f"IA after {k}" for k in sessions)]
+  ms = metric_names(runs)
+  header = ["run", "method", "variant", "sessions", *(report.HEADERS[k] for k in ms),
+            "IAD of", "IAD", "IAD %", *(f"after {k}" for k in sessions)]
   body = [[r["run"], r["method"], f"{r['variant']} ({report.VARIANT_NAMES[r['variant']]})",
-           r["sessions"], report.fmt(r["ta"]), report.fmt(r["clipscore"]), report.fmt(r["ia"]),
+           r["sessions"], *(report.fmt(r.get(k)) for k in ms), report.HEADERS[r["iad_of"]],
            report.fmt(r["iad"]), report.fmt(r["iad_rel"], 2),
            *(report.fmt(r[f"ia@{k}"]) for k in sessions)] for r in rows]
   md = ["# Comparison", "", *(f"- {n}: `{m['workdir']}`" for n, m in zip(names, runs)), "",
-        "TA, CLIPScore and IA after each run's last session (means over its concepts); IAD "
-        "= mean of IA[j, s_j] − IA[j, K]; then the mean IA after every session.", "",
-        report.table(header, body), "", "![mean IA and TA over sessions](compare.png)", ""]
+        "TA, CLIPScore and each image alignment after each run's last session (means over "
+        "its concepts); IAD = mean of IA[j, s_j] − IA[j, K] of the image alignment named "
+        "in 'IAD of' (each run's first); then that alignment's mean after every session.", "",
+        report.table(header, body), "", "![means over sessions](compare.png)", ""]
   if diff:
     md += ["**The runs were evaluated under different settings:** " +
            ", ".join(f"`{k}`" for k in diff) + " (see compare.json).", ""]
   report.write_text(files[0], "\n".join(md))
   buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"], lineterminator="\n")
+  fields = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]
+  w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
   w.writeheader()
   w.writerows(rows)
   report.write_text(files[1], buf.getvalue())
@@ -122,12 +140,14 @@ def compare(workdirs: Sequence[str], *, out_dir: Optional[str] = None,
                for n, m in zip(names, runs)},
       "rows": rows, "differences": diff})
   panels = []
-  for metric in ("ia", "ta"):
+  for metric in [k for k in ms if k not in ("clipscore",)]:
     lines = []
     for name, m in zip(names, runs):
       for v, r in m["variants"].items():
+        if metric not in r["per_session"]:
+          continue
         pts = [(k, y) for k, y in zip(m["sessions"], r["per_session"][metric]) if y is not None]
         lines.append((f"{name} {v}", [p[0] for p in pts], [p[1] for p in pts], _STYLES[v]))
-    panels.append({"title": f"mean {metric.upper()}", "lines": lines})
+    panels.append({"title": f"mean {report.HEADERS[metric]}", "lines": lines})
   report.plot(files[3], panels, "mean over concepts", sharey=False)
   return result

@@ -4,7 +4,10 @@
              its prompt's (modifier token removed), averaged over images.
   CLIPScore  2.5 * max(cos, 0) per image, then averaged: the scale of Hessel et al.
              (2021) that CustomConcept101's evaluate.py reports as "text alignment".
-  IA         image alignment: mean cosine over every (generated, reference photo) pair.
+  IA         image alignment: mean cosine over every (generated, reference photo) pair,
+             by an image encoder (CLIP's image tower, or DINO's CLS embedding), against
+             a set of reference photos (the training photos, or held-out ones):
+             "ia" (CLIP, training photos), "ia_heldout", "dino", "dino_heldout".
   IA[j, k]   the accuracy matrix: IA of concept j after session k (k >= s_j, the
              session that learned j); NaN before s_j. TA[j, k] likewise.
   IAD_j      IA[j, s_j] - IA[j, K], K the last session: how much of j was forgotten;
@@ -22,6 +25,12 @@ from typing import Iterable, Mapping, Sequence, Tuple
 import numpy as np
 
 CLIPSCORE_SCALE = 2.5
+
+
+def ia_name(encoder: str, references: str) -> str:
+  """The IA metric of an encoder ("clip", "dino") and reference set ("train", "heldout")."""
+  base = {"clip": "ia", "dino": "dino"}[encoder]
+  return base if references == "train" else f"{base}_{references}"
 
 
 def unit(x) -> np.ndarray:
@@ -137,22 +146,27 @@ def column_means(matrix) -> np.ndarray:
 
 
 def summary(matrices: Mapping[str, np.ndarray], learned: Sequence[int],
-            sessions: Sequence[int]) -> dict:
-  """Per-session means of each matrix and IAD from the "ia" one.
+            sessions: Sequence[int], ia_metrics: Sequence[str] = ("ia",)) -> dict:
+  """Per-session means of each matrix and the forgetting (IAD) of each IA matrix.
 
   Args:
-    matrices: name ("ta", "clipscore", "ia") -> [J, K].
+    matrices: name ("ta", "clipscore", and the IA metrics) -> [J, K].
     learned: [J] sessions that learned the concepts.
     sessions: [K] ascending sessions of the columns.
+    ia_metrics: the names of the IA matrices; the first is the headline one.
 
   Returns:
     {"per_session": {name: [K] means}, "final": {name: mean of the last column},
-     "iad": [J], "iad_rel": [J], "iad_mean": float, "iad_rel_mean": float}.
+     "forgetting": {IA name: {"iad": [J], "iad_rel": [J], "iad_mean", "iad_rel_mean"}},
+     and the headline IA metric's "iad", "iad_rel", "iad_mean", "iad_rel_mean"}.
   """
   means = {name: column_means(m) for name, m in matrices.items()}
-  drop, rel = iad(matrices["ia"], learned, sessions)
+  forgetting = {}
+  for name in ia_metrics:
+    drop, rel = iad(matrices[name], learned, sessions)
+    forgetting[name] = {"iad": drop, "iad_rel": rel, "iad_mean": nanmean(drop),
+                        "iad_rel_mean": nanmean(rel)}
   return {"per_session": means,
           "final": {name: (float(v[-1]) if len(v) else float("nan"))
                     for name, v in means.items()},
-          "iad": drop, "iad_rel": rel, "iad_mean": nanmean(drop),
-          "iad_rel_mean": nanmean(rel)}
+          "forgetting": forgetting, **forgetting[ia_metrics[0]]}

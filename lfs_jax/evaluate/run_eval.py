@@ -2,7 +2,9 @@
 
 A *cell* is (session k, concept j learned in a session <= k, variant): `eval.num_images`
 images for each of j's first `eval.num_prompts` prompts from session k's model, scored
-by CLIP against the prompt (TA, modifier token removed) and j's photos (IA).
+by CLIP against the prompt (TA, modifier token removed) and, by each encoder of
+`eval.image_encoders` (CLIP, DINO), against each reference set of `eval.references`
+(the photos j was learned from, and/or the photos held out from training) (IA).
 
     <workdir>/<eval.out>/cells.json     every finished cell, rewritten atomically after each
     <workdir>/<eval.out>/grids/session_<k>/<concept>_<variant>.png
@@ -32,11 +34,18 @@ from lfs_jax import runs
 from lfs_jax import sample as sample_lib
 from lfs_jax.errors import ConfigError, EvalError
 from lfs_jax.evaluate import clip_scorer
+from lfs_jax.evaluate import encoders as encoders_lib
 from lfs_jax.evaluate import metrics
 from lfs_jax.evaluate import report
 
 VARIANTS = ("icgen", "plain")
+_CHOICES = {"image_encoders": {"clip": ("clip",), "dino": ("dino",), "both": ("clip", "dino")},
+            "references": {"train": ("train",), "heldout": ("heldout",),
+                           "both": ("train", "heldout")}}
+PROTOCOLS = ("", "customconcept101", "dreambooth")
 _CELLS_VERSION = 1
+# What a cells.json from before a fingerprint field existed was computed with.
+_FINGERPRINT_DEFAULTS = {"image_encoders": "clip", "dino": "", "references": "train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +59,19 @@ class EvalSettings:
   batch_size: int
   grid: int
   out: str
+  image_encoders: str = "clip"
+  dino: str = ""
+  references: str = "train"
+  protocol: str = ""
 
   def __post_init__(self):
+    for name, choices in _CHOICES.items():
+      if getattr(self, name) not in choices:
+        raise ConfigError(f"eval.{name}={getattr(self, name)!r}: use one of "
+                          f"{', '.join(choices)}")
+    if self.protocol not in PROTOCOLS:
+      raise ConfigError(f"eval.protocol={self.protocol!r}: use one of "
+                        f"{', '.join(repr(p) for p in PROTOCOLS)}")
     bad = [v for v in self.variants if v not in VARIANTS]
     if not self.variants or bad:
       raise ConfigError(f"eval.variants={','.join(self.variants)!r}: use a comma "
@@ -68,7 +88,15 @@ class EvalSettings:
     variants = tuple(v.strip() for v in e.variants.split(",") if v.strip())
     return cls(clip=clip or e.clip, num_prompts=e.num_prompts, num_images=e.num_images,
                variants=variants, keep_token=bool(e.keep_token), batch_size=e.batch_size,
-               grid=e.grid, out=e.out)
+               grid=e.grid, out=e.out, image_encoders=e.image_encoders, dino=e.dino,
+               references=e.references, protocol=e.protocol)
+
+  @property
+  def ia_metrics(self) -> Tuple[Tuple[str, str, str], ...]:
+    """(metric name, encoder, reference set) of every IA this evaluation computes."""
+    return tuple((metrics.ia_name(enc, refs), enc, refs)
+                 for enc in _CHOICES["image_encoders"][self.image_encoders]
+                 for refs in _CHOICES["references"][self.references])
 
 
 class Cell(NamedTuple):
@@ -89,7 +117,9 @@ def fingerprint(cfg, settings: EvalSettings) -> Dict[str, Any]:
           "sample.sampler": s.sampler, "sample.steps": s.steps,
           "sample.guidance": float(s.guidance), "sample.eta": float(s.eta),
           "sample.seed": s.seed, "icgen.strength": float(cfg.icgen.strength),
-          "icgen.select": cfg.icgen.select}
+          "icgen.select": cfg.icgen.select, "image_encoders": settings.image_encoders,
+          "dino": os.path.abspath(settings.dino) if settings.dino else "",
+          "references": settings.references}
 
 
 class CellStore:
@@ -101,7 +131,7 @@ class CellStore:
       try:
         with open(path) as f:
           stored = json.load(f)
-        old, cells = stored["settings"], stored["cells"]
+        old, cells = {**_FINGERPRINT_DEFAULTS, **stored["settings"]}, stored["cells"]
       except (ValueError, KeyError, TypeError) as e:
         raise EvalError(f"{path} is not a cells file of lfs_jax ({e}); move it away") from None
       for key in sorted(set(old) | set(settings)):
@@ -128,16 +158,31 @@ def run_registry(workdir: str, session: int) -> concepts_lib.Registry:
   return concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
 
 
-def reference_photos(concept: concepts_lib.Concept) -> List[np.ndarray]:
-  """The photos the run learned `concept` from, whole, after checking each sha256.
+def reference_photos(concept: concepts_lib.Concept, which: str = "train"
+                     ) -> List[np.ndarray]:
+  """The concept's reference photos, whole, after checking each sha256.
 
-  A concept imported with --mode=import has none (an empty list): its IA is undefined.
+  Args:
+    concept: from the run's registry.
+    which: "train" (the photos the run learned it from) or "heldout" (the photos
+      data.heldout kept out of training).
+
+  Returns:
+    uint8 [H, W, 3] arrays; an empty list for a concept imported with --mode=import
+    (no photos): its IA is undefined.
 
   Raises:
-    EvalError: a photo that is missing or whose content changed since training.
+    EvalError: a photo that is missing or whose content changed since training; or
+      "heldout" for a concept trained without held-out photos.
   """
+  records = concept.images if which == "train" else concept.references
+  if which == "heldout" and not records and concept.images:
+    raise EvalError(
+        f"concept {concept.name!r} ({concept.token}) has no held-out reference photos: "
+        "its run was trained with data.heldout=0. Train with --config.data.heldout=N to "
+        "hold photos out, or evaluate with --config.eval.references=train")
   out = []
-  for rec in concept.images:
+  for rec in records:
     where = f"reference photo {rec.path} of concept {concept.name!r} ({concept.token})"
     if not os.path.isfile(rec.path):
       raise EvalError(f"{where} is missing; IA compares against the photos the run "
@@ -163,22 +208,32 @@ def _grid_tiles(images: np.ndarray, n_prompts: int, per_prompt: int, limit: int)
   return images[order[:limit]]
 
 
-def compute_cell(run: runs.RunModel, cell: Cell, scorer: clip_scorer.ClipScorer,
-                 reference: Optional[np.ndarray], settings: EvalSettings, out_dir: str
-                 ) -> Dict[str, Any]:
+class Scorers(NamedTuple):
+  """The evaluation's encoders: CLIP (TA, and IA) and DINO (IA) when asked for."""
+  clip: clip_scorer.ClipScorer
+  dino: Optional[encoders_lib.DinoEncoder] = None
+
+  def image_embeddings(self, encoder: str, images) -> np.ndarray:
+    return getattr(self, encoder).image_embeddings(images)
+
+
+def compute_cell(run: runs.RunModel, cell: Cell, scorers: Scorers,
+                 references: Dict[str, Optional[np.ndarray]], settings: EvalSettings,
+                 out_dir: str) -> Dict[str, Any]:
   """Samples and scores one cell; writes its grid; returns its record.
 
   Args:
     run: the model of session `cell.session`.
     cell: what to compute.
-    scorer: the CLIP evaluator.
-    reference: [M, P] CLIP embeddings of the concept's photos (None: no photos).
+    scorers: the encoders.
+    references: IA metric name (metrics.ia_name) -> [M, P] embeddings of the
+      concept's reference photos by that metric's encoder, None without photos.
     settings: the evaluation settings.
     out_dir: the results folder (for the grid).
 
   Returns:
     The cell's record: its key fields, prompts, TA texts, how many images ICGen
-    started, "ta", "clipscore", "ia" (None without photos) and "grid".
+    started, "ta", "clipscore", each IA metric (None without photos) and "grid".
   """
   c = cell.concept
   prompts = prompts_of(c, settings)
@@ -198,14 +253,37 @@ def compute_cell(run: runs.RunModel, cell: Cell, scorer: clip_scorer.ClipScorer,
             "num_images": len(images), "prompts": prompts,
             "ta_texts": list(dict.fromkeys(texts)),
             "icgen_images": sum(bool(r["icgen"]) for r in records)}
-  record.update((k, None if np.isnan(v) else v)
-                for k, v in scorer.scores(images, texts, reference))
+  emb = {"clip": scorers.clip.image_embeddings(images)}
+  record.update(scorers.clip.text_scores(emb["clip"], texts))
+  for name, encoder, _ in settings.ia_metrics:
+    if encoder not in emb:
+      emb[encoder] = scorers.image_embeddings(encoder, images)
+    ref = references[name]
+    record[name] = None if ref is None else metrics.image_alignment(emb[encoder], ref)
   if settings.grid:
     rel = os.path.join("grids", f"session_{cell.session}", f"{c.name}_{cell.variant}.png")
     tiles = _grid_tiles(images, len(prompts), settings.num_images, settings.grid)
     report.save_png(os.path.join(out_dir, rel), sample_lib.grid(tiles))
     record["grid"] = rel
   return record
+
+
+def reference_embeddings(concepts: List[concepts_lib.Concept], scorers: Scorers,
+                         settings: EvalSettings) -> Dict[str, Dict[str, Optional[np.ndarray]]]:
+  """Per concept name: IA metric name -> embeddings of its reference photos (or None).
+
+  Every photo of every concept is read and checked before anything is embedded, so
+  a missing, changed or absent (held-out) photo fails before any sampling.
+  """
+  sets = sorted({refs for _, _, refs in settings.ia_metrics})
+  photos = {(c.name, refs): reference_photos(c, refs) for c in concepts for refs in sets}
+  out: Dict[str, Dict[str, Optional[np.ndarray]]] = {}
+  for c in concepts:
+    out[c.name] = {}
+    for name, encoder, refs in settings.ia_metrics:
+      p = photos[(c.name, refs)]
+      out[c.name][name] = scorers.image_embeddings(encoder, p) if p else None
+  return out
 
 
 def plan(registry: concepts_lib.Registry, sessions: List[int],
@@ -222,7 +300,8 @@ def evaluate(workdir: str, *, clip: Optional[str] = None,
 
   Args:
     workdir: the run directory.
-    clip: the CLIP folder (default: the config's eval.clip).
+    clip: the CLIP folder (default: the config's eval.clip); the DINO folder is
+      eval.dino.
     overrides: dotted config fields from the command line (sample.*, icgen.*, eval.*).
     progress: show a progress bar over the cells.
 
@@ -231,9 +310,9 @@ def evaluate(workdir: str, *, clip: Optional[str] = None,
      results folder, "files": the summary files written, "metrics": metrics.json's dict}.
 
   Raises:
-    RunError / EvalError: not a run, no finished session, no or a bad CLIP folder, a
-      moved or changed reference photo, cells from other settings; all before any
-      sampling.
+    RunError / EvalError: not a run, no finished session, no or a bad CLIP or DINO
+      folder, a moved or changed reference photo, held-out references asked of a run
+      trained without them, cells from other settings; all before any sampling.
   """
   cfg = runs.run_config(workdir, overrides)
   settings = EvalSettings.from_config(cfg, clip)
@@ -241,29 +320,36 @@ def evaluate(workdir: str, *, clip: Optional[str] = None,
   if not finished:
     raise EvalError(f"{workdir} has no finished session to evaluate "
                     "(train one with --mode=train)")
-  scorer = clip_scorer.ClipScorer(settings.clip, settings.batch_size)
   registry = run_registry(workdir, finished[-1])
+  if any(refs == "heldout" for _, _, refs in settings.ia_metrics):  # before loading models
+    for c in registry.concepts:
+      reference_photos(c, "heldout")
+  use_dino = any(enc == "dino" for _, enc, _ in settings.ia_metrics)
+  scorers = Scorers(clip_scorer.ClipScorer(settings.clip, settings.batch_size),
+                    encoders_lib.DinoEncoder(settings.dino, settings.batch_size)
+                    if use_dino else None)
   out_dir = os.path.join(workdir, settings.out)
   store = CellStore(os.path.join(out_dir, "cells.json"), fingerprint(cfg, settings))
   cells = plan(registry, finished, settings.variants)
   todo = [c for c in cells if c.key not in store]
-
-  photos = {c.concept.name: reference_photos(c.concept) for c in todo}  # check all first
-  refs = {name: scorer.image_embeddings(p) if p else None for name, p in photos.items()}
+  todo_concepts = list({c.concept.name: c.concept for c in todo}.values())
+  refs = reference_embeddings(todo_concepts, scorers, settings)
   bar = tqdm.tqdm(total=len(todo), desc="evaluate", unit="cell", dynamic_ncols=True,
                   disable=not progress or jax.process_index() != 0)
   for k in sorted({c.session for c in todo}):
     run = runs.load_run(workdir, k, cfg=cfg)
     for cell in (c for c in todo if c.session == k):
       bar.set_postfix_str(cell.key)
-      store.put(cell.key, compute_cell(run, cell, scorer, refs[cell.concept.name],
+      store.put(cell.key, compute_cell(run, cell, scorers, refs[cell.concept.name],
                                        settings, out_dir))
       bar.update()
   bar.close()
 
   done = [store.cells[c.key] for c in cells]
   summary = report.summarize(done, registry, finished, settings.variants,
-                             settings=store.settings, workdir=workdir, method=cfg.method)
+                             settings=store.settings, workdir=workdir, method=cfg.method,
+                             ia_metrics=[m for m, _, _ in settings.ia_metrics],
+                             protocol=settings.protocol)
   files = report.write_all(out_dir, summary) if jax.process_index() == 0 else []
   return {"computed": len(todo), "reused": len(cells) - len(todo), "out_dir": out_dir,
           "files": files, "metrics": summary}

@@ -464,7 +464,7 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
     raise ConfigError("concepts.initializer must be 'class' or a word whose embedding starts "
                       f"every new token, got {cfg.concepts.initializer!r}")
   predicate = params_lib.selection_predicate(cfg.train.selection)
-  sessions = base_lib.session_specs(cfg.data)
+  sessions = base_lib.session_specs(cfg.data, cfg.seed)
   images = {}
   for spec in sum(sessions, []):
     images[spec.name], _ = data_lib.load_images(spec.images, cfg.data.resolution)
