@@ -35,6 +35,17 @@ class Concept:
   # never an ICGen context; and the seed that drew them.
   references: Tuple[data_lib.ImageRecord, ...] = ()
   split_seed: Optional[int] = None
+  # The dataset's own training prompts ("photo of {}"); () = concepts.templates.
+  train_prompts: Tuple[str, ...] = ()
+
+  def training_prompts(self, templates: Sequence[str]) -> List[str]:
+    """The concept's training prompts, one per template slot (len(templates) of them).
+
+    Its own prompts, when the dataset words them, are repeated to fill the slots,
+    so every concept of a session has as many prompts as the config's templates.
+    """
+    own = self.train_prompts or tuple(templates)
+    return [own[i % len(own)].replace("{}", self.phrase()) for i in range(len(templates))]
 
   def phrase(self) -> str:
     """"<c3> dog": what "{}" in a template becomes."""
@@ -89,7 +100,8 @@ class Registry:
           initializer=(spec.class_word.split()[-1] if initializer == "class"
                        else initializer), session=session,
           images=record(spec.images), prompts=tuple(spec.prompts),
-          references=record(spec.heldout), split_seed=spec.split_seed))
+          references=record(spec.heldout), split_seed=spec.split_seed,
+          train_prompts=tuple(spec.train_prompts)))
       names.add(spec.name)
     return Registry(tuple(concepts))
 
@@ -103,6 +115,7 @@ class Registry:
       d["images"] = tuple(data_lib.ImageRecord(**r) for r in d["images"])
       # A registry from before held-out references has none.
       d["references"] = tuple(data_lib.ImageRecord(**r) for r in d.get("references", ()))
+      d["train_prompts"] = tuple(d.get("train_prompts", ()))
       d["prompts"] = tuple(d["prompts"])
       out.append(Concept(**d))
     return cls(tuple(out))

@@ -136,6 +136,23 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def scale_down(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sizes of an evaluation preset cut to a CPU test (the tiny model), settings kept.
+
+  Only counts change (steps, images, prompts, batch sizes); the sampler, eta,
+  guidance, encoders, references and protocol stay the preset's.
+  """
+  c.model.source = "tiny"
+  c.train.steps = 2
+  c.sample.steps = 3
+  c.sample.batch_size = 2
+  c.eval.num_images = 1
+  c.eval.num_prompts = 2
+  c.eval.batch_size = 4
+  c.eval.grid = 0
+  return c
+
+
 def use_local_sd(c: ml_collections.ConfigDict, resolution: int) -> ml_collections.ConfigDict:
   """Switches a config to a local Stable Diffusion folder with Custom Diffusion's recipe."""
   c.model.source = "local"

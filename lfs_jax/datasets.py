@@ -70,6 +70,9 @@ class ConceptSpec:
     heldout: photos held out as evaluation references only (`hold_out`): never
       trained on, never an ICGen context.
     split_seed: the seed of that split (None when nothing is held out).
+    train_prompts: the dataset's own training prompts, each with one "{}" for
+      "<token> <class>" (CustomConcept101's instance_prompt "photo of {}"); () =
+      the config's concepts.templates.
   """
   name: str
   class_word: str
@@ -77,6 +80,7 @@ class ConceptSpec:
   prompts: Tuple[str, ...]
   heldout: Tuple[str, ...] = ()
   split_seed: Optional[int] = None
+  train_prompts: Tuple[str, ...] = ()
 
   def __post_init__(self):
     if not self.name:
@@ -87,7 +91,7 @@ class ConceptSpec:
       raise DatasetError(f"concept {self.name!r}: no images")
     if not self.prompts:
       raise DatasetError(f"concept {self.name!r}: no prompts")
-    for p in self.prompts:
+    for p in self.prompts + self.train_prompts:
       if p.count(PLACEHOLDER) != 1:
         raise DatasetError(
             f"concept {self.name!r}: prompt {p!r} must hold exactly one '{{}}'")
@@ -333,6 +337,34 @@ def read_folders(root: str, classes: Optional[Mapping[str, str]] = None
 # CustomConcept101
 
 _CC101_KEYS = ("class_prompt", "instance_data_dir", "prompt_filename")
+# The modifier token of an instance_prompt ("photo of a <new1> dice plushie").
+_CC101_TOKEN = re.compile(r"<[^<>\s]+>")
+
+
+def _cc101_instance(path: str, i: int, entry: Mapping[str, str]) -> Tuple[str, Tuple[str, ...]]:
+  """(class word, training prompts) of an entry, as its instance_prompt words them.
+
+  "photo of a <new1> dice plushie" -> ("dice plushie", ("photo of a {}",)): the words
+  after the modifier token are the phrase the dataset puts after it (CustomConcept101
+  writes "dice plushie" there for class_prompt "dice"), and the prompt around it is
+  the one the dataset trains with ("photo of <new1> sunglasses" has no article). An
+  entry without instance_prompt falls back to class_prompt and the config's templates.
+  """
+  text = entry.get("instance_prompt")
+  if text is None:
+    return entry["class_prompt"].strip(), ()
+  tokens = _CC101_TOKEN.findall(text) if isinstance(text, str) else []
+  if len(tokens) != 1:
+    raise DatasetError(
+        f"{path}: entry {i} instance_prompt {text!r} must hold exactly one modifier token "
+        "such as <new1>")
+  before, _, phrase = text.partition(tokens[0])
+  phrase = " ".join(phrase.split())
+  if not phrase or PLACEHOLDER in text:
+    raise DatasetError(
+        f"{path}: entry {i} instance_prompt {text!r} must end with the concept's words "
+        "after its modifier token (\"photo of a <new1> cat\")")
+  return phrase, (f"{before}{PLACEHOLDER}",)
 
 
 def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
@@ -340,11 +372,14 @@ def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
 
   Layout (adobe-research/custom-diffusion, folder customconcept101/, with
   benchmark_dataset.zip unzipped into it): `root/dataset.json` is a list of entries
-  {"class_prompt": "dog", "instance_data_dir": "./benchmark_dataset/pet_dog1",
-  "prompt_filename": "prompts/dog.txt", "instance_prompt": ..., "class_data_dir":
-  ...}; both paths are relative to `root`. A prompt file holds one prompt per line
-  with "{}" for "<token> <class>" ("{} swimming in a pool."). The multi-concept
-  file (dataset_multiconcept.json, "{0}"/"{1}" prompts) is not read.
+  {"instance_prompt": "photo of a <new1> dice plushie", "class_prompt": "dice",
+  "instance_data_dir": "./benchmark_dataset/plushie_dice", "class_data_dir": ...,
+  "prompt_filename": "prompts/plushie.txt"}; both paths are relative to `root`.
+  The concept is worded as instance_prompt words it: class word "dice plushie" (the
+  words after the token; class_prompt "dice" names its regularisation images) and
+  training prompt "photo of a {}". A prompt file holds one evaluation prompt per
+  line with "{}" for "<token> <class>" ("{} swimming in a pool."). The
+  multi-concept file (dataset_multiconcept.json, "{0}"/"{1}" prompts) is not read.
 
   Returns:
     {instance dir basename: ConceptSpec} in the file's order.
@@ -373,9 +408,10 @@ def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
     prompt_path = os.path.normpath(os.path.join(root, e["prompt_filename"]))
     if prompt_path not in prompt_cache:
       prompt_cache[prompt_path] = _read_prompt_file(prompt_path)
-    out[name] = ConceptSpec(name=name, class_word=e["class_prompt"].strip(),
+    class_word, train_prompts = _cc101_instance(path, i, e)
+    out[name] = ConceptSpec(name=name, class_word=class_word,
                             images=_list_images(folder, name),
-                            prompts=prompt_cache[prompt_path])
+                            prompts=prompt_cache[prompt_path], train_prompts=train_prompts)
   return out
 
 

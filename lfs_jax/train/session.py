@@ -246,9 +246,9 @@ def _session_inputs(ctx: _Context, session: int, prev_delta):
   max_len = pipe.text_encoder.config.max_position_embeddings
   cues = losses.RESCALE_CUES if cfg.data.rescale_cues else ("",)  # the order losses expects
   prompt_ids = np.stack([
-      concepts_lib.tokenize(tokenizer, [cue + t.format(c.phrase())
-                                        for t in cfg.concepts.templates for cue in cues],
-                            max_len) for c in owner])
+      concepts_lib.tokenize(tokenizer, [cue + t for t in c.training_prompts(
+          cfg.concepts.templates) for cue in cues], max_len)
+      for c in owner])
 
   kd_conds = _kd_conditions(cfg, registry, session) or [("", False)]
   kd_prompts = [p for p, _ in kd_conds]
