@@ -18,14 +18,10 @@ from lfs_jax import config_base
 
 
 def get_config(arg="sd15"):
-  c = config_base.get_config()
-  if arg == "sd15":
-    # The table's runs fine-tuned Stable Diffusion v1-4 (README.md of the repository:
-    # "All our results are based on fine-tuning stable-diffusion-v1-4"): point
-    # model.path at a diffusers copy of it to match; training follows use_local_sd.
-    config_base.use_local_sd(c, resolution=512)
-  elif arg != "tiny":
-    raise ValueError(f"configs/eval_customconcept101.py takes :sd15 or :tiny, got :{arg}")
+  # The table's runs fine-tuned Stable Diffusion v1-4 (README.md of the repository:
+  # "All our results are based on fine-tuning stable-diffusion-v1-4"): point
+  # model.path at a diffusers copy of it to match; training follows use_local_sd.
+  c = config_base.preset_base(arg, "eval_customconcept101")
 
   # Data: dataset.json, prompts/*.txt and the unzipped benchmark_dataset/ (README.md,
   # "Download dataset"); each concept is worded as its instance_prompt words it.

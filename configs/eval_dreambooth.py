@@ -18,11 +18,7 @@ from lfs_jax import config_base
 
 
 def get_config(arg="sd15"):
-  c = config_base.get_config()
-  if arg == "sd15":
-    config_base.use_local_sd(c, resolution=512)
-  elif arg != "tiny":
-    raise ValueError(f"configs/eval_dreambooth.py takes :sd15 or :tiny, got :{arg}")
+  c = config_base.preset_base(arg, "eval_dreambooth")
 
   # Data: the dataset/ folder; class words and the 25 object / 25 live-subject prompts
   # from its prompts_and_classes.txt (README.md of google/dreambooth: "all of the prompts

@@ -136,6 +136,17 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def preset_base(arg: str, name: str) -> ml_collections.ConfigDict:
+  """The defaults on the base model a preset's `arg` names: "sd15" (a local Stable
+  Diffusion folder, use_local_sd) or "tiny" (scaled down by the preset: scale_down)."""
+  c = get_config()
+  if arg == "sd15":
+    use_local_sd(c, resolution=512)
+  elif arg != "tiny":
+    raise ValueError(f"configs/{name}.py takes :sd15 or :tiny, got :{arg}")
+  return c
+
+
 def scale_down(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Sizes of an evaluation preset cut to a CPU test (the tiny model), settings kept.
 
