@@ -18,11 +18,12 @@ from test_customconcept101 import make_customconcept101
 from test_evaluate import clip_dir  # noqa: F401  (module fixture: a tiny CLIP folder)
 from test_evaluate_protocol import dino_dir  # noqa: F401  (module fixture: a tiny DINO folder)
 
-# What config_base.scale_down may change, and the tiny model's own image size;
-# everything else of :tiny is the preset's.
+# What config_base.scale_down may change, and what :sd15 takes from use_local_sd for
+# Stable Diffusion (image size, Custom Diffusion's training recipe); every sampling,
+# evaluation and dataset setting of :tiny is the preset's.
 SCALED = {"model.source", "train.steps", "sample.steps", "sample.batch_size",
           "eval.num_images", "eval.num_prompts", "eval.batch_size", "eval.grid",
-          "data.resolution"}
+          "data.resolution", "data.rescale_cues"}
 
 
 def _flat(d, prefix=""):
