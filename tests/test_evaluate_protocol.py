@@ -17,7 +17,7 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax import datasets, icgen, runs, sample
 from lfs_jax.errors import EvalError
-from lfs_jax.evaluate import clip_scorer, encoders, run_eval
+from lfs_jax.evaluate import clip_scorer, encoders, report, run_eval
 from lfs_jax.train import session
 
 from test_dino_parity import make_vit
@@ -141,3 +141,26 @@ def test_eval_settings_refuse_unknown_choices(tiny_config):
                        ("protocol", "coco")):
     with pytest.raises(Exception, match=f"eval.{field}={value!r}"):
       run_eval.EvalSettings.from_config(tiny_config(**{f"eval__{field}": value}))
+
+
+def test_protocol_columns_name_what_was_not_computed():
+  """CustomConcept101's columns from CLIP alone: the DINO column says it was not computed."""
+  registry = concepts_lib.Registry((
+      concepts_lib.Concept("dog", "<c1>", "dog", "dog", 1, ()),
+      concepts_lib.Concept("cat", "<c2>", "cat", "cat", 2, ())))
+  cells = [{"session": k, "concept": c, "variant": "plain", "ta": ta, "clipscore": 2.5 * ta,
+            "ia": ia} for k, c, ta, ia in ((1, "dog", 0.3, 0.8), (2, "dog", 0.28, 0.7),
+                                           (2, "cat", 0.32, 0.9))]
+  settings = {"num_images": 1, "num_prompts": 0, "sample.sampler": "ddim",
+              "sample.steps": 200, "sample.eta": 1.0, "sample.guidance": 6.0,
+              "icgen.strength": 0.6, "icgen.select": "random", "clip": "/clip",
+              "keep_token": False}
+  s = report.summarize(cells, registry, [1, 2], ["plain"], settings=settings, workdir="/w",
+                       method="lfs", ia_metrics=["ia"], protocol="customconcept101")
+  md = report.markdown(s)
+  assert "| plain (without ICGen) | 0.7500 | 0.8000 | not computed |" in md
+  assert "Not computed here: Image-alignment (DINO)" in md
+  assert s["variants"]["plain"]["iad"]["dog"] == pytest.approx(0.1)
+  # Held-out references stand in for the training photos' column when they are all there is.
+  assert report.protocol_columns("dreambooth", ["ta", "clipscore", "dino_heldout"]) == [
+      ("DINO", "dino_heldout"), ("CLIP-I", "ia"), ("CLIP-T", "ta")]
