@@ -16,16 +16,21 @@ import functools
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from lfs_jax import checkpoint
+from lfs_jax import sample
+from lfs_jax.evaluate import run_eval
 from lfs_jax.models import tiny
 from lfs_jax.train import session
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights.convert import flatten
+from test_evaluate import clip_dir  # noqa: F401  pylint: disable=unused-import
 
 # Three sessions of 4 steps, progress at step 2 of each, the DFKD teacher cache on:
 # session k resumes with session k-1's teacher, earlier token rows and its cache.
@@ -56,6 +61,14 @@ class _Faults:
     self._wrap(m, session.base_lib, "load_base", "startup")
     self._wrap(m, checkpoint, "clear_progress", "cleanup")
     self._wrap(m, checkpoint, "restore_session", "between", lambda a: {"session": a[1]})
+    real_prepare = session.prepare
+
+    def prepare(*a, **kw):  # the VAE and text encoders, traced once a module
+      ctx = real_prepare(*a, **kw)
+      ctx.encode = compiled.setdefault("encode", ctx.encode)
+      ctx.text = compiled.setdefault("text", ctx.text)
+      return ctx
+    m.setattr(session, "prepare", prepare)
     real_setup = session.setup_session
 
     def setup(ctx, k, prev):
@@ -107,7 +120,7 @@ class _Faults:
     self.fired = False
 
   def _hit(self, point, step=None, session=None):
-    if self.armed is None or self.fired:
+    if self.armed is None or self.armed[0] is None or self.fired:
       return
     want, want_session, want_step, action = self.armed
     session = self.session if session is None else session
@@ -141,7 +154,7 @@ def faults(monkeypatch, compiled):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, compile_cache, compiled):
-  """One uninterrupted run: (config, {session: its stored delta and bank})."""
+  """One uninterrupted run: (config, {session: its stored delta and bank}, its folder)."""
   from conftest import _tiny_config  # pylint: disable=import-outside-toplevel
 
   cfg = _tiny_config(compile_cache, **_RUN)
@@ -149,7 +162,7 @@ def reference(tmp_path_factory, compile_cache, compiled):
   with pytest.MonkeyPatch.context() as m:
     _Faults(m, compiled)
     session.run(cfg, workdir)
-  return cfg, {k: _stored(workdir, k) for k in _SESSIONS}
+  return cfg, {k: _stored(workdir, k) for k in _SESSIONS}, workdir
 
 
 def _stored(workdir, k):
@@ -168,8 +181,9 @@ def _assert_same_sessions(workdir, want, sessions):
 
 
 def _progress(workdir):
+  """Finished progress steps (an interrupted save leaves only a temporary folder)."""
   path = os.path.join(workdir, "progress")
-  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  return sorted(n for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
 
 
 def _sigterm():
@@ -183,7 +197,7 @@ def _kill():
 def _link(cfg, workdir, faults, link):
   """Runs (resumes) `workdir` with one fault armed; checks where it stopped."""
   (point, k, step), action, (message, finished, progress) = link
-  faults.arm(point, action, session=k, step=step)
+  faults.arm(point, action, session=k, step=step)  # point None: no fault
   try:
     session.run(cfg, workdir, resume=True)
     stopped = None
@@ -191,15 +205,20 @@ def _link(cfg, workdir, faults, link):
     stopped = str(e)
   except _Killed:
     stopped = "killed"
-  assert faults.fired, link
+  assert faults.fired or point is None, link
   assert (stopped or "").startswith(message or ""), (link, stopped)
   assert (stopped is None) == (message is None), (link, stopped)
   return finished, progress
 
 
-def _chain(cfg, workdir, faults, want, chain):
-  """Each link resumes where the previous one stopped; a fork runs on a copy."""
+def _chain(cfg, workdir, faults, want, chain, snapshots=None):
+  """Each link resumes where the previous one stopped; a fork runs on a copy; a
+  snapshot copies the run directory into `snapshots`."""
   for link in chain:
+    if link[0] == "snapshot":
+      snapshots[link[1]] = f"{workdir}-{link[1]}"
+      shutil.copytree(workdir, snapshots[link[1]])
+      continue
     fork = link[0] == "fork"
     where = workdir
     if fork:
@@ -209,6 +228,8 @@ def _chain(cfg, workdir, faults, want, chain):
     finished, progress = _link(cfg, where, faults, link)
     _assert_same_sessions(where, want, finished)
     assert _progress(where) == progress, link
+    if link[2][0] is None:  # a finished run keeps no trace of interrupted saves
+      assert not [d for d, _, _ in os.walk(where) if "orbax-checkpoint-tmp" in d]
 
 
 # ((point, session, step), fault, (Preempted message, None = the run finished;
@@ -227,7 +248,136 @@ _SIGTERM_CHAIN = [
 ]
 
 
+@pytest.mark.slow
 def test_sigterm_anywhere_stops_cleanly_and_resumes_bit_identical(tmp_path, faults,
                                                                    reference):
-  cfg, want = reference
+  cfg, want, _ = reference
   _chain(cfg, str(tmp_path / "run"), faults, want, _SIGTERM_CHAIN)
+
+
+_KILL_CHAIN = [
+    (("startup", None, None), _kill, ("killed", [], [])),
+    (("compile", 1, None), _kill, ("killed", [], [])),
+    (("step", 1, 1), _kill, ("killed", [], [])),                  # nothing saved yet
+    (("progress_save", 1, 2), _kill, ("killed", [], [])),         # not committed: not there
+    (("step", 1, 3), _kill, ("killed", [], ["2"])),               # right after a progress save
+    (("step", 1, 4), _kill, ("killed", [], ["2"])),               # a last step
+    (("session_save", 1, 1), _kill, ("killed", [], ["2"])),       # not committed: not there
+    (("cleanup", 1, None), _kill, ("killed", [1], ["2"])),        # session 1's progress left
+    (("step", 2, 1), _kill, ("killed", [1], [])),                 # it was dropped at start
+    (("step", 2, 3), _kill, ("killed", [1], ["2"])),
+    ("snapshot", "session2_step2"),
+    ("fork", (("between", 2, None), _kill, ("killed", [1, 2], []))),
+    (("step", 3, 2), _kill, ("killed", [1, 2], [])),
+    (("step", 3, 4), _kill, ("killed", [1, 2], ["2"])),           # the run's last step
+    ((None, None, None), None, (None, [1, 2, 3], [])),
+]
+
+
+@pytest.fixture(scope="module")
+def snapshots():
+  return {}
+
+
+@pytest.mark.slow
+def test_hard_kill_anywhere_resumes_bit_identical(tmp_path, faults, reference, snapshots):
+  cfg, want, _ = reference
+  _chain(cfg, str(tmp_path / "run"), faults, want, _KILL_CHAIN, snapshots)
+
+
+@pytest.mark.slow
+def test_sigterm_inside_session_2_of_a_fresh_main_exits_0_and_resumes(tmp_path, faults,
+                                                                       reference, snapshots):
+  """A real SIGTERM to `python -m lfs_jax.main --resume`, a fresh process that resumes
+  session 2 (teacher = session 1 read back, earlier token rows, DFKD cache rebuilt)."""
+  cfg, want, _ = reference
+  workdir = str(tmp_path / "run")
+  if "session2_step2" in snapshots:  # left by the hard-kill chain
+    shutil.copytree(snapshots["session2_step2"], workdir)
+  else:
+    _chain(cfg, workdir, faults, want, [
+        (("step", 2, 3), _kill, ("killed", [1], ["2"]))])
+  # The driver sends the signal from inside session 2's step 3, like a scheduler would.
+  driver = (
+      "import os, runpy, signal, sys\n"
+      "from lfs_jax.train import step\n"
+      "real = step.compile_step\n"
+      "def compile_step(*a):\n"
+      "  fn, *rest = real(*a)\n"
+      "  def at(state, *b):\n"
+      "    if int(state.step) == 2:\n"
+      "      os.kill(os.getpid(), signal.SIGTERM)\n"
+      "    return fn(state, *b)\n"
+      "  return (at, *rest)\n"
+      "step.compile_step = compile_step\n"
+      "runpy.run_module('lfs_jax.main', run_name='__main__')\n")
+  flags = [f"--config.{k.replace('__', '.')}={v}" for k, v in _RUN.items()]
+  proc = subprocess.run(
+      [sys.executable, "-c", driver, f"--workdir={workdir}", "--resume",
+       f"--config.compile_cache={cfg.compile_cache}", "--config.mesh.data=1", *flags],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "session 2: resumed at step 2" in proc.stdout
+  assert "preempted: session 2 stopped at step 3" in proc.stderr
+  assert _progress(workdir) == ["3"]
+  _assert_same_sessions(workdir, want, [1])
+  faults.arm(None, None)
+  session.run(cfg, workdir, resume=True)
+  _assert_same_sessions(workdir, want, _SESSIONS)
+
+
+def _killed_on_call(monkeypatch, module, name, call, before=lambda *a: None):
+  """`module.name` raises _Killed at its `call`-th call (after `before(*args)`)."""
+  real, count = getattr(module, name), {"n": 0}
+
+  def wrapped(*a, **kw):
+    count["n"] += 1
+    if count["n"] == call:
+      before(*a)
+      raise _Killed()
+    return real(*a, **kw)
+  monkeypatch.setattr(module, name, wrapped)
+
+
+def _half_written(path, _):
+  with open(f"{path}.tmp", "wb") as f:
+    f.write(b"\x89PNG half")
+
+
+@pytest.mark.slow
+def test_sample_killed_while_writing_reruns_complete(tmp_path, reference, monkeypatch):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[2], workdir)
+  prompts = ["a <c1> dog", "a <c3> dog on the beach"]
+  out = os.path.join(workdir, "samples", "session_3")
+  with monkeypatch.context() as m:
+    _killed_on_call(m, sample, "_save_png", 2, before=_half_written)
+    with pytest.raises(_Killed):
+      sample.sample_run(workdir, prompts, progress=False)
+  left = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+  assert sorted(left) == ["a_c1_dog_seed0.json", "a_c1_dog_seed0.png", "a_c1_dog_seed1.png.tmp"]
+  _, paths = sample.sample_run(workdir, prompts, progress=False)
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths)
+  for name, data in left.items():  # what the kill left under a final name was complete
+    if not name.endswith(".tmp"):
+      assert open(os.path.join(out, name), "rb").read() == data, name
+
+
+@pytest.mark.slow
+def test_evaluate_killed_in_a_cell_reruns_to_the_same_metrics(tmp_path, reference, clip_dir,
+                                                            monkeypatch):
+  over = {"sample.steps": 2, "eval.num_images": 1, "eval.num_prompts": 1,
+          "eval.variants": "icgen", "eval.grid": 0}
+  whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+  for d in (whole, killed):  # sessions 1 and 2 of the reference: three cells
+    shutil.copytree(reference[2], d, ignore=lambda d, n: ["3"] if d.endswith("sessions") else [])
+  want = run_eval.evaluate(whole, clip=clip_dir, overrides=over, progress=False)
+  assert want["computed"] == 3
+  with monkeypatch.context() as m:
+    _killed_on_call(m, run_eval, "compute_cell", 3)
+    with pytest.raises(_Killed):
+      run_eval.evaluate(killed, clip=clip_dir, overrides=over, progress=False)
+  got = run_eval.evaluate(killed, clip=clip_dir, overrides=over, progress=False)
+  assert (got["computed"], got["reused"]) == (1, 2)
+  assert got["metrics"]["variants"] == want["metrics"]["variants"]
+  assert got["metrics"]["cells"] == want["metrics"]["cells"]
