@@ -196,7 +196,8 @@ def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
         {k: v for k, v in config.items() if k != "set_alpha_to_one"})
   ref.set_timesteps(steps)
   ts = ref.timesteps
-  start = int(sampler.start_index(ts.numpy(), strength, 1000)) if strength < 1 else 0
+  # ICGen's rule, computed here on diffusers' grid: start at the first timestep <= s*T.
+  start = int(np.flatnonzero(ts.numpy() <= strength * 1000)[0]) if strength < 1 else 0
   assert (start == 0) == (strength == 1.0)
   tensor = lambda a: torch.from_numpy(np.array(a))
   eps = tensor(sampler.initial_noise(seeds, shape))

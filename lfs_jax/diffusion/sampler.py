@@ -30,6 +30,8 @@ from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.diffusion import steps as steps_lib
 
 KINDS = ("ddim", "ddpm")
+# Timesteps are integers: float32 rounding of s*T stays far below this.
+_T_S_SLACK = 1e-3
 # Purposes folded into each image's key.
 _INIT, _STEP = 0, 1
 # How many times each jitted function below was traced (a retrace is a recompile).
@@ -75,7 +77,9 @@ def start_index(timesteps, strength, num_train_timesteps: int):
   """
   xp = jnp if isinstance(timesteps, jax.Array) or isinstance(strength, jax.Array) else np
   t_s = xp.asarray(strength, xp.float32) * xp.float32(num_train_timesteps)
-  return xp.sum(xp.asarray(timesteps).astype(xp.float32) > t_s).astype(xp.int32)
+  # s*T in float32 misses the exact product by up to ~3e-5 (s = 0.251: 250.99998):
+  # a grid timestep within _T_S_SLACK above it is taken as <= s*T (t_s = 251 there).
+  return xp.sum(xp.asarray(timesteps).astype(xp.float32) > t_s + _T_S_SLACK).astype(xp.int32)
 
 
 def _per_image_normal(keys: jax.Array, shape, fold) -> jax.Array:
