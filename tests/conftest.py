@@ -22,10 +22,35 @@ import pytest  # noqa: E402
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+def _run_root(factory):
+  """This pytest run's temporary root, shared by all its xdist workers.
+
+  A worker's basetemp is `<root>/popen-gw<N>`; without xdist the basetemp is the root.
+  """
+  base = factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+  """One persistent XLA cache for every process of the run, set before anything compiles.
+
+  JAX decides once per process, at its first compilation, whether the cache is on;
+  setting the directory later (as a session does from its config) is too late.
+  The same HLO then compiles once per run, not once per worker and module. A size
+  limit turns on JAX's file lock, so two workers never read a half-written entry.
+  """
+  path = _run_root(config._tmp_path_factory) / "xla_cache"  # pylint: disable=protected-access
+  path.mkdir(exist_ok=True)
+  config.lfs_jax_compile_cache = str(path)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_compilation_cache_max_size", 16 * 2 ** 30)
+
+
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  """One persistent XLA cache for the whole test session (same HLO compiles once)."""
-  return str(tmp_path_factory.mktemp("xla_cache"))
+def compile_cache(pytestconfig):
+  """The run's persistent XLA cache (see pytest_configure), for configs to name."""
+  return pytestconfig.lfs_jax_compile_cache
 
 
 def _tiny_config(compile_cache, **overrides):
@@ -49,10 +74,47 @@ def _tiny_config(compile_cache, **overrides):
   return c
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config(compile_cache):
   """Factory: `tiny_config(train__steps=2, ...)` -> a locked tiny config."""
   return lambda **overrides: _tiny_config(compile_cache, **overrides)
+
+
+# The settings of the shared two-session run (tiny_run): sampling and evaluation
+# small enough for test_sample and test_evaluate alike.
+TINY_RUN = {"train__steps": 2, "data__sessions": "dog;cat", "sample__steps": 4,
+            "sample__batch_size": 4, "sample__num_images": 2, "eval__num_images": 1,
+            "eval__num_prompts": 2, "eval__batch_size": 4, "eval__grid": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, compile_cache):
+  """Factory: a private copy of one two-session tiny run (dog; cat, 2 steps).
+
+  The run is trained once per pytest run, whichever worker asks first (the others
+  wait on a file lock), and every caller gets its own copy to write samples and
+  metrics into.
+  """
+  import shutil
+
+  import filelock
+
+  from lfs_jax.train import session
+
+  root = _run_root(tmp_path_factory)
+  trained = root / "tiny_run" / "run"
+  with filelock.FileLock(str(root / "tiny_run.lock")):
+    if not (root / "tiny_run" / "DONE").exists():
+      shutil.rmtree(root / "tiny_run", ignore_errors=True)
+      session.run(_tiny_config(compile_cache, **TINY_RUN), str(trained))
+      (root / "tiny_run" / "DONE").touch()
+
+  def copy(name):
+    dest = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(trained, dest)
+    return str(dest)
+
+  return copy
 
 
 @pytest.fixture(scope="session")

@@ -178,3 +178,75 @@ def test_config_accepts_clip_model_and_legacy_files():
   shapes = clip.abstract_params(cfg)
   assert shapes["text_model"]["encoder"]["layers_11"]["mlp"]["fc1"]["kernel"].shape == (
       768, 3072)
+
+
+# Real prompts, as a pipeline encodes them: SD 1.x's padding, truncation and two
+# modifier tokens past the vocabulary.
+REAL_PROMPTS = [
+    "a photo of a dog",
+    "a <c1> dog swimming in a pool",
+    "A <c2> cat, in the JUNGLE!! next to a <c1> dog",
+    "",
+    "naïve café résumé, 3.5x zoom (watercolor)",
+    "a big red " * 30 + "<c2> teapot at the very end, cut off",
+]
+
+
+def test_real_prompts_through_our_tokenizer_match_transformers(tmp_path):
+  from lfs_jax import concepts as concepts_lib
+  from lfs_jax.diffusion import sampler
+  from lfs_jax.models import tiny
+  from lfs_jax.weights import load_tokenizer
+
+  vocab = 49408
+  ours = load_tokenizer(tiny.TOKENIZER_DIR)
+  registry = concepts_lib.Registry(tuple(
+      concepts_lib.Concept(f"x{i}", f"<c{i}>", "dog", "dog", i, ()) for i in (1, 2)))
+  concepts_lib.add_tokens(ours, registry, vocab)
+  ids = concepts_lib.tokenize(ours, REAL_PROMPTS, 77)
+
+  # transformers' tokenizer as diffusers' StableDiffusionPipeline calls it.
+  ref_tok = transformers.CLIPTokenizerFast.from_pretrained(tiny.TOKENIZER_DIR,
+                                                           local_files_only=True)
+  ref_tok.add_tokens(["<c1>", "<c2>"])
+  want_ids = ref_tok(REAL_PROMPTS, padding="max_length", max_length=ref_tok.model_max_length,
+                     truncation=True, return_tensors="np").input_ids
+  np.testing.assert_array_equal(ids, want_ids)
+  # The BPE itself, by known CLIP ids ("a" 320, "photo" 1125, "of" 539, "dog" 1929),
+  # bos 49406, eos 49407 also as padding, the modifier tokens right after the vocab.
+  np.testing.assert_array_equal(ids[0, :8], [49406, 320, 1125, 539, 320, 1929, 49407, 49407])
+  assert ids.shape == (6, 77) and ids.dtype == np.int32
+  assert ids[1, 2] == vocab and ids[2, 2] == vocab + 1 and list(ids[2]).count(vocab) == 1
+  np.testing.assert_array_equal(ids[3, :2], [49406, 49407])
+  assert ids[5, 76] == 49407 and vocab + 1 not in ids[5]  # truncated to 77, eos kept
+
+  # Features: a tiny random CLIPTextModel over the real vocabulary, its table grown
+  # by the two modifier rows in transformers against ours reading them as extra rows.
+  torch.manual_seed(0)
+  config = transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+      num_hidden_layers=2, max_position_embeddings=77, hidden_act="quick_gelu",
+      bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SD 1.5's (legacy) special ids
+  ref = transformers.CLIPTextModel(config).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if name.endswith("bias") or "layer_norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  ref.save_pretrained(str(tmp_path), safe_serialization=True)
+  rows = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+  ref.resize_token_embeddings(vocab + 2)
+  with torch.no_grad():
+    ref.get_input_embeddings().weight[vocab:] = torch.from_numpy(rows)
+    want = ref(torch.from_numpy(want_ids.astype(np.int64))).last_hidden_state.numpy()
+
+  module, params = load_text_encoder(str(tmp_path))
+  got = np.asarray(sampler.encode_text_jit(params, jnp.asarray(rows), jnp.asarray(ids),
+                                           text=module))
+  assert got.shape == want.shape == (6, 77, 32)
+  for i, prompt in enumerate(REAL_PROMPTS):
+    assert rel_err(got[i], want[i]) <= 1e-5, (prompt, rel_err(got[i], want[i]))
+  # The modifier rows are read: other rows, other features for the prompts using them.
+  other = np.asarray(sampler.encode_text_jit(params, jnp.asarray(rows + 1), jnp.asarray(ids),
+                                             text=module))
+  changed = [not np.allclose(other[i], got[i]) for i in range(6)]
+  assert changed == [False, True, True, False, False, False]

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lfs_jax import base as base_lib
-from lfs_jax import checkpoint
+from lfs_jax import checkpoint, config_base
 from lfs_jax.errors import ConfigError
 from lfs_jax.models import tiny
 from lfs_jax.train import session
@@ -23,13 +23,46 @@ def _load(name, arg=None):
   return cfg
 
 
-@pytest.mark.parametrize("name,arg", [("tiny", None), ("sd15", None), ("sd21", None),
-                                      ("dreambooth", "tiny"), ("dreambooth", "sd15")])
-def test_every_config_loads_and_rejects_unknown_keys(name, arg):
-  cfg = _load(name, arg)
-  with pytest.raises(AttributeError):
-    cfg.train.stepz = 3  # locked: a typo is an error, not a new field
-  assert cfg.model.source in ("tiny", "local")
+def _flat(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+# What sets each config apart from the base defaults (config_base.get_config()).
+_LOCAL_SD = {"model.source": "local", "model.path": "", "model.compute_dtype": "bfloat16",
+             "model.attention": "auto", "data.root": "", "train.steps": 250,
+             "train.batch_size": 8, "train.log_every": 25, "train.progress_every": 100,
+             "kd.batch_size": 8, "sample.steps": 50, "sample.batch_size": 8}
+EXPECTED = {
+    ("tiny", None): {},
+    ("sd15", None): {**_LOCAL_SD, "data.resolution": 512},
+    ("sd21", None): {**_LOCAL_SD, "data.resolution": 768},
+    ("dreambooth", "tiny"): {"data.format": "dreambooth", "data.root": "", "data.classes": "",
+                             "data.sessions": "dog;cat;dog2;backpack;teapot"},
+    ("dreambooth", "sd15"): {**_LOCAL_SD, "data.resolution": 512, "data.format": "dreambooth",
+                             "data.classes": "", "data.sessions": "dog;cat;dog2;backpack;teapot"},
+}
+
+
+@pytest.mark.parametrize("name,arg", sorted(EXPECTED, key=str))
+def test_every_config_is_the_base_schema_with_its_own_values(name, arg):
+  """Same fields as config_base (a config adds none the code does not read), and
+  exactly its documented differences from the defaults."""
+  got, base = _flat(_load(name, arg)), _flat(config_base.get_config())
+  assert got.keys() == base.keys(), got.keys() ^ base.keys()
+  changed = {k: v for k, v in got.items() if v != base[k]}
+  want = {k: v for k, v in EXPECTED[name, arg].items() if v != base[k]}
+  assert changed == want
+
+
+def test_a_config_file_with_a_bad_argument_names_it():
+  with pytest.raises(ValueError, match=r"configs/dreambooth.py takes :tiny or :sd15, got :sd22"):
+    _load("dreambooth", "sd22")
 
 
 def test_local_config_needs_a_model_path():
@@ -48,6 +81,7 @@ def test_dreambooth_config_orders_sessions(dreambooth_root):
   assert len(sessions[0][0].images) == 3 and len(sessions[2][0].images) == 2
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_session_on_a_local_diffusers_folder(tmp_path, tiny_config, compile_cache):
   folder = str(tmp_path / "sd")
   tiny.save_folder(tiny.random_params(3), folder)

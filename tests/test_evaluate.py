@@ -134,11 +134,9 @@ def clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(make_tiny_run):
-  """A two-session tiny run (dog; cat) whose config carries small eval settings."""
-  return make_tiny_run("evaluate", sample__steps=3, sample__batch_size=2,
-                       eval__num_images=1, eval__num_prompts=2, eval__batch_size=4,
-                       eval__grid=4)
+def run_dir(tiny_run):
+  """A copy of the shared two-session tiny run (dog; cat) with small eval settings."""
+  return tiny_run("evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -250,32 +248,42 @@ def test_resume_skips_done_cells(run_dir, clip_dir, evaluated, monkeypatch):
   assert (third["computed"], third["reused"], len(calls)) == (1, CELLS - 1, 1)
   assert _cells(run_dir)["cells"]["2/dog/plain"] == lost
   # Other sampling settings would mix incomparable cells: refused, naming the field.
-  with pytest.raises(EvalError, match="sample.steps=3"):
-    run_eval.evaluate(run_dir, clip=clip_dir, overrides={"sample.steps": 4}, progress=False)
+  with pytest.raises(EvalError, match="sample.steps=4"):
+    run_eval.evaluate(run_dir, clip=clip_dir, overrides={"sample.steps": 5}, progress=False)
 
 
 def test_compare_two_runs(run_dir, evaluated, tmp_path):
+  """Two runs that differ in numbers, method and one evaluation setting."""
+  with open(os.path.join(run_dir, "metrics", "metrics.json")) as f:
+    real = json.load(f)
+  setting = sorted(real["settings"])[0]
+  custom_ia = [0.125, 0.0625]
   dirs = []
   for name, method in (("lfs", "lfs"), ("custom", "custom_diffusion")):
+    m = json.loads(json.dumps(real))
+    m["method"] = method
+    if name == "custom":  # another run: its own numbers, evaluated differently
+      m["variants"]["icgen"]["per_session"]["ia"] = custom_ia
+      m["settings"][setting] = ["not", "the", "same"]
     d = tmp_path / name / "metrics"
     d.mkdir(parents=True)
-    with open(os.path.join(run_dir, "metrics", "metrics.json")) as f:
-      m = json.load(f)
-    m["method"] = method
     (d / "metrics.json").write_text(json.dumps(m))
     dirs.append(str(tmp_path / name))
   got = compare.compare(dirs, out_dir=str(tmp_path / "cmp"))
   assert [(r["run"], r["variant"]) for r in got["rows"]] == [
       ("lfs", "icgen"), ("lfs", "plain"), ("custom", "icgen"), ("custom", "plain")]
-  assert got["differences"] == []
+  assert got["differences"] == [setting]
   ia = evaluated["metrics"]["variants"]["icgen"]["per_session"]["ia"]
-  assert got["rows"][2]["ia@1"] == ia[0] and got["rows"][2]["ia@2"] == ia[1]
+  assert [got["rows"][0]["ia@1"], got["rows"][0]["ia@2"]] == ia
+  assert [got["rows"][2]["ia@1"], got["rows"][2]["ia@2"]] == custom_ia
   md = (tmp_path / "cmp" / "compare.md").read_text()
   assert "| lfs | lfs | icgen" in md and "| custom | custom_diffusion | plain" in md
+  assert "evaluated under different settings" in md and setting in md
   with Image.open(tmp_path / "cmp" / "compare.png") as im:
     assert im.format == "PNG"
   rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
   assert len(rows) == 4 and rows[0]["method"] == "lfs"
+  assert float(rows[2]["ia@1"]) == custom_ia[0]
   with pytest.raises(EvalError, match="evaluate the run first"):
     compare.compare([dirs[0], str(tmp_path)])
   assert compare.run_names(["/a/x/run", "/a/y/run"]) == ["x/run", "y/run"]
@@ -322,6 +330,7 @@ def _cli(*args):
                         text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_cli_evaluate_resumes_and_compare_writes(run_dir, clip_dir, evaluated, tmp_path):
   proc = _cli("--mode=evaluate", f"--workdir={run_dir}", f"--clip={clip_dir}")
   assert proc.returncode == 0, proc.stderr[-3000:]

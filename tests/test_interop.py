@@ -167,6 +167,7 @@ def test_import_of_an_export_gives_the_same_parameters(world, tmp_path):
     interop.import_delta(out, run, world["cfg"])
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_a_run_continues_from_an_imported_session(world, tmp_path):
   """Import session 1, train session 2: the same weights as the run that never left."""
   out = str(tmp_path / "export")

@@ -170,6 +170,7 @@ def _wait_two(procs, timeout=240):
   return outs
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
                                                           compile_cache):
   work, ref = tmp_path / "run", str(tmp_path / "ref")

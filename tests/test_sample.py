@@ -27,10 +27,9 @@ DOG, CAT = "a <c1> dog", "a <c2> cat"
 
 
 @pytest.fixture(scope="module")
-def run_dir(make_tiny_run):
-  """A two-session tiny run (dog; cat), trained once for the module."""
-  return make_tiny_run("sample", sample__steps=4, sample__batch_size=4,
-                       sample__num_images=2)
+def run_dir(tiny_run):
+  """A copy of the shared two-session tiny run (dog; cat; sample.steps 4, batch 4)."""
+  return tiny_run("sample")
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +217,7 @@ def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
   assert rel <= 1e-5, rel
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_cli_writes_pngs_grids_and_sidecars(run_dir):
   env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
   proc = subprocess.run(

@@ -28,6 +28,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=str(k))
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_two_session_run_end_to_end(tmp_path, tiny_config, monkeypatch, capsys):
   traces = []
   real_step = step_lib.train_step
@@ -134,6 +135,7 @@ def _kill():
   raise KeyboardInterrupt("killed")
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_config,
                                                              monkeypatch):
   cfg = tiny_config(data__sessions="dog", train__steps=6, train__progress_every=2)
@@ -196,7 +198,7 @@ def _folder_dataset(root, files):
 
 
 @pytest.mark.parametrize("files,overrides,needle", [
-    ({"a/0.png": "image", "b/readme.md": b"no photos"}, {}, "b"),
+    ({"a/0.png": "image", "b/readme.md": b"no photos"}, {}, "of concept 'b' holds no"),
     ({"a/0.png": "image", "b/0.jpg": b"\xff\xd8\xff garbage"}, {}, "0.jpg"),
     ({"a/0.png": "image", "b/0.png": "image"},
      {"concepts__token_format": "<|endoftext|>"}, "<|endoftext|>"),
@@ -333,6 +335,7 @@ def test_kv_anchor_is_the_mean_change_of_keys_and_values_on_the_contexts():
                                 losses.kv_gram(contexts, 2))) == 0.0
 
 
+@pytest.mark.slow  # a whole loop (CI runs it)
 def test_restart_rules(tmp_path, tiny_config):
   run = str(tmp_path / "run")
   session.run(tiny_config(data__sessions="dog", train__steps=2), run)
