@@ -281,9 +281,25 @@ def main(argv=None) -> int:
   ap.add_argument("--vae_from", default="",
                   help="a model folder written by this command: reuse its VAE and scaling "
                   "factor, skip that stage")
+  ap.add_argument("--decoder_steps", type=int, default=0,
+                  help="with --vae_from: fine-tune that VAE's decoder this many steps on the "
+                  "renders (PyTorch), the encoder frozen so the latent space (and any UNet "
+                  "trained on it) stays valid")
+  ap.add_argument("--decoder_batch", type=int, default=32)
+  ap.add_argument("--decoder_lr", type=float, default=1e-3)
+  ap.add_argument("--torch_threads", type=int, default=0,
+                  help="PyTorch CPU threads for the decoder stage (0 = one a core)")
   ap.add_argument("--vae_only", action="store_true",
                   help="stop after the VAE; write reconstructions.png to --out (tuning)")
   args = ap.parse_args(argv)
+  if args.decoder_steps < 0 or args.unet_steps < 0:
+    ap.error("--decoder_steps and --unet_steps must be >= 0")
+  if args.decoder_steps and not args.vae_from:
+    ap.error("--decoder_steps fine-tunes the decoder of --vae_from's VAE; give --vae_from")
+  if args.unet_steps == 0 and not args.unet_from and not args.vae_only:
+    ap.error("--unet_steps=0 keeps --unet_from's UNet unchanged; give --unet_from")
+  command = "python -m lfs_jax.mini.train_base " + " ".join(
+      argv if argv is not None else sys.argv[1:])
 
   started = time.time()
   timings: Dict[str, float] = {}
@@ -299,7 +315,7 @@ def main(argv=None) -> int:
   t = time.time()
   if args.vae_from:  # the VAE of an earlier run of this command
     vae_model, vae_params = loaders.load_vae(args.vae_from)
-    raw = encode_latents(vae_model, vae_params, images)
+    raw = encode_latents(vae_model, vae_params, images) if args.unet_steps else None
     scale = float(vae_model.config.scaling_factor)  # the scale a continued UNet learned
     with open(os.path.join(args.vae_from, "TRAINING.json")) as f:
       source = json.load(f)
@@ -307,13 +323,25 @@ def main(argv=None) -> int:
     # Where that VAE came from (its own --vae_from chain included).
     vae_record = source.get("vae_record") or {
         "command": source["command"], "vae_s": source["timings_s"].get("vae_s")}
+    if args.decoder_steps:  # the encoder (so `raw` and `scale`) stays; the decoder learns
+      from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
+      from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
+      folder = files.component_folder(args.vae_from, "vae")
+      t_dec = time.time()
+      vae_params, vae_mse = train_torch.tune_decoder(
+          files.read_config(folder), files.read_state(folder), images, args.decoder_steps,
+          args.decoder_batch, args.seed, args.decoder_lr, _log, args.torch_threads)
+      timings["decoder_s"] = time.time() - t_dec
+      vae_record = {"command": command, "decoder_steps": args.decoder_steps,
+                    "decoder_s": round(timings["decoder_s"], 1), "decoder_mse": vae_mse,
+                    "encoder_from": vae_record}
   else:
     vae_record = None
     vae_model, vae_params, vae_mse = train_vae(images, args.vae_steps, args.vae_batch,
                                                args.seed, args.kl_weight)
     raw = encode_latents(vae_model, vae_params, images)
     scale = float(1.0 / raw.std())
-  latents = raw * scale
+  latents = raw * scale if raw is not None else None
   timings["vae_s"] = time.time() - t
   _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")
   if args.vae_only:
@@ -329,8 +357,9 @@ def main(argv=None) -> int:
   tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
   captions = sorted({c for s in scenes for c in caption_variants(s)} | {""})
   cap_id = {c: i for i, c in enumerate(captions)}
-  table = encode_captions(text_model, text_params, tokenizer, captions)
-  caption_index = np.array([[cap_id[c] for c in caption_variants(s)] for s in scenes])
+  if args.unet_steps:
+    table = encode_captions(text_model, text_params, tokenizer, captions)
+    caption_index = np.array([[cap_id[c] for c in caption_variants(s)] for s in scenes])
 
   vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
   out = os.path.abspath(args.out)
@@ -341,8 +370,7 @@ def main(argv=None) -> int:
                         tmp, unet_config=UNET, vae_config=vae_cfg, text_config=TEXT,
                         scheduler_config=SCHEDULER)
       record = {
-          "command": "python -m lfs_jax.mini.train_base " + " ".join(
-              argv if argv is not None else sys.argv[1:]),
+          "command": command,
           "args": vars(args), "wall_s": round(time.time() - started, 1),
           "timings_s": {k: round(v, 1) for k, v in timings.items()},
           "vae_mse": vae_mse, "unet_loss": unet_loss, "scaling_factor": scale,
@@ -363,7 +391,9 @@ def main(argv=None) -> int:
     mini.write_folder_atomically(folder, write)
 
   t = time.time()
-  if args.backend == "torch":
+  if args.unet_steps == 0:  # a VAE-only stage: the UNet is --unet_from's, unchanged
+    unet_params, unet_loss = loaders.load_unet(args.unet_from)[1], None
+  elif args.backend == "torch":
     from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
     sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
 

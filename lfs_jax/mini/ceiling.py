@@ -1,0 +1,117 @@
+"""How much of each mini-world concept survives a base model's VAE: a ceiling for any UNet.
+
+  python -m lfs_jax.mini.ceiling [--model=lfs_jax/assets/mini_base] [--images=64]
+
+A sample is decoded by the VAE, so a concept whose fresh renders the oracle no
+longer reads right after an encode-decode round trip cannot be drawn right by any
+UNet. For each concept: the oracle's strict concept accuracy (shape, colour,
+pattern and second colour all right) on fresh renders and on their VAE
+reconstructions, each head's accuracy on the reconstructions, and the pixel MSE
+(images in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Mapping
+
+import numpy as np
+
+from lfs_jax.mini import world
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mini_base")
+# Fresh renders, a seed no benchmark photo set uses (the benchmark's photos use cfg.seed).
+SEED = 123
+
+
+def head_hits(pred: Mapping[str, np.ndarray], c: world.Concept) -> Dict[str, np.ndarray]:
+  """Per sample, whether each of the four concept heads reads the concept's value."""
+  return {"shape": pred["shape"] == world.SHAPES.index(c.shape),
+          "colour": pred["colour"] == world.COLOURS.index(c.colour),
+          "pattern": pred["pattern"] == world.PATTERNS.index(c.pattern),
+          "colour2": pred["colour2"] == world.BACKGROUNDS.index(c.colour2)}
+
+
+def concept_right(pred: Mapping[str, np.ndarray], c: world.Concept) -> np.ndarray:
+  """[N] bool: shape, colour, pattern and second colour all right (strict accuracy)."""
+  hits = head_hits(pred, c)
+  return hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
+
+
+def reconstruct(vae_model, vae_params, images: np.ndarray, batch: int = 256) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> decode(encoder mean), uint8 (what a perfect UNet could give)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def roundtrip(p, x):
+    mean, _ = vae_model.apply({"params": p}, x, method="encode")
+    return vae_model.apply({"params": p}, mean, method="decode")
+
+  out = []
+  for i in range(0, len(images), batch):
+    x = jnp.asarray(images[i:i + batch], jnp.float32) / 127.5 - 1.0
+    out.append(np.asarray(jnp.clip((roundtrip(vae_params, x) + 1) * 127.5, 0, 255)))
+  return np.concatenate(out).round().astype(np.uint8)
+
+
+def vae_ceiling(vae_model, vae_params, oracle_params, n: int = 64, seed: int = SEED
+                ) -> Dict[str, Dict[str, float]]:
+  """{concept: {renders, reconstructions, shape, colour, pattern, colour2, mse}}."""
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for c in world.CONCEPTS:
+    imgs = world.render_all(world.concept_scenes(c, n, seed))
+    rec = reconstruct(vae_model, vae_params, imgs)
+    _, p = oracle.predict(oracle_params, imgs)
+    _, pr = oracle.predict(oracle_params, rec)
+    row = {"renders": float(concept_right(p, c).mean()),
+           "reconstructions": float(concept_right(pr, c).mean())}
+    row.update({k: float(v.mean()) for k, v in head_hits(pr, c).items()})
+    row["mse"] = float(np.mean((rec.astype(np.float64) - imgs) ** 2) / 127.5 ** 2)
+    out[c.name] = row
+  return out
+
+
+def table(rows: Mapping[str, Mapping[str, float]]) -> str:
+  keys = ("renders", "reconstructions", "shape", "colour", "pattern", "colour2", "mse")
+  lines = ["| concept | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(
+        f"{r[k]:.3f}" if k == "mse" else f"{r[k]:.2f}" for k in keys) + " |")
+  mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
+  lines.append("| **mean** | " + " | ".join(
+      f"{mean[k]:.3f}" if k == "mse" else f"{mean[k]:.2f}" for k in keys) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default=DEFAULT_MODEL, help="a model folder (its vae/ is read)")
+  ap.add_argument("--oracle", default="", help="oracle folder ('' = the shipped one)")
+  ap.add_argument("--images", type=int, default=64, help="fresh renders per concept")
+  ap.add_argument("--seed", type=int, default=SEED)
+  ap.add_argument("--json", default="", help="also write the rows to this file")
+  args = ap.parse_args(argv)
+  if args.images < 1:
+    raise SystemExit(f"--images must be >= 1, got {args.images}")
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+  from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
+
+  vae_model, vae_params = loaders.load_vae(args.model)
+  oracle_params = oracle.load(args.oracle) if args.oracle else oracle.load()
+  oracle_params = oracle_params[0] if isinstance(oracle_params, tuple) else oracle_params
+  rows = vae_ceiling(vae_model, vae_params, oracle_params, args.images, args.seed)
+  print(table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
