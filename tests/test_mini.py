@@ -135,6 +135,39 @@ def test_train_base_same_command_same_weights(tmp_path):
   assert any(not np.array_equal(start[k], trained[k]) for k in start)
 
 
+def test_train_base_decoder_stage_keeps_encoder_and_unet(tmp_path):
+  """--decoder_steps: only the decoder moves, so the shipped UNet's latent space stays."""
+  import jax
+
+  from lfs_jax.mini import train_base
+  from lfs_jax.weights import loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  out = tmp_path / "dec"
+  assert train_base.main([f"--out={out}", "--images=16", "--seed=4", "--decoder_steps=2",
+                          "--decoder_batch=4", "--unet_steps=0", f"--vae_from={shipped}",
+                          f"--unet_from={shipped}", "--torch_threads=1"]) == 0
+  (before_m, before), (after_m, after) = loaders.load_vae(shipped), loaders.load_vae(str(out))
+  assert after_m.config.scaling_factor == before_m.config.scaling_factor
+  for part in ("encoder", "quant_conv"):
+    for a, b in zip(jax.tree.leaves(after[part]), jax.tree.leaves(before[part])):
+      np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["decoder"]),
+                                                      jax.tree.leaves(before["decoder"])))
+  unet_file = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+  assert (out / unet_file).read_bytes() == open(os.path.join(shipped, unet_file), "rb").read()
+  record = json.loads((out / "TRAINING.json").read_text())
+  assert "--decoder_steps=2" in record["vae_record"]["command"]
+  assert record["vae_record"]["encoder_from"]["command"].startswith(
+      "python -m lfs_jax.mini.train_base")
+  assert record["unet_record"][0]["command"].startswith("python -m lfs_jax.mini.train_base")
+  for bad in (["--decoder_steps=2", f"--unet_from={shipped}", "--unet_steps=0"],  # no VAE
+              [f"--vae_from={shipped}", "--unet_steps=0"]):  # no UNet to keep
+    with pytest.raises(SystemExit):
+      train_base.main([f"--out={tmp_path / 'bad'}"] + bad)
+  assert not (tmp_path / "bad").exists()
+
+
 def test_training_timesteps_favour_high_noise():
   from lfs_jax.mini import train_base
 
@@ -181,7 +214,8 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
   cfg = mini_config("smoke")
   work = str(tmp_path / "mini")
   got = bench.run(cfg, work)
-  assert set(got["variants"]) == {"dfkd", "lfs"}
+  assert set(got["variants"]) == {"dfkd", "lfs", "separate"}
+  bounds = got["ia_bounds"]
   for v in got["variants"].values():
     assert set(v["ia_matrix"]) == {"striped_star", "dotted_star"}
     assert set(v["ia_matrix"]["striped_star"]) == {1, 2}   # learned in 1, seen after 1 and 2
@@ -191,9 +225,18 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
     assert v["iad"] == {"striped_star": pytest.approx(ia[1] - ia[2], abs=1e-12)}
     assert v["iad_mean"] == pytest.approx(ia[1] - ia[2], abs=1e-12)
     assert all(-1.0 <= x <= 1.0 for m in v["ia_matrix"].values() for x in m.values())
+    assert set(v["ia_photos_matrix"]["striped_star"]) == {1, 2}  # both references reported
+    for n, row in v["nia_matrix"].items():
+      b = bounds[n]
+      for k, nia in row.items():
+        ia = v["ia_matrix"][n][k]
+        np.testing.assert_allclose(nia * (b["ceiling"] - b["floor"]) + b["floor"], ia, rtol=1e-6)
     # Class accuracy needs shape and colour right: never above either share alone.
     for k, acc in v["class_accuracy"].items():
       assert acc <= min(v["class_shape"][k], v["class_colour"][k]) + 1e-9
+  # separate: every concept keeps its own delta, so nothing is forgotten by construction
+  assert got["variants"]["separate"]["iad"] == {"striped_star": 0.0}
+  assert os.path.isdir(os.path.join(work, "runs", "separate_dotted_star"))
   for name in ("results.json", "report.md", "plots.png", "samples_session1.png",
                "samples_session2.png"):
     assert os.path.getsize(os.path.join(work, name)) > 0
@@ -214,6 +257,27 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
   with open(os.path.join(work, "eval", "lfs_session1.json")) as f:
     trained_by = json.load(f)["stamp"]["trained_by"]
   assert trained_by["method"] == "lfs" and trained_by["kd"]["weight"] == cfg.kd.weight
+
+
+def test_bad_variant_names_fail_before_training(tmp_path, mini_config):
+  from lfs_jax.mini import bench
+
+  for variants, needle in (("lfs,nonsense", "nonsense"), ("", "empty")):
+    with pytest.raises(ValueError, match="mini.variants") as e:
+      bench.run(mini_config("smoke", **{"mini.variants": variants}), str(tmp_path / "a"))
+    assert needle in str(e.value)
+  with pytest.raises(ValueError, match="kd.kv_weight"):  # the anchor alone, with no anchor
+    bench.run(mini_config("smoke", **{"mini.variants": "anchor", "kd.kv_weight": 0.0}),
+              str(tmp_path / "a"))
+  assert not (tmp_path / "a").exists()
+
+
+def test_normalised_ia_maps_floor_to_zero_and_ceiling_to_one():
+  from lfs_jax.mini import bench
+
+  b = {"floor": 0.6, "ceiling": 0.95}
+  assert bench.normalised_ia(0.6, b) == 0.0 and abs(bench.normalised_ia(0.95, b) - 1) < 1e-12
+  assert abs(bench.normalised_ia(0.7, b) - 0.1 / 0.35) < 1e-12
 
 
 def test_goal_line_judges_iad_and_class_drop():

@@ -2,19 +2,26 @@
 
   python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
 
-Two training runs over the same sessions, `cd` (sequential Custom Diffusion:
-method=custom_diffusion) and `lfs` (method=lfs, with DFKD), give the four variants
-of the ablation by how they sample: custom_diffusion = cd without ICGen, dfkd = lfs
-without ICGen, icgen = cd with ICGen, lfs = lfs with ICGen. After every session each
-variant draws every concept learned so far and the class prompts; the oracle reads
-the samples:
+Training runs over the same sessions, photos, steps and seeds give the variants
+(`mini.variants`): custom_diffusion (sequential Custom Diffusion, no regulariser:
+method=custom_diffusion, no ICGen), dfkd (method=lfs, DFKD and, if kd.kv_weight > 0,
+our K/V anchor; no ICGen), icgen (the custom_diffusion run sampled with ICGen), lfs
+(the lfs run with ICGen), anchor (the K/V anchor alone, kd.weight 0, no ICGen) and
+separate (every concept trained alone from the base, one run each, sampled with its
+own delta: no forgetting by construction). After every session each variant draws
+every concept learned so far and the class prompts; the oracle reads the samples:
   - IA[j, k]: mean cosine of oracle features between concept j's samples after
-    session k and its photos; IAD_j = IA[j, j] - IA[j, K];
-  - concept accuracy[j, k]: share of samples with shape, pattern and both colours right;
+    session k and fresh renders of its design that neither training nor ICGen saw
+    (`mini.references` of them); IA photos: the same against its training photos
+    (the ICGen context), so what ICGen copies shows as the gap; IAD_j = IA[j, j] - IA[j, K];
+  - normalised IA = (IA - floor) / (ceiling - floor), floor = the base's samples of the
+    class prompt ("a star"), ceiling = other fresh renders, both against the references;
+  - concept accuracy[j, k]: share of samples with shape, pattern and both colours
+    right, reported right after the concept's own session (plasticity) and at the end;
   - class accuracy[k]: share of class-prompt samples ("a red star on a white
     background", classes of the run's concepts) with shape and colour right, and
     the share the oracle calls patterned (concepts leaking into their class).
-Everything lands in --workdir: photos/, runs/{cd,lfs}/ (ordinary lfs_jax runs:
+Everything lands in --workdir: photos/, runs/<run>/ (ordinary lfs_jax runs:
 sample, evaluate and export work on them), eval/ (one JSON per variant and session,
 reused when rerun), results.json, report.md, plots and samples_session<k>.png.
 """
@@ -25,20 +32,41 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from lfs_jax.mini import world
 
-# variant -> (training run, ICGen on)
+# variant -> (training run, ICGen on). "separate" trains every concept alone from the
+# base (runs/separate_<name>, one session each) and samples each with its own delta:
+# no forgetting by construction, the reference for how well a concept can be learned.
 VARIANTS = {
     "custom_diffusion": ("cd", False),
     "dfkd": ("lfs", False),
     "icgen": ("cd", True),
     "lfs": ("lfs", True),
+    "anchor": ("anchor", False),
+    "separate": ("separate", False),
 }
-RUN_METHODS = {"cd": "custom_diffusion", "lfs": "lfs"}
+# training run -> (method, DFKD on); "anchor" is the K/V anchor alone (kd.weight 0).
+RUN_METHODS = {"cd": ("custom_diffusion", True), "lfs": ("lfs", True),
+               "anchor": ("lfs", False), "separate": ("custom_diffusion", True)}
+# Fresh renders of each concept's design that IA is scored against ("held-out
+# references"): another seed than the photos (cfg.seed) and than the ceiling's renders.
+REF_SEED_OFFSET, CEILING_SEED_OFFSET = 1000, 2000
+
+
+def parse_variants(cfg) -> List[str]:
+  """cfg.mini.variants as a list; an unknown or empty one is an error naming the field."""
+  variants = [v.strip() for v in cfg.mini.variants.split(",") if v.strip()]
+  bad = [v for v in variants if v not in VARIANTS]
+  if bad or not variants:
+    raise ValueError(f"mini.variants: unknown {bad or 'empty'}; use some of {list(VARIANTS)}")
+  if "anchor" in variants and not cfg.kd.kv_weight > 0:
+    raise ValueError("mini.variants: 'anchor' is the K/V anchor alone and needs "
+                     f"kd.kv_weight > 0, got {cfg.kd.kv_weight}")
+  return variants
 
 
 def _log(msg: str) -> None:
@@ -88,14 +116,21 @@ def class_prompts(classes: Sequence[str], per_class: int, seed: int
   return out
 
 
-def training_config(cfg, run: str, photos: str):
-  """The lfs_jax run config of one training run: cfg minus the mini section."""
+def training_config(cfg, run: str, photos: str, sessions: str = ""):
+  """The lfs_jax run config of one training run: cfg minus the mini section.
+
+  `sessions` replaces data.sessions (a "separate" run: one concept).
+  """
   from lfs_jax import config_base, runs  # pylint: disable=g-import-not-at-top
 
   d = cfg.to_dict()
   n_templates = d.pop("mini")["kd_class_templates"]
-  d["method"] = RUN_METHODS[run]
-  if n_templates and RUN_METHODS[run] == "lfs":
+  d["method"], dfkd = RUN_METHODS[run]
+  if not dfkd:
+    d["kd"]["weight"] = 0.0
+  if sessions:
+    d["data"]["sessions"] = sessions
+  if n_templates and d["method"] == "lfs":
     d["kd"]["class_templates"] = world.class_templates(n_templates, cfg.seed)
   d["data"]["root"] = photos
   base = config_base.get_config()
@@ -113,13 +148,18 @@ def _generate(run_model, prompts: Sequence[str], seeds: Sequence[int], strength:
 
 
 def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[str, np.ndarray],
-                     classes: Sequence[str]) -> Dict[str, Any]:
+                     classes: Sequence[str], photos: Optional[Dict[str, np.ndarray]] = None
+                     ) -> Dict[str, Any]:
   """One variant after one session: concept and class-prompt scores (and sample images).
+
+  IA ("ia") is scored against `refs`, fresh renders of each concept's design that
+  neither training nor ICGen saw; "ia_photos" against the concept's own photos (the
+  ICGen context), so what ICGen copies from them shows as the gap between the two.
 
   All prompts go to the sampler in one list, so its batches are full; ICGen (if
   on) only touches the prompts that name a concept.
   """
-  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import ceiling, oracle  # pylint: disable=g-import-not-at-top
 
   m = cfg.mini
   strength = float(cfg.icgen.strength) if icgen else 1.0
@@ -139,12 +179,12 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
     spec = world.concept(c.name)
     sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
     ref_feats, _ = oracle.predict(oracle_params, refs[c.name])
-    right = ((pred["shape"][sl] == world.SHAPES.index(spec.shape))
-             & (pred["pattern"][sl] == world.PATTERNS.index(spec.pattern))
-             & (pred["colour"][sl] == world.COLOURS.index(spec.colour))
-             & (pred["colour2"][sl] == world.BACKGROUNDS.index(spec.colour2)))
+    right = ceiling.concept_right({k: v[sl] for k, v in pred.items()}, spec)
     out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats.T).mean()),
                                "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
+    if photos is not None:
+      photo_feats, _ = oracle.predict(oracle_params, photos[c.name])
+      out["concepts"][c.name]["ia_photos"] = float((feats[sl] @ photo_feats.T).mean())
     out["samples"][c.name] = images[sl][:4]
   n = len(concepts) * m.eval_images
   shape_ok = pred["shape"][n:] == np.array([world.SHAPES.index(s.shape) for _, s in cls])
@@ -186,20 +226,62 @@ def heldout_accuracy(cfg, oracle_params, per_caption: int = 8) -> Dict[str, floa
                        for s in world.SHAPES if (asked == s).any()}}
 
 
+def ia_bounds(cfg, oracle_params, refs: Dict[str, np.ndarray], names: Sequence[str],
+              base_model) -> Dict[str, Dict[str, float]]:
+  """Per concept, the IA that normalised IA maps to 0 and 1 (mean oracle-feature cosines):
+  floor = the base model's samples of the class prompt ("a star") against the
+  references; ceiling = other fresh renders of the concept against the references.
+  """
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+  n = cfg.mini.eval_images
+  prompts = [f"a {world.concept(c).shape}" for c in names for _ in range(n)]
+  feats, _ = oracle.predict(oracle_params, _generate(
+      base_model, prompts, [i for _ in names for i in range(n)], 1.0, cfg))
+  out = {}
+  for i, c in enumerate(names):
+    ref_feats, _ = oracle.predict(oracle_params, refs[c])
+    fresh = world.render_all(world.concept_scenes(world.concept(c), n,
+                                                  cfg.seed + CEILING_SEED_OFFSET))
+    fresh_feats, _ = oracle.predict(oracle_params, fresh)
+    out[c] = {"floor": float((feats[i * n:(i + 1) * n] @ ref_feats.T).mean()),
+              "ceiling": float((fresh_feats @ ref_feats.T).mean())}
+  return out
+
+
+def normalised_ia(ia: float, bound: Dict[str, float]) -> float:
+  """(IA - floor) / (ceiling - floor): 0 = the base's class samples, 1 = fresh renders."""
+  return (ia - bound["floor"]) / (bound["ceiling"] - bound["floor"])
+
+
 def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
-             sessions_of: Dict[str, int], base_class: float) -> Dict[str, Any]:
+             sessions_of: Dict[str, int], base_class: float,
+             bounds: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
   k_last = max(per_session)
-  ia = {n: {k: per_session[k]["concepts"][n]["ia"] for k in per_session
-            if n in per_session[k]["concepts"]} for n in names}
-  acc = {n: {k: per_session[k]["concepts"][n]["accuracy"] for k in per_session
-             if n in per_session[k]["concepts"]} for n in names}
+
+  def matrix(key):
+    return {n: {k: per_session[k]["concepts"][n][key] for k in per_session
+                if n in per_session[k]["concepts"] and key in per_session[k]["concepts"][n]}
+            for n in names}
+
+  ia, acc, ia_photos = matrix("ia"), matrix("accuracy"), matrix("ia_photos")
+  nia = {n: {k: normalised_ia(v, bounds[n]) for k, v in ia[n].items()} for n in names}
   iad = {n: ia[n][sessions_of[n]] - ia[n][k_last] for n in names if sessions_of[n] < k_last}
+  niad = {n: nia[n][sessions_of[n]] - nia[n][k_last] for n in iad}
   final_class = per_session[k_last]["class"]["accuracy"]
   return {
-      "ia_matrix": ia, "accuracy_matrix": acc, "iad": iad,
+      "ia_matrix": ia, "accuracy_matrix": acc, "nia_matrix": nia, "iad": iad,
+      "ia_photos_matrix": ia_photos,
       "iad_mean": float(np.mean(list(iad.values()))) if iad else 0.0,
+      "niad_mean": float(np.mean(list(niad.values()))) if niad else 0.0,
       "ia_final": float(np.mean([ia[n][k_last] for n in names])),
+      "nia_final": float(np.mean([nia[n][k_last] for n in names])),
+      "ia_photos_final": float(np.mean([ia_photos[n][k_last] for n in names]))
+                         if all(k_last in ia_photos[n] for n in names) else float("nan"),
       "concept_accuracy_final": float(np.mean([acc[n][k_last] for n in names])),
+      # plasticity: each concept right after its own session
+      "concept_accuracy_own": float(np.mean([acc[n][sessions_of[n]] for n in names])),
+      "nia_own": float(np.mean([nia[n][sessions_of[n]] for n in names])),
       "class_accuracy": {k: per_session[k]["class"]["accuracy"] for k in per_session},
       "class_shape": {k: per_session[k]["class"]["shape"] for k in per_session},
       "class_colour": {k: per_session[k]["class"]["colour"] for k in per_session},
@@ -261,12 +343,20 @@ def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
            f"Base model: class-prompt accuracy {base['class']['accuracy']:.3f} "
            f"(shape {base['class']['shape']:.3f}, colour {base['class']['colour']:.3f}, "
            f"patterned {base['class']['patterned']:.3f}).", "",
-           "| variant | IA final | IAD mean | concept acc final | class acc final | "
+           "IA is scored against fresh renders of each concept's design that neither "
+           "training nor ICGen saw; IA photos against the concept's training photos (the "
+           "ICGen context). nIA = (IA - floor) / (ceiling - floor), floor = the base's "
+           "class-prompt samples, ceiling = other fresh renders, both against the same "
+           "references. \"own\" = right after the concept's own session.", "",
+           "| variant | IA final | IA photos final | IAD mean | nIA own | nIA final | "
+           "nIAD mean | concept acc own | concept acc final | class acc final | "
            "class acc drop vs base | class patterned final |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for v, s in summaries.items():
     k = max(s["class_patterned"])
-    lines.append(f"| {v} | {s['ia_final']:.3f} | {s['iad_mean']:.3f} | "
+    lines.append(f"| {v} | {s['ia_final']:.3f} | {s['ia_photos_final']:.3f} | "
+                 f"{s['iad_mean']:.3f} | {s['nia_own']:.3f} | {s['nia_final']:.3f} | "
+                 f"{s['niad_mean']:.3f} | {s['concept_accuracy_own']:.3f} | "
                  f"{s['concept_accuracy_final']:.3f} | {s['class_accuracy_final']:.3f} | "
                  f"{s['class_accuracy_drop']:+.3f} | {s['class_patterned'][k]:.3f} |")
   verdict = goal(summaries)
@@ -304,14 +394,19 @@ def goal(summaries: Dict[str, Dict[str, Any]]) -> str:
 
 
 def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
-  """The printed table."""
-  head = f"{'variant':<17}{'IA final':>9}{'IAD':>8}{'concept acc':>12}{'class acc':>10}{'drop':>8}"
+  """The printed table. IA is against held-out renders of each concept (IA photos: against
+  its training photos); nIA normalised by ia_bounds; "own" = right after the concept's
+  own session (plasticity), "final" = after the last."""
+  head = (f"{'variant':<17}{'IA':>7}{'IA photos':>10}{'nIA own':>8}{'nIA':>7}{'nIAD':>7}"
+          f"{'acc own':>8}{'acc':>7}{'class acc':>10}{'drop':>8}")
   rows = [head, "-" * len(head)]
   for v, s in summaries.items():
-    rows.append(f"{v:<17}{s['ia_final']:>9.3f}{s['iad_mean']:>8.3f}"
-                f"{s['concept_accuracy_final']:>12.3f}{s['class_accuracy_final']:>10.3f}"
-                f"{s['class_accuracy_drop']:>+8.3f}")
-  rows.append(f"{'base model':<17}{'':>9}{'':>8}{'':>12}{base_class:>10.3f}")
+    rows.append(f"{v:<17}{s['ia_final']:>7.3f}{s['ia_photos_final']:>10.3f}"
+                f"{s['nia_own']:>8.3f}{s['nia_final']:>7.3f}{s['niad_mean']:>7.3f}"
+                f"{s['concept_accuracy_own']:>8.3f}{s['concept_accuracy_final']:>7.3f}"
+                f"{s['class_accuracy_final']:>10.3f}{s['class_accuracy_drop']:>+8.3f}")
+  rows.append(f"{'base model':<17}{'':>7}{'':>10}{'':>8}{'':>7}{'':>7}{'':>8}{'':>7}"
+              f"{base_class:>10.3f}")
   verdict = goal(summaries)
   return "\n".join(rows + ([verdict] if verdict else []))
 
@@ -322,35 +417,43 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
   from lfs_jax.train import session as session_lib  # pylint: disable=g-import-not-at-top
 
-  variants = [v.strip() for v in cfg.mini.variants.split(",") if v.strip()]
-  bad = [v for v in variants if v not in VARIANTS]
-  if bad or not variants:
-    raise ValueError(f"mini.variants: unknown {bad or 'empty'}; use some of {list(VARIANTS)}")
+  variants = parse_variants(cfg)
   sessions = concept_names(cfg)
   names = [n for s in sessions for n in s]
   for n in names:
     world.concept(n)  # unknown names fail here, before anything is written
+  if cfg.mini.references < 1:
+    raise ValueError(f"mini.references must be >= 1, got {cfg.mini.references}")
   sessions_of = {n: k + 1 for k, s in enumerate(sessions) for n in s}
   classes = sorted({world.concept(n).shape for n in names})
   os.makedirs(workdir, exist_ok=True)
-  photos = os.path.join(workdir, "photos")
-  write_photos(photos, names, cfg.mini.photos, cfg.seed)
+  photo_dir = os.path.join(workdir, "photos")
+  write_photos(photo_dir, names, cfg.mini.photos, cfg.seed)
   oracle_params = oracle.load(cfg.mini.oracle or oracle.DEFAULT_DIR)
-  refs = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.photos, cfg.seed))
-          for n in names}
+  photos = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.photos,
+                                                     cfg.seed)) for n in names}
+  refs = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.references,
+                                                   cfg.seed + REF_SEED_OFFSET)) for n in names}
   timings: Dict[str, float] = {}
   stamp = {"sample": cfg.sample.to_dict(), "icgen": cfg.icgen.to_dict(),
            "mini": cfg.mini.to_dict()}
 
   # Train the runs the variants need; an existing run directory is resumed.
-  needed = sorted({VARIANTS[v][0] for v in variants})
+  train_runs = {}  # run dir name -> (kind, data.sessions override)
+  for v in variants:
+    kind = VARIANTS[v][0]
+    if kind == "separate":
+      train_runs.update({f"separate_{n}": (kind, n) for n in names})
+    else:
+      train_runs[kind] = (kind, "")
   run_configs = {}
-  for r in needed:
+  for r, (kind, only) in sorted(train_runs.items()):
     t = time.time()
     rdir = os.path.join(workdir, "runs", r)
-    rcfg = training_config(cfg, r, photos)
+    rcfg = training_config(cfg, kind, photo_dir, only)
     run_configs[r] = rcfg.to_dict()
-    _log(f"== training run {r!r} ({RUN_METHODS[r]}), {len(sessions)} sessions ==")
+    _log(f"== training run {r!r} ({rcfg.method}, kd.weight {rcfg.kd.weight}), "
+         f"sessions {rcfg.data.sessions!r} ==")
     session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
     timings[f"train {r}"] = time.time() - t
 
@@ -376,34 +479,53 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   t = time.time()
   evdir = os.path.join(workdir, "eval")
   os.makedirs(evdir, exist_ok=True)
-  base_path = os.path.join(evdir, "base.json")
-  base_cfg = training_config(cfg, "cd", photos)
-  base = cached(base_path, lambda: dict(evaluate_session(
-      base_run_model(base_cfg), cfg, icgen=False, oracle_params=oracle_params, refs=refs,
-      classes=classes)), {"model": cfg.model.to_dict()})
+  base_cfg = training_config(cfg, "cd", photo_dir)
+  base_model = base_run_model(base_cfg)
+  base_key = {"model": cfg.model.to_dict()}
+  base = cached(os.path.join(evdir, "base.json"), lambda: dict(evaluate_session(
+      base_model, cfg, icgen=False, oracle_params=oracle_params, refs=refs,
+      classes=classes)), base_key)
+  bounds = cached(os.path.join(evdir, "ia_bounds.json"), lambda: {"concepts": ia_bounds(
+      cfg, oracle_params, refs, names, base_model)}, base_key)["concepts"]
   per_variant: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in variants}
   pngs = []
   for k in range(1, len(sessions) + 1):
     learned = [n for n in names if sessions_of[n] <= k]
     header = learned + ["class prompt"] * 3
-    rows = [("photos", [refs[n][0] for n in learned])]
-    models: Dict[str, Any] = {}  # each run's session-k model, loaded once if needed
+    rows = [("photos", [photos[n][0] for n in learned])]
+    models: Dict[Tuple[str, int], Any] = {}  # each run's model, loaded once if needed
 
-    def model_of(r, k=k):
-      if r not in models:
-        models[r] = runs.load_run(os.path.join(workdir, "runs", r), k)
-      return models[r]
+    def model_of(r, session):
+      if (r, session) not in models:
+        models[(r, session)] = runs.load_run(os.path.join(workdir, "runs", r), session)
+      return models[(r, session)]
+
+    def evaluate(r, session, icgen):
+      return evaluate_session(model_of(r, session), cfg, icgen=icgen,
+                              oracle_params=oracle_params, refs=refs, classes=classes,
+                              photos=photos)
 
     for v in variants:
-      r, icgen = VARIANTS[v]
-      path = os.path.join(evdir, f"{v}_session{k}.json")
-      compute = lambda r=r, icgen=icgen: evaluate_session(
-          model_of(r), cfg, icgen=icgen, oracle_params=oracle_params, refs=refs,
-          classes=classes)
+      kind, icgen = VARIANTS[v]
       _log(f"evaluating {v} after session {k}")
-      per_variant[v][k] = cached(path, compute, run_configs[r])
-      s = load_samples(path)
-      tiles = [s[n][0] for n in learned] + list(s["class"][:3])
+      if kind == "separate":  # each concept by its own one-session run, never retrained
+        got, samples = {"concepts": {}}, {}
+        for n in learned:
+          path = os.path.join(evdir, f"separate_{n}.json")
+          r = f"separate_{n}"
+          one = cached(path, lambda r=r: evaluate(r, 1, icgen), run_configs[r])
+          got["concepts"].update(one["concepts"])
+          s = load_samples(path)
+          samples[n] = s[n]
+          if sessions_of[n] == k:  # class prompts: the model of this session's concept
+            got["class"], samples["class"] = one["class"], s["class"]
+        per_variant[v][k] = got
+      else:
+        path = os.path.join(evdir, f"{v}_session{k}.json")
+        per_variant[v][k] = cached(path, lambda kind=kind, icgen=icgen: evaluate(
+            kind, k, icgen), run_configs[kind])
+        samples = load_samples(path)
+      tiles = [samples[n][0] for n in learned] + list(samples["class"][:3])
       rows.append((f"{v}", tiles))
     png = os.path.join(workdir, f"samples_session{k}.png")
     _samples_png(png, header, rows)
@@ -411,9 +533,10 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
   timings["evaluate"] = time.time() - t
 
   base_class = base["class"]["accuracy"]
-  summaries = {v: _summary(per_variant[v], names, sessions_of, base_class) for v in variants}
-  results = {"base": {k: v for k, v in base.items() if k != "stamp"}, "variants": summaries,
-             "config": cfg.to_dict(), "timings_s": timings}
+  summaries = {v: _summary(per_variant[v], names, sessions_of, base_class, bounds)
+               for v in variants}
+  results = {"base": {k: v for k, v in base.items() if k != "stamp"}, "ia_bounds": bounds,
+             "variants": summaries, "config": cfg.to_dict(), "timings_s": timings}
   _atomic_json(os.path.join(workdir, "results.json"), results)
   _plots(os.path.join(workdir, "plots.png"), summaries, base_class)
   with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -55,8 +55,11 @@ def get_config(arg="full"):
   c.icgen.select = "random"
 
   c.mini = ml_collections.ConfigDict()
-  c.mini.variants = "custom_diffusion,dfkd,icgen,lfs"  # which samplings of the two runs to judge
-  c.mini.photos = 4               # rendered photos per concept
+  c.mini.variants = "custom_diffusion,dfkd,icgen,lfs"  # which to judge, of: custom_diffusion (no
+  # ^ regulariser), dfkd, icgen, lfs (lfs_jax/mini/bench.py VARIANTS), anchor (the K/V anchor
+  # ^ alone, no DFKD), separate (each concept trained alone from the base, its own delta)
+  c.mini.photos = 4               # rendered photos per concept (training and ICGen context)
+  c.mini.references = 8           # fresh renders per concept that IA is scored against (held out)
   c.mini.eval_images = 8          # samples per concept prompt
   c.mini.class_prompts = 8        # class prompts per class ("a red star on a white background")
   c.mini.class_seeds = 8          # samples (seeds) per class prompt: 192 a session (±2.5 points)
@@ -69,7 +72,7 @@ def get_config(arg="full"):
     c.mini.class_seeds = 4        # 96 class samples a session: keeps the run under 5 minutes
   elif arg == "smoke":
     c.data.sessions = "striped_star;dotted_star"
-    c.mini.variants = "dfkd,lfs"  # one training run (method=lfs), both samplings
+    c.mini.variants = "dfkd,lfs,separate"  # one lfs run, both samplings; one run a concept
     c.train.steps = 4
     c.sample.steps = 4
     c.mini.eval_images = 2
