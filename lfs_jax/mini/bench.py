@@ -452,8 +452,8 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
     rdir = os.path.join(workdir, "runs", r)
     rcfg = training_config(cfg, kind, photo_dir, only)
     run_configs[r] = rcfg.to_dict()
-    _log(f"== training run {r!r} ({rcfg.method}, kd.weight {rcfg.kd.weight}), "
-         f"sessions {rcfg.data.sessions!r} ==")
+    alone = ", kd.weight 0: the K/V anchor alone" if kind == "anchor" else ""
+    _log(f"== training run {r!r} ({rcfg.method}{alone}), sessions {rcfg.data.sessions!r} ==")
     session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
     timings[f"train {r}"] = time.time() - t
 
