@@ -287,8 +287,11 @@ def _aug(z, seed, **kw):
               kd_cached=False, flip=False, rescale=False, rescale_min=1.0, rescale_max=1.0,
               scaling_factor=1.0, scheduler=SD_SCHEDULER)
   spec.update(kw)
-  out, mask = jax.jit(lambda z, k: losses._augment(z, k, losses.LossSpec(**spec)))(  # pylint: disable=protected-access
+  out, mask, scale = jax.jit(lambda z, k: losses._augment(z, k, losses.LossSpec(**spec)))(  # pylint: disable=protected-access
       jnp.asarray(z), jax.random.key(seed))
+  # The factor drawn per image (for the rescale cues): in [min, max], 1 without rescale.
+  lo, hi = (spec["rescale_min"], spec["rescale_max"]) if spec["rescale"] else (1.0, 1.0)
+  assert scale.shape == (len(z),) and np.all((scale >= lo) & (scale <= hi)), scale
   return np.asarray(out, np.float64), np.asarray(mask)
 
 
