@@ -105,8 +105,8 @@ def full_size(batch: int = 8) -> Size:
 
 
 def tiny_size(batch: int = 2) -> Size:
-  """lfs_jax's tiny model (models/tiny.py): 32 px images, 16x16 latents, width-32 text."""
-  from lfs_jax.models import tiny  # pylint: disable=g-import-not-at-top
+  """lfs_jax's tiny model (lfs_jax/tiny.py): 32 px images, 16x16 latents, width-32 text."""
+  from lfs_jax import tiny  # pylint: disable=g-import-not-at-top
   return Size("tiny", tiny.UNET, tiny.VAE, tiny.TEXT, tiny.SCHEDULER, batch=batch,
               sample_steps=50, warmup=1, iters=3, sample_iters=1)
 

@@ -1,7 +1,7 @@
 """JAX side of the benchmark: lfs_jax's own train step, loss, sampler and VAE decode.
 
 Nothing here re-implements a workload: the train steps are `train.step.jit_train_step`
-over `train.losses.loss_fn` (and `losses.kd_cache` for the cached DFKD targets), the
+over `train.losses.loss_fn` (and `kd.kd_cache` for the cached DFKD targets), the
 sampler is `diffusion.sampler.sample`, the decode `diffusion.sampler.decode`. Each is
 compiled ahead of time (lower + compile, timed apart from the calls), then called
 `warmup` times untimed and `iters` times timed, each call ended by block_until_ready.
@@ -29,11 +29,11 @@ import numpy as np
 
 import bench
 from lfs_jax import config_base, parallel
+from lfs_jax import delta as delta_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.models import clip, unet, vae
-from lfs_jax.train import losses
-from lfs_jax.train import params as params_lib
+from lfs_jax.train import kd, losses
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights import convert
 
@@ -307,13 +307,13 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
       kd_points=kd_points, kd_cached=cached, flip=cfg.data.flip, rescale=cfg.data.rescale,
       rescale_min=cfg.data.rescale_min, rescale_max=cfg.data.rescale_max,
       scaling_factor=float(size.vae["scaling_factor"]), scheduler=s.scheduler,
-      batch_sharding=None)
+      batch_sharding=None, delta=delta_lib.from_config(cfg.train))
   models = losses.Models(unet=s.unet, text=s.text)
   optimizer = step_lib.make_optimizer(cfg.train)
   param_dtype = jnp.dtype(args.param_dtype)
 
-  selected, rest = params_lib.split(s.params("unet", param_dtype),
-                                    params_lib.selection_predicate(cfg.train.selection))
+  selected, rest = delta_lib.split(s.params("unet", param_dtype),
+                                   delta_lib.selection_predicate(cfg.train.selection))
   to_f32 = ((lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)) if s.abstract_only
             else (lambda x: np.asarray(x, np.float32)))
   selected = jax.tree.map(to_f32, selected)
@@ -328,7 +328,7 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
   mesh = parallel.make_mesh(cfg.mesh, [jax.local_devices()[0]])
   step_fn, sh = step_lib.jit_train_step(mesh, frozen, frozen_mode="replicated", models=models,
                                         spec=spec, optimizer=optimizer,
-                                        train_tokens=cfg.train.train_tokens)
+                                        fsdp_min_size=cfg.mesh.fsdp_min_size)
   prompt_ids = rs.integers(0, vocab, (b, len(cfg.concepts.templates), 77)).astype(np.int32)
   prompt_ids[:, :, 2] = vocab + n_prev  # the new modifier token
   data = losses.SessionData(
@@ -353,7 +353,7 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
   if cached:
     cache_size = args.kd_cache_size or (64 if size.name == "full" else 4)
     cache_fn = jax.jit(functools.partial(
-        losses.kd_cache, size=cache_size, latent_shape=(h, h, 4), models=models, spec=spec),
+        kd.kd_cache, size=cache_size, latent_shape=(h, h, 4), models=models, spec=spec),
                        out_shardings=sh.data)
     cache_args = (teacher, frozen, data.kd_context, data.n_kd, schedule,
                   place(s, jax.random.key(args.seed + 1), sh.rng))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +26,8 @@ def load_base(model_cfg, seed: int, *, on_host: bool = False):
   the parameters stay numpy arrays in host memory, so that the caller places each
   leaf straight into its sharding (the whole base never lands on one device).
   """
-  from lfs_jax.models import attention, tiny  # pylint: disable=g-import-not-at-top
+  from lfs_jax import tiny  # pylint: disable=g-import-not-at-top
+  from lfs_jax.models import attention  # pylint: disable=g-import-not-at-top
   from lfs_jax.models.unet_blocks import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
   from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
 
@@ -66,46 +64,5 @@ def load_base(model_cfg, seed: int, *, on_host: bool = False):
                        text_encoder=pipe.text_encoder.clone(dtype=compute))
 
 
-def parse_classes(text: str) -> Dict[str, str]:
-  """"dog=dog,teddy=teddy bear" -> {"dog": "dog", "teddy": "teddy bear"}."""
-  out = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    if "=" not in item:
-      raise ConfigError(f"data.classes entry {item!r} is not concept=class")
-    name, cls = (s.strip() for s in item.split("=", 1))
-    out[name] = cls
-  return out
-
-
-def session_specs(data_cfg, seed: int = 0) -> List[List[datasets.ConceptSpec]]:
-  """The concepts of each session, in order, from the dataset the config names.
-
-  With data.heldout = n > 0, n photos of every concept (drawn by `seed` and the
-  concept's name) are held out as evaluation references (datasets.hold_out).
-
-  Raises:
-    ConfigError / DatasetError: a bad format, root, session list or held-out count;
-      a concept that the split leaves without a training photo (named).
-  """
-  fmt = data_cfg.format
-  root = data_cfg.root
-  if fmt == "folders":
-    root = root or datasets.bundled_root()
-    found = datasets.read_folders(root, parse_classes(data_cfg.classes) or None)
-  elif fmt in ("dreambooth", "customconcept101"):
-    if not root:
-      raise ConfigError(f"data.format={fmt!r} needs --config.data.root=/path/to/dataset")
-    reader = datasets.read_dreambooth if fmt == "dreambooth" else datasets.read_customconcept101
-    found = reader(root)
-  else:
-    raise ConfigError(
-        f"data.format must be folders, dreambooth or customconcept101, got {fmt!r}")
-  if root and not os.path.isdir(root):
-    raise ConfigError(f"data.root {root!r} does not exist")
-  n = data_cfg.heldout
-  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-    raise ConfigError(f"data.heldout={n!r}: the number of photos per concept held out as "
-                      "evaluation references, an integer >= 0")
-  return [[datasets.hold_out(spec, n, seed) for spec in session]
-          for session in datasets.select(found, data_cfg.sessions)]
-
+# The dataset formats' reader table lives with the readers (datasets.FORMATS).
+session_specs = datasets.session_specs

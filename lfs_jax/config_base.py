@@ -64,7 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
   # ^ (Custom Diffusion: "cd", the masked sum over the latent channels / mask pixels = 4x mean on SD)
   c.train.regulariser_lr_scale = 1.0  # learning rate x this when a regulariser doubles the batch
   # ^ (DFKD rows of method=lfs) (Custom Diffusion: 2.0, with prior preservation)
-  c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn
+  c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn | lora
+  c.train.lora_rank = 4           # selection=lora: rank r of the factors A [in, r], B [r, out]
+  c.train.lora_alpha = 4.0        # selection=lora: W + (alpha / r) * A @ B (diffusers' lora_alpha)
+  c.train.lora_targets = "attn2/to_k,attn2/to_v"  # selection=lora: attn<i>/<projection> patterns
+  # ^ (fnmatch, comma-separated): "attn*/to_*" puts factors on every attention projection
   c.train.train_tokens = True     # learn the new modifier tokens' embedding rows
   c.train.log_every = 10          # steps between metric syncs (progress bar, TensorBoard)
   c.train.progress_every = 20     # steps between in-session progress checkpoints (0 = never)
@@ -79,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.batch_size = 2             # pure-noise latents per step
   c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)
   c.kd.kv_weight = 0.0            # [choice, off] weight of a K/V anchor: the attn2 to_k/to_v outputs on the
-  # ^ DFKD conditions' text contexts kept to the teacher's (losses.kv_anchor; 0 = off, the paper's loss)
+  # ^ DFKD conditions' text contexts kept to the teacher's (train/kd.py kv_anchor; 0 = off, the paper's loss)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep_progress = 1  # progress checkpoints kept within a session
@@ -90,6 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.frozen = "replicated"    # frozen base: replicated | fsdp (each leaf split on its largest
   # ^ dimension that mesh.fsdp divides, else replicated; see lfs_jax/parallel.py)
   c.mesh.trainable = "replicated" # trainable delta, optimizer state, teacher: replicated | fsdp
+  c.mesh.fsdp_min_size = 1024     # with fsdp: a leaf of fewer elements stays whole (biases, norm
+  # ^ scales: splitting them saves little memory and costs an all-gather each)
 
   # Several processes (hosts) in one job; machine settings, free to change on --resume.
   c.distributed = ml_collections.ConfigDict()

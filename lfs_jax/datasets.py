@@ -24,9 +24,10 @@ import json
 import os
 import random
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from lfs_jax import data as data_lib
+from lfs_jax.errors import ConfigError
 
 PLACEHOLDER = "{}"
 # Generic evaluation prompts for the plain-folder layout (no prompts.txt).
@@ -473,3 +474,63 @@ def select(concepts: Mapping[str, ConceptSpec], sessions: str) -> List[List[Conc
       session.append(concepts[n])
     out.append(session)
   return out
+
+
+# ------------------------------------------------------------------ the format table
+
+
+def parse_classes(text: str) -> Dict[str, str]:
+  """"dog=dog,teddy=teddy bear" -> {"dog": "dog", "teddy": "teddy bear"}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    if "=" not in item:
+      raise ConfigError(f"data.classes entry {item!r} is not concept=class")
+    name, cls = (s.strip() for s in item.split("=", 1))
+    out[name] = cls
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """One `data.format`: how to read its root, and the root to use when none is given."""
+  read: Callable[[str, object], Dict[str, ConceptSpec]]  # (root, cfg.data) -> concepts by name
+  default_root: Optional[Callable[[], str]] = None      # None: data.root is required
+
+
+# data.format -> its reader. A new dataset layout is one reader above and one entry here.
+FORMATS: Dict[str, Format] = {
+    "folders": Format(lambda root, d: read_folders(root, parse_classes(d.classes) or None),
+                      default_root=bundled_root),
+    "dreambooth": Format(lambda root, d: read_dreambooth(root)),
+    "customconcept101": Format(lambda root, d: read_customconcept101(root)),
+}
+
+
+def session_specs(data_cfg, seed: int = 0) -> List[List[ConceptSpec]]:
+  """The concepts of each session, in order, from the dataset the config names.
+
+  With data.heldout = n > 0, n photos of every concept (drawn by `seed` and the
+  concept's name) are held out as evaluation references (`hold_out`).
+
+  Raises:
+    ConfigError / DatasetError: a bad format, root, session list or held-out count;
+      a concept that the split leaves without a training photo (named).
+  """
+  name, root = data_cfg.format, data_cfg.root
+  fmt = FORMATS.get(name)
+  if fmt is None:
+    raise ConfigError(f"data.format must be {', '.join(list(FORMATS)[:-1])} or "
+                      f"{list(FORMATS)[-1]}, got {name!r}")
+  if not root and fmt.default_root is not None:
+    root = fmt.default_root()
+  if not root:
+    raise ConfigError(f"data.format={name!r} needs --config.data.root=/path/to/dataset")
+  found = fmt.read(root, data_cfg)
+  if root and not os.path.isdir(root):
+    raise ConfigError(f"data.root {root!r} does not exist")
+  n = data_cfg.heldout
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise ConfigError(f"data.heldout={n!r}: the number of photos per concept held out as "
+                      "evaluation references, an integer >= 0")
+  return [[hold_out(spec, n, seed) for spec in session]
+          for session in select(found, data_cfg.sessions)]

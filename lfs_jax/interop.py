@@ -1,4 +1,9 @@
-"""Custom Diffusion deltas in diffusers' format: export a session, import a delta.
+"""Deltas in diffusers' formats: export a session, import a delta.
+
+A leaf selection (crossattn_kv, crossattn, attn) goes out as Custom Diffusion
+processors, described below; `train.selection=lora` goes out as diffusers' LoRA
+file (`lfs_jax.lora_format`), which `pipe.load_lora_weights` reads. The token
+embeddings, concepts.json and the README are the same for both.
 
 diffusers reads a Custom Diffusion result from one folder:
 
@@ -39,8 +44,15 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import delta as delta_lib
+from lfs_jax import lora_format
+from lfs_jax import runs
+from lfs_jax import tiny
+from lfs_jax.models import unet
+from lfs_jax.train import step as step_lib
 from lfs_jax.weights import convert, files, safetensors_io
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.safetensors"
@@ -169,12 +181,11 @@ def _base_description(model_cfg, seed: int) -> Tuple[str, str]:
     variant = f" (weights variant `{model_cfg.variant}`)" if model_cfg.variant else ""
     return f"the diffusers Stable Diffusion folder `{path}`{variant}", path
   return (f"lfs_jax's tiny random model with seed {seed}; write it as a diffusers folder "
-          f"first: `python -c \"from lfs_jax.models import tiny; "
+          f"first: `python -c \"from lfs_jax import tiny; "
           f"tiny.save_folder(tiny.random_params({seed}), 'tiny_sd')\"`", "tiny_sd")
 
 
 def _abstract_unet(model_cfg):
-  from lfs_jax.models import tiny, unet  # pylint: disable=g-import-not-at-top
   if model_cfg.source == "local":
     config = files.read_config(files.component_folder(model_cfg.path, "unet"))
   else:
@@ -218,8 +229,6 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
   Raises:
     InteropError: no such session, a selection diffusers cannot express, a used out_dir.
   """
-  from lfs_jax import runs  # pylint: disable=g-import-not-at-top
-
   cfg = runs.run_config(workdir)
   finished = checkpoint.finished_sessions(workdir)
   if not finished:
@@ -231,7 +240,16 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
   stored = checkpoint.restore_session(workdir, session)
   delta, meta = stored["delta"], stored["meta"]
   registry = concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
-  tensors = processor_tensors(delta["unet"], attention_modules(_abstract_unet(cfg.model)))
+  selection = delta_lib.from_config(cfg.train)
+  if isinstance(selection, delta_lib.LoRA):
+    weights_name = lora_format.WEIGHTS_NAME
+    try:
+      tensors = lora_format.to_diffusers(delta["unet"], selection)
+    except lora_format.LoraFormatError as e:
+      raise InteropError(f"session {session}: {e}") from None
+  else:
+    weights_name = WEIGHTS_NAME
+    tensors = processor_tensors(delta["unet"], attention_modules(_abstract_unet(cfg.model)))
   rows = np.asarray(delta["tokens"], np.float32)
   if rows.shape[0] != len(registry.concepts):
     raise InteropError(f"session {session}: {rows.shape[0]} token rows for "
@@ -240,7 +258,7 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
 
   tmp = _prepare_out(out_dir)
   try:
-    safetensors_io.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    safetensors_io.save_file(tensors, os.path.join(tmp, weights_name), metadata={"format": "pt"})
     for c, row in zip(registry.concepts, rows):
       safetensors_io.save_file({c.token: row}, os.path.join(tmp, names[c.token]),
                                metadata={"format": "pt"})
@@ -249,23 +267,36 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
                   "session": c.session, "prompts": list(c.prompts)}
                  for c in registry.concepts], f, indent=2)
     with open(os.path.join(tmp, README_NAME), "w") as f:
-      f.write(_readme(cfg, workdir, session, registry, os.path.abspath(out_dir)))
+      f.write(_readme(cfg, workdir, session, registry, os.path.abspath(out_dir), weights_name))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   _finish(tmp, out_dir)
   return {"session": session, "out_dir": os.path.abspath(out_dir), "tokens": registry.tokens,
-          "files": [WEIGHTS_NAME] + list(names.values())}
+          "files": [weights_name] + list(names.values())}
 
 
-def _readme(cfg, workdir: str, session: int, registry, out_dir: str) -> str:
+def _readme(cfg, workdir: str, session: int, registry, out_dir: str, weights_name: str) -> str:
   base, base_path = _base_description(cfg.model, cfg.seed)
   q = json.dumps  # Python string literals with double quotes
   tokens = registry.tokens
   example = cfg.concepts.templates[0].format(registry.concepts[-1].phrase())
   table = "\n".join(f"| `{c.token}` | {c.class_word} | {c.name} | {c.session} |"
                     for c in registry.concepts)
-  return f"""# Custom Diffusion delta exported by lfs_jax
+  if weights_name == lora_format.WEIGHTS_NAME:
+    kind = "LoRA"
+    what = ("the trained UNet LoRA factors (diffusers' PEFT layout, the scale "
+            "lora_alpha / rank folded into lora_B)")
+    load = f'pipe.load_lora_weights(delta, weight_name="{weights_name}")'
+  else:
+    kind = "Custom Diffusion"
+    what = ("the trained UNet attention weights as diffusers'\n  "
+            "`CustomDiffusionAttnProcessor`s (layers not trained have an empty entry)")
+    load = ("# _pipeline=pipe is needed: without it diffusers (0.42 at least) builds the processors\n"
+            "# but never installs them (huggingface/diffusers#9320).\n"
+            f'pipe.unet.load_attn_procs(delta, weight_name="{weights_name}",\n'
+            "                          _pipeline=pipe)")
+  return f"""# {kind} delta exported by lfs_jax
 
 Session {session} of the lfs_jax run `{os.path.abspath(workdir)}`: UNet selection
 `{cfg.train.selection}` and {len(tokens)} modifier token(s).
@@ -277,8 +308,7 @@ Base model it needs: {base}.
 {table}
 
 Files:
-- `{WEIGHTS_NAME}`: the trained UNet attention weights as diffusers'
-  `CustomDiffusionAttnProcessor`s (layers not trained have an empty entry).
+- `{weights_name}`: {what}.
 - `<token>.safetensors`: each modifier token's text embedding ({{token: [D]}}).
 - `{CONCEPTS_NAME}`: tokens and class words, read by `python -m lfs_jax.main --mode=import`.
 
@@ -290,10 +320,7 @@ from diffusers import StableDiffusionPipeline
 
 delta = {q(out_dir)}
 pipe = StableDiffusionPipeline.from_pretrained({q(base_path)}, torch_dtype=torch.float16).to("cuda")
-# _pipeline=pipe is needed: without it diffusers (0.42 at least) builds the processors
-# but never installs them (huggingface/diffusers#9320).
-pipe.unet.load_attn_procs(delta, weight_name="{WEIGHTS_NAME}",
-                          _pipeline=pipe)
+{load}
 for token in {q(tokens)}:
     pipe.load_textual_inversion(delta, weight_name=f"{{token}}.safetensors")
 image = pipe({q(example)}, num_inference_steps=50, guidance_scale=6.0).images[0]
@@ -310,10 +337,10 @@ not part of this export; diffusers samples plain text-to-image.
 def _read_tokens(from_dir: str) -> Dict[str, Tuple[np.ndarray, str]]:
   """{token: ([D] float32, file name)} from the other *.safetensors / *.bin files."""
   out: Dict[str, Tuple[np.ndarray, str]] = {}
-  stem = WEIGHTS_NAME.rsplit(".", 1)[0]
+  stems = {n.rsplit(".", 1)[0] for n in (WEIGHTS_NAME, lora_format.WEIGHTS_NAME)}
   for name in sorted(os.listdir(from_dir)):
     path = os.path.join(from_dir, name)
-    if (name.rsplit(".", 1)[0] == stem or not name.endswith((".safetensors", ".bin"))
+    if (name.rsplit(".", 1)[0] in stems or not name.endswith((".safetensors", ".bin"))
         or not os.path.isfile(path)):
       continue
     state = _read_safetensors(path)
@@ -359,59 +386,102 @@ def _read_concepts(from_dir: str, tokens: List[str]) -> List[Dict[str, Any]]:
   return entries
 
 
+def _leaf_delta(imported: Dict[Path, np.ndarray], weights: str, selection: str,
+                unet_params) -> Tuple[dict, int]:
+  """A leaf selection's delta: the export's leaves, the base's for the rest (+ leaf count)."""
+  selected, _ = delta_lib.split(unet_params, delta_lib.selection_predicate(selection))
+  want = convert.flatten(selected)
+  for path, arr in imported.items():
+    if path not in want:
+      raise InteropError(
+          f"{weights} trains {'/'.join(path)}, which train.selection="
+          f"{selection!r} does not select (a wider selection takes it)")
+    if arr.shape != tuple(want[path].shape):
+      raise InteropError(f"{weights}: {'/'.join(path)} has shape {arr.shape}, the base "
+                         f"model's is {tuple(want[path].shape)}: not this base's delta")
+  return convert.unflatten({p: imported[p] if p in imported
+                            else np.asarray(want[p], np.float32) for p in want}), len(want)
+
+
+def _lora_delta(imported: Dict[Path, Tuple[np.ndarray, np.ndarray]], weights: str,
+                selection: delta_lib.LoRA, unet_params, seed: int) -> Tuple[dict, int]:
+  """LoRA factors in the run's scale: the file's for its layers, the initial ones
+  (product zero) for the other targets (+ target count)."""
+  flat = convert.flatten(selection.initial(unet_params, seed))
+  targets = {p[:-1] for p in flat}
+  for module, (a, b) in imported.items():
+    name = "/".join(module)
+    if module not in targets:
+      raise InteropError(f"{weights} adapts {name}, which train.lora_targets="
+                         f"{','.join(selection.targets)!r} does not target")
+    if a.shape[1] != selection.rank:
+      raise InteropError(f"{weights}: {name} has rank {a.shape[1]}; the run's "
+                         f"train.lora_rank is {selection.rank}")
+    want_a, want_b = flat[module + ("lora_A",)].shape, flat[module + ("lora_B",)].shape
+    if a.shape != want_a or b.shape != want_b:
+      raise InteropError(f"{weights}: {name} has factors {a.shape}, {b.shape}; the base "
+                         f"model's layer takes {want_a}, {want_b}: not this base's LoRA")
+    flat[module + ("lora_A",)] = a
+    flat[module + ("lora_B",)] = (b / np.float32(selection.scale)).astype(np.float32)
+  return convert.unflatten(flat), len(targets)
+
+
 def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
-  """Turns a Custom Diffusion delta folder into a new run whose session 1 it is.
+  """Turns a Custom Diffusion or LoRA delta folder into a new run whose session 1 it is.
 
   The run's `train.selection` decides the delta's leaves: those in the export are
-  taken from it, the others from the base model; an export with weights outside the
-  selection is refused. The tokens keep their names and come first in the registry,
-  in the order of `concepts.json`. The config is recorded with `data.sessions = ""`
+  taken from it, the others from the base model (for LoRA: its layers' factors from
+  the file, the other targets' at their start, product zero); an export with weights
+  outside the selection is refused. The tokens keep their names and come first in the
+  registry, in the order of `concepts.json`. The config is recorded with `data.sessions = ""`
   (the sessions trained later are appended); the context bank is empty, so ICGen
   cannot start from imported concepts (sample them with icgen.strength=1).
 
   Args:
-    from_dir: folder with pytorch_custom_diffusion_weights.safetensors, one embedding
+    from_dir: folder with pytorch_custom_diffusion_weights.safetensors (or, for
+      train.selection=lora, pytorch_lora_weights.safetensors), one embedding
       file per token (.safetensors, or diffusers' safetensors-in-.bin) and concepts.json.
     workdir: the new run directory (absent or empty).
     cfg: the run's config (base model, train.selection, ...), locked.
 
   Returns:
-    {"workdir", "session": 1, "tokens", "from_export", "from_base"} (leaf counts).
+    {"workdir", "session": 1, "tokens", "from_export", "from_base"} (leaf counts; for
+    LoRA, adapted layers).
   """
-  from lfs_jax import base as base_lib  # pylint: disable=g-import-not-at-top
-  from lfs_jax.train import params as params_lib  # pylint: disable=g-import-not-at-top
-  from lfs_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-
   if not os.path.isdir(from_dir):
     raise InteropError(f"--from folder {from_dir!r} does not exist")
-  weights = os.path.join(from_dir, WEIGHTS_NAME)
+  selection = delta_lib.from_config(cfg.train)
+  lora = isinstance(selection, delta_lib.LoRA)
+  name = lora_format.WEIGHTS_NAME if lora else WEIGHTS_NAME
+  weights = os.path.join(from_dir, name)
   if not os.path.isfile(weights):
-    alt = os.path.join(from_dir, WEIGHTS_NAME.replace(".safetensors", ".bin"))
+    alt = os.path.join(from_dir, name.replace(".safetensors", ".bin"))
     if not os.path.isfile(alt):
-      raise InteropError(f"{from_dir} has no {WEIGHTS_NAME} (nor a .bin of that name)")
+      other = WEIGHTS_NAME if lora else lora_format.WEIGHTS_NAME
+      hint = (f"; it holds {other}, which a run with train.selection="
+              f"{'crossattn_kv|crossattn|attn' if lora else 'lora'} imports"
+              if os.path.isfile(os.path.join(from_dir, other)) else "")
+      raise InteropError(f"{from_dir} has no {name} (nor a .bin of that name){hint}")
     weights = alt
   if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
     raise InteropError(f"{workdir} is not empty: an import starts a new run directory")
-  imported = read_processors(weights)
+  if lora:
+    try:
+      imported = lora_format.from_diffusers(weights, _read_safetensors(weights))
+    except lora_format.LoraFormatError as e:
+      raise InteropError(str(e)) from None
+  else:
+    imported = read_processors(weights)
   tokens = _read_tokens(from_dir)
   if not tokens:
     raise InteropError(f"{from_dir} has no token embedding files (<token>.safetensors)")
   entries = _read_concepts(from_dir, list(tokens))
 
   pipe = base_lib.load_base(cfg.model, cfg.seed)
-  selected, _ = params_lib.split(pipe.unet_params,
-                                 params_lib.selection_predicate(cfg.train.selection))
-  want = convert.flatten(selected)
-  for path, arr in imported.items():
-    if path not in want:
-      raise InteropError(
-          f"{weights} trains {'/'.join(path)}, which train.selection="
-          f"{cfg.train.selection!r} does not select (a wider selection takes it)")
-    if arr.shape != tuple(want[path].shape):
-      raise InteropError(f"{weights}: {'/'.join(path)} has shape {arr.shape}, the base "
-                         f"model's is {tuple(want[path].shape)}: not this base's delta")
-  delta_unet = convert.unflatten({p: imported[p] if p in imported
-                                  else np.asarray(want[p], np.float32) for p in want})
+  if lora:
+    delta_unet, n_total = _lora_delta(imported, weights, selection, pipe.unet_params, cfg.seed)
+  else:
+    delta_unet, n_total = _leaf_delta(imported, weights, cfg.train.selection, pipe.unet_params)
 
   d = pipe.text_encoder.config.hidden_size
   vocab = pipe.tokenizer.get_vocab()
@@ -434,23 +504,23 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
   registry = concepts_lib.Registry(tuple(concepts))
   rows = np.stack([tokens[c.token][0] for c in concepts])
 
-  config = json.loads(json.dumps(cfg.to_dict(), default=list))
+  config = runs.jsonable(cfg.to_dict())
   config["data"]["sessions"] = ""
-  meta = {"session": 1, "concepts": json.loads(registry.to_json()), "config": config,
-          "steps": 0, "metrics": {}, "seconds": 0.0,
-          "imported": {"from": os.path.abspath(from_dir), "weights": os.path.basename(weights),
-                       "tokens": {t: tokens[t][1] for t in registry.tokens}}}
+  meta = runs.session_meta(
+      1, registry, config, steps=0, metrics={}, seconds=0.0,
+      imported={"from": os.path.abspath(from_dir), "weights": os.path.basename(weights),
+                "tokens": {t: tokens[t][1] for t in registry.tokens}})
   optimizer = step_lib.make_optimizer(cfg.train)
   opt_state = optimizer.init({"unet": delta_unet, "tokens": rows})
   tmp = _prepare_out(workdir)
   try:
     checkpoint.save_session(tmp, 1, delta={"unet": delta_unet, "tokens": rows}, bank={},
                             opt_state=opt_state, meta=meta)
-    checkpoint.write_json_atomic(os.path.join(tmp, "config.json"), config)
-    registry.save(os.path.join(tmp, "concepts.json"))
+    runs.write_config(tmp, config)
+    registry.save(os.path.join(tmp, runs.CONCEPTS))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   _finish(tmp, workdir)
   return {"workdir": os.path.abspath(workdir), "session": 1, "tokens": registry.tokens,
-          "from_export": len(imported), "from_base": len(want) - len(imported)}
+          "from_export": len(imported), "from_base": n_total - len(imported)}

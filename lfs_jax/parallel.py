@@ -16,7 +16,9 @@ whole. What lives where:
 
 The FSDP rule (`fsdp_spec`): a leaf is split along its largest dimension whose size
 the fsdp axis divides (the first such on a tie); a leaf with no such dimension (a
-scalar, an odd size) is replicated. XLA all-gathers each weight where the step
+scalar, an odd size), or with fewer than `mesh.fsdp_min_size` elements (biases, norm
+scales: splitting them saves little memory and costs an all-gather each), is
+replicated. XLA all-gathers each weight where the step
 uses it, so the numbers are those of the replicated layout up to float rounding.
 
 Several processes (TPU pod hosts, Slurm tasks, or `--config.distributed.*` by
@@ -95,9 +97,12 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-def fsdp_spec(shape, n_fsdp: int) -> P:
-  """The FSDP rule: split the largest dimension that `n_fsdp` divides, else replicate."""
-  if n_fsdp <= 1:
+def fsdp_spec(shape, n_fsdp: int, min_size: int = 0) -> P:
+  """The FSDP rule: split the largest dimension that `n_fsdp` divides, else replicate.
+
+  A leaf of fewer than `min_size` elements stays whole (replicated).
+  """
+  if n_fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
   fits = [(size, -i) for i, size in enumerate(shape) if size % n_fsdp == 0 and size > 0]
   if not fits:
@@ -106,13 +111,17 @@ def fsdp_spec(shape, n_fsdp: int) -> P:
   return P(*([None] * axis + [FSDP]))
 
 
-def frozen_shardings(tree, mesh, mode: str):
-  """Shardings for the frozen base trees (leaves: arrays or ShapeDtypeStructs)."""
+def frozen_shardings(tree, mesh, mode: str, min_size: int):
+  """Shardings for the frozen base trees (leaves: arrays or ShapeDtypeStructs).
+
+  `min_size`: mesh.fsdp_min_size, the fewest elements a leaf needs to be split.
+  """
   check_frozen_mode(mode)
   if mode == "replicated":
     return jax.tree.map(lambda _: replicated(mesh), tree)
   n = mesh.shape[FSDP]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n, min_size)),
+                      tree)
 
 
 class TrainShardings(NamedTuple):
@@ -130,7 +139,7 @@ class TrainShardings(NamedTuple):
 
 
 def train_shardings(mesh, frozen, mode: str, state=None, teacher=None,
-                    trainable_mode: str = "replicated") -> TrainShardings:
+                    trainable_mode: str = "replicated", *, min_size: int) -> TrainShardings:
   """The layout of the table above for trees of these structures.
 
   `state` and `teacher` (arrays or ShapeDtypeStructs; teacher None without DFKD)
@@ -143,10 +152,10 @@ def train_shardings(mesh, frozen, mode: str, state=None, teacher=None,
   if trainable_mode == "fsdp":
     if state is None:
       raise ValueError("mesh.trainable=fsdp needs the train state's structure")
-    state_sh = frozen_shardings(state, mesh, "fsdp")
+    state_sh = frozen_shardings(state, mesh, "fsdp", min_size)
     if teacher is not None:
-      teacher_sh = frozen_shardings(teacher, mesh, "fsdp")
-  return TrainShardings(state=state_sh, frozen=frozen_shardings(frozen, mesh, mode),
+      teacher_sh = frozen_shardings(teacher, mesh, "fsdp", min_size)
+  return TrainShardings(state=state_sh, frozen=frozen_shardings(frozen, mesh, mode, min_size),
                         teacher=teacher_sh, data=rep, schedule=rep, rng=rep, metrics=rep)
 
 

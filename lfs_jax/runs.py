@@ -1,10 +1,19 @@
-"""A finished session of a run, rebuilt from its directory for sampling.
+"""The run directory's one owner: its config, its resume rules, its session records.
 
-Nothing but the run directory is read (never the photos): config.json says which
-base model and trainable selection the run used, sessions/<k>/ holds the trained
-delta (selected UNet leaves + every modifier token row so far), the registry in
-its meta, and the context bank of the concepts it learned. Sampling k needs the
-banks of sessions 1..k.
+    <workdir>/config.json     the resolved config, written once (`write_config`);
+                              read back strictly (`stored_config`, `run_config`)
+    <workdir>/concepts.json   the registry after the last finished session
+    <workdir>/sessions/<k>/   the trained delta, context bank, optimizer state and
+                              the session's meta (`session_meta`, built here for
+                              training and for import alike)
+    <workdir>/progress/<s>/   the in-session train state, for --resume
+
+The Orbax reading and writing is `lfs_jax.checkpoint`'s; what the files mean and
+which config changes a run survives (`check_compatible`) is decided here, and
+nowhere else. Sampling and evaluation rebuild a finished session with `load_run`
+from nothing but the run directory (never the photos): config.json says which base
+model and selection (`lfs_jax.delta`) the run used, sessions/<k>/ holds the delta
+and the registry, and the banks of sessions 1..k feed ICGen.
 """
 
 from __future__ import annotations
@@ -22,14 +31,103 @@ from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import config_base
+from lfs_jax import delta as delta_lib
 from lfs_jax.errors import ConfigError
-from lfs_jax.train import params as params_lib
-from lfs_jax.train import session as session_lib
-from lfs_jax.weights.convert import flatten
+
+CONFIG = "config.json"
+CONCEPTS = "concepts.json"
+# Config fields that may change between a run's start and its resumption.
+_FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.keep_progress",
+                "model.attention", "model.remat", "mesh.data", "mesh.fsdp", "mesh.frozen", "mesh.trainable",
+                "mesh.fsdp_min_size",
+                "distributed.cluster", "distributed.coordinator", "distributed.num_processes",
+                "distributed.process_id", "distributed.cpu_collectives")
+# Config groups that only steer sampling, never the trained weights.
+_FREE_PREFIXES = ("sample.", "icgen.", "eval.")
 
 
 class RunError(ValueError):
   """A run directory or session that cannot be sampled (says what is missing)."""
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def is_free_field(key: str) -> bool:
+  """True for a dotted config field that may differ from the run's config.json."""
+  return key in _FREE_FIELDS or key.startswith(_FREE_PREFIXES)
+
+
+def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+  """Refuses to continue a run under a config that would change its results.
+
+  data.sessions may grow (new sessions appended: that is lifelong learning). A field
+  that `stored` lacks (added to the code after the run began) is compatible at its
+  default, which is how that run was trained.
+  """
+  a, b = _flat(stored), _flat(current)
+  defaults = _flat(config_base.get_config().to_dict())
+  for key in sorted(set(a) | set(b)):
+    if is_free_field(key) or a.get(key) == b.get(key):
+      continue
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue
+    if key == "data.sessions":
+      # "" = none yet (a run that starts with an imported session, see interop).
+      old, new = (str(a[key]).split(";") if a[key] else []), str(b[key]).split(";")
+      if new[:len(old)] == old:
+        continue
+    raise ConfigError(
+        f"this run was started with {key}={a.get(key)!r}; the config now says "
+        f"{b.get(key)!r}. Continue with the original value or use a new --workdir.")
+
+
+def jsonable(obj):
+  """`obj` as it reads back from JSON (tuples become lists, anything odd a string)."""
+  return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The run's config.json as a dict, or None where the directory holds no run yet."""
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_config(workdir: str, config: Mapping[str, Any]) -> None:
+  """Writes config.json (once a run: a run's config is never rewritten)."""
+  checkpoint.write_json_atomic(os.path.join(workdir, CONFIG), jsonable(dict(config)))
+
+
+def session_meta(session: int, registry: concepts_lib.Registry, config: Mapping[str, Any], *,
+                 steps: int, metrics: Mapping[str, float], seconds: float,
+                 imported: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """The meta record of sessions/<k>/, for a trained session and an imported one alike."""
+  meta = {"session": session, "concepts": json.loads(registry.to_json()),
+          "config": dict(config), "steps": steps, "metrics": dict(metrics),
+          "seconds": seconds}
+  if imported is not None:
+    meta["imported"] = dict(imported)
+  return jsonable(meta)
+
+
+def imported_registry(workdir: str) -> concepts_lib.Registry:
+  """The concepts of an imported session 1 (`--mode=import`), else an empty registry."""
+  if 1 not in checkpoint.finished_sessions(workdir):
+    return concepts_lib.Registry()
+  meta = checkpoint.session_meta(workdir, 1)
+  if "imported" not in meta:
+    return concepts_lib.Registry()
+  return concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
 
 
 class RunModel(NamedTuple):
@@ -75,11 +173,10 @@ def run_config(workdir: str, overrides: Optional[Mapping[str, Any]] = None
     RunError: no config.json, or an unreadable one.
     ConfigError: an override of a field that belongs to the trained run.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = os.path.join(workdir, CONFIG)
+  stored = stored_config(workdir)
+  if stored is None:
     raise RunError(f"{workdir} is not a run directory: {path} does not exist")
-  with open(path) as f:
-    stored = json.load(f)
   cfg = config_base.get_config()
   _fill(cfg, stored, "", path)
   for key, value in (overrides or {}).items():
@@ -89,7 +186,7 @@ def run_config(workdir: str, overrides: Optional[Mapping[str, Any]] = None
       raise ConfigError(f"--config.{key}: no such config field") from None
     if value == current:
       continue  # restating the run's own value is harmless
-    if not session_lib.is_free_field(key):
+    if not is_free_field(key):
       raise ConfigError(
           f"--config.{key}: sampling uses the run's own {key}={current!r} from {path}; "
           "only sample.*, icgen.*, eval.* and machine settings may be changed")
@@ -103,21 +200,6 @@ def _get(cfg, dotted: str):
   for part in dotted.split("."):
     node = node[part]
   return node
-
-
-def _check_delta(delta_unet, selected, session: int) -> None:
-  """The stored delta must cover exactly the selection, with the same shapes."""
-  got, want = flatten(delta_unet), flatten(selected)
-  for p in sorted(set(got) | set(want)):
-    name = "/".join(p)
-    if p not in got:
-      raise RunError(f"session {session}: the checkpoint lacks UNet weight {name}")
-    if p not in want:
-      raise RunError(f"session {session}: the checkpoint has {name}, which the run's "
-                     "train.selection does not select")
-    if tuple(np.shape(got[p])) != tuple(np.shape(want[p])):
-      raise RunError(f"session {session}: {name} has shape {np.shape(got[p])} in the "
-                     f"checkpoint but {np.shape(want[p])} in the base model")
 
 
 def load_run(workdir: str, session: Optional[int] = None, *,
@@ -150,11 +232,14 @@ def load_run(workdir: str, session: Optional[int] = None, *,
   pipe = base_lib.load_base(cfg.model, cfg.seed)
   stored = checkpoint.restore_session(workdir, session)
   delta, meta = stored["delta"], stored["meta"]
-  selected, rest = params_lib.split(pipe.unet_params,
-                                    params_lib.selection_predicate(cfg.train.selection))
-  _check_delta(delta["unet"], selected, session)
+  selection = delta_lib.from_config(cfg.train)
+  try:
+    selection.check(delta["unet"], pipe.unet_params, "the checkpoint")
+  except delta_lib.DeltaError as e:
+    raise RunError(f"session {session}: {e}") from None
   # The trained leaves stay float32, as the session trained and evaluated them.
-  unet_params = params_lib.merge(jax.tree.map(jnp.asarray, delta["unet"]), rest)
+  unet_params = selection.merge(jax.tree.map(jnp.asarray, delta["unet"]),
+                                selection.frozen(pipe.unet_params))
 
   registry = concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
   rows = np.asarray(delta["tokens"], np.float32)

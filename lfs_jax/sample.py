@@ -40,16 +40,17 @@ _MAX_SEED = 2 ** 32 - 1
 
 @dataclasses.dataclass(frozen=True)
 class SampleSettings:
-  """cfg.sample and cfg.icgen, validated once (see config_base for each field)."""
-  sampler: str = "ddim"
-  steps: int = 10
-  guidance: float = 7.5
-  eta: float = 0.0
-  num_images: int = 2
-  seed: int = 0
-  batch_size: int = 4
-  strength: float = 0.6
-  select: str = "random"
+  """cfg.sample and cfg.icgen, validated once; built only by `from_config`, so every
+  default is the config's (config_base), never a second copy here."""
+  sampler: str
+  steps: int
+  guidance: float
+  eta: float
+  num_images: int
+  seed: int
+  batch_size: int
+  strength: float
+  select: str
 
   def __post_init__(self):
     def need(ok, field, what):
@@ -189,13 +190,15 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
 class _MeshSampler:
   """`sampler.sample_on_mesh` with its arguments placed; the UNet tree placed once."""
 
-  def __init__(self, mesh, frozen_mode: str):
+  def __init__(self, mesh, frozen_mode: str, fsdp_min_size: int):
     self.mesh, self.mode, self.n_devices = mesh, frozen_mode, mesh.size
+    self.min_size = fsdp_min_size
     self._placed = (None, None)  # (the host tree, its copy on the mesh)
 
   def __call__(self, unet_params, *args, unet, spec):
     fn, shardings = sampler_lib.sample_on_mesh(self.mesh, self.mode, unet_params,
-                                               unet=unet, spec=spec)
+                                               unet=unet, spec=spec,
+                                               fsdp_min_size=self.min_size)
     if self._placed[0] is not unet_params:
       self._placed = (unet_params, parallel.put(unet_params, shardings[0]))
     args = [parallel.put(a, s) for a, s in zip(args, shardings[1:])]
@@ -217,9 +220,10 @@ def _sampler(run: runs.RunModel):
   mesh = parallel.make_mesh(run.cfg.mesh)
   if mesh.size == 1:
     return sampler_lib.sample_jit
-  key = (mesh, run.cfg.mesh.frozen)
+  key = (mesh, run.cfg.mesh.frozen, run.cfg.mesh.fsdp_min_size)
   if key not in _MESH_SAMPLERS:
-    _MESH_SAMPLERS[key] = _MeshSampler(mesh, parallel.check_frozen_mode(run.cfg.mesh.frozen))
+    _MESH_SAMPLERS[key] = _MeshSampler(mesh, parallel.check_frozen_mode(run.cfg.mesh.frozen),
+                                       run.cfg.mesh.fsdp_min_size)
   return _MESH_SAMPLERS[key]
 
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from lfs_jax import config_base
-from lfs_jax.train import losses, session
+from lfs_jax.train import inputs, losses, session
 from lfs_jax.train import step as step_lib
 
 
@@ -86,8 +86,7 @@ def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
   ctx = session.prepare(cfg, str(tmp_path / "run"))
   assert ctx.spec.loss_reduction == "cd" and ctx.spec.rescale_cues
   assert {c.initializer for c in ctx.registry.concepts} == {"ktn"}
-  _, data, _, rows, _ = session._session_inputs(  # pylint: disable=protected-access
-      ctx, 1, session.base_delta(ctx))
+  _, data, _, rows, _ = inputs.session_inputs(ctx, 1, session.base_delta(ctx))
   tok = ctx.pipe.tokenizer
   n_cues = len(losses.RESCALE_CUES)
   assert data.prompt_ids.shape[1] == n_cues * len(cfg.concepts.templates)

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from lfs_jax.errors import UnsupportedConfigError
-from lfs_jax.evaluate import preprocess
+from lfs_jax.weights import preprocess
 from lfs_jax.models import clip_vision
 from lfs_jax.weights import (WeightsMismatchError, WeightsNotFoundError, convert, load_clip,
                              safetensors_io)

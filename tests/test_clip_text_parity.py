@@ -195,7 +195,7 @@ REAL_PROMPTS = [
 def test_real_prompts_through_our_tokenizer_match_transformers(tmp_path):
   from lfs_jax import concepts as concepts_lib
   from lfs_jax.diffusion import sampler
-  from lfs_jax.models import tiny
+  from lfs_jax import tiny
   from lfs_jax.weights import load_tokenizer
 
   vocab = 49408

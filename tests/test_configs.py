@@ -8,7 +8,7 @@ import pytest
 from lfs_jax import base as base_lib
 from lfs_jax import checkpoint, config_base
 from lfs_jax.errors import ConfigError
-from lfs_jax.models import tiny
+from lfs_jax import tiny
 from lfs_jax.train import session
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

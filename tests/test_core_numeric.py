@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lfs_jax import delta as delta_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.diffusion import schedule as schedule_lib
-from lfs_jax.train import losses
+from lfs_jax.train import kd, losses
 from lfs_jax.train import step as step_lib
 
 T = 1000
@@ -101,10 +102,11 @@ def _problem(seed=0, n_images=1, hw=4, **spec_overrides):
       latent_logvar=jnp.full(mean.shape, -80.0),  # sigma 4e-18: the draw is the mean
       prompt_ids=jnp.asarray(ids), n_images=jnp.int32(n_images), token_offset=jnp.int32(1),
       kd_context=jnp.asarray(kd_context), n_kd=jnp.int32(2),
-      kv_gram=losses.kv_gram(jnp.asarray(kd_context), 2))
+      kv_gram=kd.kv_gram(jnp.asarray(kd_context), 2))
   spec = dict(batch_size=2, kd_batch_size=4, kd_weight=3.0, use_kd=True, kd_points=4,
               kd_cached=False, flip=False, rescale=False, rescale_min=0.4, rescale_max=1.4,
-              scaling_factor=0.5, scheduler=SD_SCHEDULER, kv_weight=5.0)
+              scaling_factor=0.5, scheduler=SD_SCHEDULER, kv_weight=5.0,
+              delta=delta_lib.Leaves("crossattn_kv"))
   spec.update(spec_overrides)
   return trainable, frozen, {"unet": teacher}, data, losses.LossSpec(**spec)
 
@@ -267,7 +269,7 @@ def test_kd_weight_zero_keeps_the_anchor_its_weight_and_its_gradient():
   state = step_lib.init_state(trainable, optimizer)
   new, metrics = jax.jit(lambda st: step_lib.train_step(
       st, frozen, teacher, data, schedule, jax.random.key(9), models=MODELS, spec=spec,
-      optimizer=optimizer, train_tokens=True))(state)
+      optimizer=optimizer))(state)
   assert int(new.step) == 1 and "kd" not in metrics
   assert jax.tree.all(jax.tree.map(lambda a: a.dtype == jnp.float32, new.trainable))
   # Adam's first step moves every weight by -lr * sign(gradient).
@@ -285,7 +287,7 @@ def test_kd_weight_zero_keeps_the_anchor_its_weight_and_its_gradient():
 def _aug(z, seed, **kw):
   spec = dict(batch_size=len(z), kd_batch_size=1, kd_weight=0.0, use_kd=False, kd_points=1,
               kd_cached=False, flip=False, rescale=False, rescale_min=1.0, rescale_max=1.0,
-              scaling_factor=1.0, scheduler=SD_SCHEDULER)
+              scaling_factor=1.0, scheduler=SD_SCHEDULER, delta=delta_lib.Leaves("crossattn_kv"))
   spec.update(kw)
   out, mask, scale = jax.jit(lambda z, k: losses._augment(z, k, losses.LossSpec(**spec)))(  # pylint: disable=protected-access
       jnp.asarray(z), jax.random.key(seed))

@@ -18,7 +18,8 @@ import torch
 import transformers
 
 from lfs_jax.errors import EvalError, UnsupportedConfigError
-from lfs_jax.evaluate import encoders, preprocess
+from lfs_jax.evaluate import encoders
+from lfs_jax.weights import preprocess
 from lfs_jax.models import dino
 from lfs_jax.weights import PickleRefusedError, WeightsNotFoundError, load_dino
 

@@ -31,7 +31,7 @@ def _two_steps(cfg, workdir):
   start = jax.device_get(su.state.trainable)
   state, metrics = su.state, []
   for _ in range(2):
-    state, m = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
+    state, m = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
     metrics.append(jax.device_get(m))
   return ctx, su, start, state, metrics
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from lfs_jax import checkpoint, concepts, config_base, interop
-from lfs_jax.models import tiny
-from lfs_jax.train import params as params_lib
+from lfs_jax import tiny
+from lfs_jax import delta as params_lib
 from lfs_jax.train import session
 from lfs_jax.weights import files, loaders, safetensors_io
 from lfs_jax.weights.convert import flatten, unflatten
@@ -43,18 +43,23 @@ def _config(folder, compile_cache, **overrides):
   return c
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, compile_cache):
+def make_world(tmp_path_factory, compile_cache, name="interop", **overrides):
   """The tiny SD folder, its lfs_jax pipeline and a finished two-session run on it."""
-  root = tmp_path_factory.mktemp("interop")
+  root = tmp_path_factory.mktemp(name)
   folder = str(root / "sd")
   tiny.save_folder(tiny.random_params(3), folder)
-  cfg = _config(folder, compile_cache)
+  cfg = _config(folder, compile_cache, **overrides)
   run = str(root / "run")
-  session.run(cfg, run)
+  results = session.run(cfg, run)
   pipe = loaders.load_pipeline(folder)
   return {"root": root, "folder": folder, "cfg": cfg, "run": run, "pipe": pipe,
+          "results": results,
           "text": jax.jit(pipe.text_encoder.apply), "unet": jax.jit(pipe.unet.apply)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, compile_cache):
+  return make_world(tmp_path_factory, compile_cache)
 
 
 def _rel(a, b):
@@ -79,8 +84,11 @@ def _lfs_eps(world, selection, delta, registry, prompt):
   return np.asarray(eps).transpose(0, 3, 1, 2)
 
 
-def _diffusers_eps(folder, export_dir, tokens, prompt):
-  """diffusers: the base pipeline + the export, as the export's README says to load it."""
+def _diffusers_eps(folder, export_dir, tokens, prompt, load=None):
+  """diffusers: the base pipeline + the export, as the export's README says to load it.
+
+  `load(pipe)` applies the UNet delta; by default the Custom Diffusion processors.
+  """
   from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
   for token in tokens:
@@ -90,9 +98,12 @@ def _diffusers_eps(folder, export_dir, tokens, prompt):
   with torch.no_grad():
     ctx = pipe.text_encoder(ids)[0]
     before = pipe.unet(torch.from_numpy(_INPUTS), torch.from_numpy(_TIMESTEPS), ctx).sample
-    pipe.unet.load_attn_procs(export_dir, weight_name=interop.WEIGHTS_NAME, _pipeline=pipe)
-    procs = pipe.unet.attn_processors
-    assert all(isinstance(p, CustomDiffusionAttnProcessor) for p in procs.values()), procs
+    if load is None:
+      pipe.unet.load_attn_procs(export_dir, weight_name=interop.WEIGHTS_NAME, _pipeline=pipe)
+      procs = pipe.unet.attn_processors
+      assert all(isinstance(p, CustomDiffusionAttnProcessor) for p in procs.values()), procs
+    else:
+      load(pipe)
     after = pipe.unet(torch.from_numpy(_INPUTS), torch.from_numpy(_TIMESTEPS), ctx).sample
   return after.numpy(), before.numpy()
 

@@ -13,7 +13,7 @@ import pytest
 from lfs_jax import checkpoint, config_base, parallel, runs, sample
 from lfs_jax import concepts as concepts_lib
 from lfs_jax.errors import ConfigError
-from lfs_jax.models import tiny
+from lfs_jax import tiny
 from lfs_jax.train import session
 from lfs_jax.weights.convert import flatten
 
@@ -79,7 +79,7 @@ def test_fsdp_step_matches_one_device(tmp_path, tiny_config):
     su = session.setup_session(ctx, 1, session.base_delta(ctx))
     state = su.state
     for _ in range(2):
-      state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
+      state, metrics = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
                                    su.train_key)
     out.append((parallel.to_host(state.trainable), parallel.to_host(metrics)))
   # The base came from host memory straight into its shardings (never whole on a device).

@@ -26,7 +26,7 @@ from orbax.checkpoint._src.path import atomicity
 from lfs_jax import checkpoint
 from lfs_jax import sample
 from lfs_jax.evaluate import run_eval
-from lfs_jax.models import tiny
+from lfs_jax import tiny
 from lfs_jax.train import session
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights.convert import flatten
@@ -65,15 +65,14 @@ class _Faults:
 
     def prepare(*a, **kw):  # the VAE and text encoders, traced once a module
       ctx = real_prepare(*a, **kw)
-      ctx.encode = compiled.setdefault("encode", ctx.encode)
-      ctx.text = compiled.setdefault("text", ctx.text)
-      return ctx
+      return ctx._replace(encode=compiled.setdefault("encode", ctx.encode),
+                          text=compiled.setdefault("text", ctx.text))
     m.setattr(session, "prepare", prepare)
     real_setup = session.setup_session
 
-    def setup(ctx, k, prev):
+    def setup(ctx, k, prev, *rest):
       self.session = k
-      return real_setup(ctx, k, prev)
+      return real_setup(ctx, k, prev, *rest)
     m.setattr(session, "setup_session", setup)
 
     def jit_train_step(*a, **kw):  # the step of this module's runs, jitted once

@@ -21,7 +21,6 @@ from lfs_jax import config_base, icgen, runs, sample
 from lfs_jax import concepts as concepts_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.errors import ConfigError
-from lfs_jax.train import session
 
 DOG, CAT = "a <c1> dog", "a <c2> cat"
 
@@ -174,7 +173,7 @@ class _FakeUNet(nn.Module):
     ("ddpm", 0.6, 0.0)])
 def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
   """The whole loop (grid, pairing, CFG, ICGen start, per-step noise) vs diffusers."""
-  from lfs_jax.models import tiny  # its scheduler config is SD 1.5's
+  from lfs_jax import tiny  # its scheduler config is SD 1.5's
   config = {k: v for k, v in tiny.SCHEDULER.items() if k != "skip_prk_steps"}
   spec = sampler.SamplerSpec(kind, sampler.schedule_lib.SchedulerConfig.from_diffusers(config))
   steps, shape, g = 10, (4, 4, 2), 3.0
@@ -265,20 +264,20 @@ def test_resume_ignores_sampling_fields():
   current = config_base.get_config()
   current.sample.steps = 50
   current.icgen.select = "mean"
-  session.check_compatible(stored, current.to_dict())
+  runs.check_compatible(stored, current.to_dict())
   # A run written before the sample/icgen groups existed.
   old = {k: v for k, v in stored.items() if k not in ("sample", "icgen")}
-  session.check_compatible(old, current.to_dict())
+  runs.check_compatible(old, current.to_dict())
   current.seed = 3
   with pytest.raises(ConfigError, match="seed"):
-    session.check_compatible(old, current.to_dict())
+    runs.check_compatible(old, current.to_dict())
   # A run written before kd.from_base existed continues at its default, not at another.
   current.seed = stored["seed"]
   older = {**old, "kd": {k: v for k, v in stored["kd"].items() if k != "from_base"}}
-  session.check_compatible(older, current.to_dict())
+  runs.check_compatible(older, current.to_dict())
   current.kd.from_base = "class"
   with pytest.raises(ConfigError, match="kd.from_base"):
-    session.check_compatible(older, current.to_dict())
+    runs.check_compatible(older, current.to_dict())
 
 
 def test_slugs_and_grids():

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lfs_jax import checkpoint, concepts
-from lfs_jax.train import losses, session
+from lfs_jax import delta as delta_lib
+from lfs_jax.train import kd, losses, session
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights.convert import flatten, unflatten
 
@@ -78,7 +79,7 @@ def test_kd_is_zero_at_first_step_then_positive(tmp_path, tiny_config, mode, cac
   base_unet, base_text = _copy(ctx.pipe.unet_params), _copy(ctx.pipe.text_encoder_params)
   su = session.setup_session(ctx, 1, session.base_delta(ctx))
   assert su.spec.kd_cached == bool(cache)
-  assert isinstance(ctx.step_fn, jax.stages.Compiled)
+  assert isinstance(su.step_fn, jax.stages.Compiled)
   loss = jax.jit(lambda *a: losses.loss_fn(*a, models=su.models, spec=su.spec))
   key = jax.random.key(7)
   args = (su.frozen, su.teacher, su.data, ctx.schedule, key)
@@ -87,7 +88,7 @@ def test_kd_is_zero_at_first_step_then_positive(tmp_path, tiny_config, mode, cac
   old_tokens = np.array(su.frozen["tokens"])
   state = su.state
   for _ in range(3):
-    state, _ = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
+    state, _ = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
   _, aux = loss(state.trainable, *args)
   assert float(aux["kd"]) > 0.0
   # Frozen weights and the frozen token table are untouched by the steps.
@@ -108,7 +109,7 @@ def test_loss_falls_when_overfitting_one_concept(tmp_path, tiny_config):
   before = np.mean([float(loss(su.state.trainable, k)) for k in keys])
   state = su.state
   for _ in range(40):
-    state, _ = ctx.step_fn(state, su.frozen, None, su.data, ctx.schedule, su.train_key)
+    state, _ = su.step_fn(state, su.frozen, None, su.data, ctx.schedule, su.train_key)
   after = np.mean([float(loss(state.trainable, k)) for k in keys])
   assert after < 0.9 * before, (before, after)
 
@@ -174,7 +175,7 @@ def test_data_parallel_step_matches_one_device(tmp_path, tiny_config):
     su = session.setup_session(ctx, 1, session.base_delta(ctx))
     state = su.state
     for _ in range(2):
-      state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
+      state, metrics = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
                                    su.train_key)
     out.append((jax.device_get(state.trainable), jax.device_get(metrics)))
     assert len(state.trainable["tokens"].sharding.device_set) == len(devices)
@@ -232,25 +233,25 @@ def test_kd_class_templates(tmp_path, tiny_config):
   ctx = session.prepare(cfg, str(tmp_path))
   second = ctx.registry.up_to(2)
   cls = second.in_session(2)[0].class_word
-  prompts = session._kd_prompts(cfg, second, 2)  # pylint: disable=protected-access
+  prompts = kd.prompts(cfg, second, 2)
   # Every template for the session's class, then the earlier concept's prompt, then "".
   assert prompts[:2] == [f"a {cls} in the snow", f"a red {cls}"]
   assert len(prompts) == 4 and prompts[-1] == ""
   assert ctx.max_kd == 4  # the step is padded for them once per run
-  plain = session._kd_prompts(tiny_config(), second, 2)  # pylint: disable=protected-access
+  plain = kd.prompts(tiny_config(), second, 2)
   assert plain[0] == tiny_config().concepts.templates[0].format(cls) and len(plain) == 3
   # past_classes: the class words of earlier sessions, with the same templates.
   past = tiny_config(kd__prompts="past_classes,empty", kd__class_templates=("a {} in snow",))
   old_cls = second.in_session(1)[0].class_word
-  assert session._kd_prompts(past, second, 2) == [f"a {old_cls} in snow", ""]  # pylint: disable=protected-access
-  assert session._kd_prompts(past, second, 1) == [""]  # pylint: disable=protected-access
+  assert kd.prompts(past, second, 2) == [f"a {old_cls} in snow", ""]
+  assert kd.prompts(past, second, 1) == [""]
 
 
 def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_config):
   # kd.kv_weight rides along (one compiled step serves both options): checked at the end.
   cfg = tiny_config(kd__from_base="class,empty", kd__mode="noise", kd__kv_weight=3.0)
   ctx = session.prepare(cfg, str(tmp_path))
-  conds = session._kd_conditions(cfg, ctx.registry.up_to(2), 2)  # pylint: disable=protected-access
+  conds = kd.conditions(cfg, ctx.registry.up_to(2), 2)
   assert [b for _, b in conds] == [True, False, True] and conds[-1][0] == ""
   # The previous session differs from the base, as it does after any training.
   base = session.base_delta(ctx)
@@ -264,13 +265,13 @@ def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_confi
 
   @jax.jit
   def predict(selected, x, t, cond):
-    params = losses.params_lib.merge(selected, su.frozen["unet"])
+    params = delta_lib.merge(selected, su.frozen["unet"])
     return su.models.unet.apply({"params": params}, x, t, su.data.kd_context[cond])
 
   # Each DFKD target is its own teacher's prediction: the base's for the class prompt
   # and "", the previous session's for the earlier concept.
   cache = jax.jit(functools.partial(
-      losses.kd_cache, size=16, latent_shape=su.data.latent_mean.shape[1:], models=su.models,
+      kd.kd_cache, size=16, latent_shape=su.data.latent_mean.shape[1:], models=su.models,
       spec=su.spec))(su.teacher, su.frozen, su.data.kd_context, su.data.n_kd, ctx.schedule,
                      jax.random.key(3), kd_base=su.data.kd_base)
   cond = np.asarray(cache["cond"])
@@ -283,17 +284,17 @@ def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_confi
   assert np.abs(want_base - want_prev).max() > 1e-3
   # The step's fresh (uncached) targets too: at the session's first step the student
   # is the previous session, so only the base's conditions can make the KD loss > 0.
-  state, metrics = ctx.step_fn(su.state, su.frozen, su.teacher, su.data, ctx.schedule,
+  state, metrics = su.step_fn(su.state, su.frozen, su.teacher, su.data, ctx.schedule,
                                su.train_key)
   assert float(metrics["kd"]) > 0.0 and np.isfinite(float(metrics["loss"]))
   # kd.kv_weight: the anchor's second moment is that of the session's own DFKD
   # contexts; it reads 0 while the keys and values are the teacher's, and the
   # step's loss holds it at its weight once the first update has moved them.
   np.testing.assert_allclose(np.asarray(su.data.kv_gram),
-                             np.asarray(losses.kv_gram(su.data.kd_context, 3)), rtol=1e-6)
+                             np.asarray(kd.kv_gram(su.data.kd_context, 3)), rtol=1e-6)
   assert su.spec.kv_weight == 3.0 and float(metrics["kv"]) == 0.0
-  moved = losses.kv_anchor(state.trainable["unet"], su.teacher["unet"], su.data.kv_gram)
-  state, metrics = ctx.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
+  moved = kd.kv_anchor(state.trainable["unet"], su.teacher["unet"], su.data.kv_gram)
+  state, metrics = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule,
                                su.train_key)
   assert float(moved) > 0.0
   np.testing.assert_allclose(float(metrics["kv"]), float(moved), rtol=1e-5)
@@ -302,7 +303,8 @@ def test_kd_from_base_distils_class_and_empty_from_the_base(tmp_path, tiny_confi
 def test_kv_anchor_runs_without_dfkd_and_only_for_lfs(tmp_path, tiny_config):
   ctx = session.prepare(tiny_config(kd__weight=0.0, kd__kv_weight=2.0), str(tmp_path))
   assert not ctx.spec.use_kd and ctx.spec.kv_weight == 2.0  # the anchor alone
-  cd = session._loss_spec(ctx, False)  # pylint: disable=protected-access  # custom_diffusion
+  cd = losses.make_spec(ctx.cfg, mesh=ctx.mesh, scaling_factor=1.0, scheduler=ctx.pipe.scheduler,
+                        selection=ctx.selection, lfs=False)  # custom_diffusion
   assert not cd.use_kd and cd.kv_weight == 0.0
   with pytest.raises(ValueError, match="kd.kv_weight"):
     session.prepare(tiny_config(kd__kv_weight=-1.0), str(tmp_path / "bad"))
@@ -310,17 +312,17 @@ def test_kv_anchor_runs_without_dfkd_and_only_for_lfs(tmp_path, tiny_config):
 
 
 def test_kv_anchor_is_the_mean_change_of_keys_and_values_on_the_contexts():
-  from lfs_jax.models import tiny
+  from lfs_jax import tiny
 
   unet_params = tiny.pipeline(0).unet_params
   rs = np.random.default_rng(1)
-  teacher, _ = losses.params_lib.split(unet_params, losses.params_lib.selection_predicate(
+  teacher, _ = delta_lib.split(unet_params, delta_lib.selection_predicate(
       "crossattn"))  # to_q and to_out too: the anchor must leave them out
   student = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rs.standard_normal(x.shape), teacher)
   width = tiny.TEXT["hidden_size"]
   contexts = rs.standard_normal((3, 7, width)).astype(np.float32)
   contexts[2] = 1e3  # a padding row past n: ignored
-  got = float(losses.kv_anchor(student, teacher, losses.kv_gram(contexts, 2)))
+  got = float(kd.kv_anchor(student, teacher, kd.kv_gram(contexts, 2)))
   tokens = contexts[:2].reshape(-1, width)
   want = []
   s_flat, t_flat = flatten(student), flatten(teacher)
@@ -331,8 +333,8 @@ def test_kv_anchor_is_the_mean_change_of_keys_and_values_on_the_contexts():
   np.testing.assert_allclose(got, np.mean(want), rtol=1e-4)
   # Moving only what does not read the text (queries, outputs) costs nothing.
   only_q = {p: (s_flat[p] if p[-2] in ("to_q", "to_out_0") else t_flat[p]) for p in t_flat}
-  assert float(losses.kv_anchor(unflatten(only_q), teacher,
-                                losses.kv_gram(contexts, 2))) == 0.0
+  assert float(kd.kv_anchor(unflatten(only_q), teacher,
+                                kd.kv_gram(contexts, 2))) == 0.0
 
 
 @pytest.mark.slow  # a whole loop (CI runs it)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from lfs_jax.errors import UnsupportedConfigError
-from lfs_jax.models import clip, tiny, unet, vae
+from lfs_jax import tiny
+from lfs_jax.models import clip, unet, vae
 from lfs_jax.weights import (PickleRefusedError, SafetensorsError, WeightsMismatchError,
                              WeightsNotFoundError, convert, files, load_pipeline,
                              load_scheduler_config, load_text_encoder, load_unet, load_vae,

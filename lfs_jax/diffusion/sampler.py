@@ -152,7 +152,8 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
   cond_uncond = jnp.concatenate(
       [jnp.broadcast_to(uncond.astype(context.dtype), context.shape), context])
 
-  def step(i, x):
+  def step(i, carry):
+    x, solver = carry
     t, prev = schedule.timesteps[i], schedule.prev_timesteps[i]
     active = i >= start
     x_in = jnp.concatenate([x, x])
@@ -166,11 +167,28 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
                                   noise)
     else:
       x_new = steps_lib.ddpm_step(schedule.noise, spec.scheduler, guided, t, prev, x, noise)
-    return jnp.where(active[:, None, None, None], x_new, x)
+    # DDIM and DDPM need nothing from earlier steps (solver state ()); a multistep
+    # solver (DPM-Solver++) would update its per-image history here, kept like x.
+    solver_new = solver
+    keep = lambda new, old: jnp.where(
+        active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return keep(x_new, x), jax.tree.map(keep, solver_new, solver)
 
   # Steps before every image's start are skipped outright (no UNet call).
-  body = lambda i, x: jax.lax.cond(jnp.any(i >= start), step, lambda _, x: x, i, x)
-  return jax.lax.fori_loop(0, n, body, x)
+  body = lambda i, c: jax.lax.cond(jnp.any(i >= start), step, lambda _, c: c, i, c)
+  x, _ = jax.lax.fori_loop(0, n, body, (x, _solver_state(spec, x)))
+  return x
+
+
+def _solver_state(spec: SamplerSpec, x: jax.Array):
+  """The state the loop carries beside the latents: a pytree of [B, ...] arrays.
+
+  Empty for DDIM and DDPM. A multistep solver starts its history here (for
+  DPM-Solver++(2M): the previous x0 prediction and its timestep, per image), so
+  adding one changes `step` and this function, not the loop.
+  """
+  del spec, x
+  return ()
 
 
 def encode_text(text_params, rows: jax.Array, ids: jax.Array, *, text) -> jax.Array:
@@ -192,11 +210,13 @@ sample_jit = jax.jit(sample, static_argnames=("unet", "spec"))
 _ON_MESH: dict = {}
 
 
-def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSpec):
+def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSpec,
+                   fsdp_min_size: int):
   """`sample` jitted for a mesh: the batch split over all its devices.
 
   The UNet tree is laid out as the training's frozen base (`frozen_mode`:
-  replicated or the FSDP rule of lfs_jax.parallel); the prompt batch (context,
+  replicated or the FSDP rule of lfs_jax.parallel, leaves of fewer than
+  `fsdp_min_size` elements whole); the prompt batch (context,
   seeds, context latents, flags) and the output are split over ("data", "fsdp");
   the rest is replicated. Each image still draws only from its own seed, so a
   batch split over devices gives the images of `sample_jit` up to float rounding.
@@ -207,10 +227,11 @@ def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSp
     `sample` placed by `in_shardings` (parallel.put).
   """
   leaves, treedef = jax.tree.flatten(unet_params)
-  key = (mesh, frozen_mode, treedef, tuple(np.shape(x) for x in leaves), unet, spec)
+  key = (mesh, frozen_mode, fsdp_min_size, treedef, tuple(np.shape(x) for x in leaves), unet,
+         spec)
   if key not in _ON_MESH:
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    params = parallel.frozen_shardings(unet_params, mesh, frozen_mode)
+    params = parallel.frozen_shardings(unet_params, mesh, frozen_mode, fsdp_min_size)
     in_shardings = (params, rep, batch, rep, batch, batch, batch, rep, rep, rep)
     # jit takes no static keywords together with in_shardings: bind them instead.
     fn = jax.jit(functools.partial(sample, unet=unet, spec=spec), in_shardings=in_shardings,

@@ -24,7 +24,7 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import encoders
 from lfs_jax.evaluate import metrics
-from lfs_jax.evaluate import preprocess as preprocess_lib
+from lfs_jax.weights import preprocess as preprocess_lib
 from lfs_jax.weights import loaders
 
 # How many times each tower was traced (a retrace is a recompile).

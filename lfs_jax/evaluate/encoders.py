@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfs_jax.errors import EvalError
-from lfs_jax.evaluate import preprocess as preprocess_lib
+from lfs_jax.weights import preprocess as preprocess_lib
 from lfs_jax.weights import loaders
 
 # How many times the DINO encoder was traced (a retrace is a recompile).

@@ -6,9 +6,10 @@ Training runs over the same sessions, photos, steps and seeds give the variants
 (`mini.variants`): custom_diffusion (sequential Custom Diffusion, no regulariser:
 method=custom_diffusion, no ICGen), dfkd (method=lfs, DFKD and, if kd.kv_weight > 0,
 our K/V anchor; no ICGen), icgen (the custom_diffusion run sampled with ICGen), lfs
-(the lfs run with ICGen), anchor (the K/V anchor alone, kd.weight 0, no ICGen) and
+(the lfs run with ICGen), anchor (the K/V anchor alone, kd.weight 0, no ICGen),
 separate (every concept trained alone from the base, one run each, sampled with its
-own delta: no forgetting by construction). After every session each variant draws
+own delta: no forgetting by construction) and lora (the lfs recipe training LoRA
+factors, train.selection=lora, sampled with ICGen). After every session each variant draws
 every concept learned so far and the class prompts; the oracle reads the samples:
   - IA[j, k]: mean cosine of oracle features between concept j's samples after
     session k and fresh renders of its design that neither training nor ICGen saw
@@ -48,10 +49,13 @@ VARIANTS = {
     "lfs": ("lfs", True),
     "anchor": ("anchor", False),
     "separate": ("separate", False),
+    "lora": ("lfs_lora", True),  # lfs trained as LoRA factors (train.selection=lora, train.lora_*)
 }
 # training run -> (method, DFKD on); "anchor" is the K/V anchor alone (kd.weight 0).
 RUN_METHODS = {"cd": ("custom_diffusion", True), "lfs": ("lfs", True),
-               "anchor": ("lfs", False), "separate": ("custom_diffusion", True)}
+               "anchor": ("lfs", False), "separate": ("custom_diffusion", True),
+               "lfs_lora": ("lfs", True)}
+RUN_SELECTIONS = {"lfs_lora": "lora"}  # a run's train.selection, where not the config's
 # Fresh renders of each concept's design that IA is scored against ("held-out
 # references"): another seed than the photos (cfg.seed) and than the ceiling's renders.
 REF_SEED_OFFSET, CEILING_SEED_OFFSET = 1000, 2000
@@ -126,6 +130,7 @@ def training_config(cfg, run: str, photos: str, sessions: str = ""):
   d = cfg.to_dict()
   n_templates = d.pop("mini")["kd_class_templates"]
   d["method"], dfkd = RUN_METHODS[run]
+  d["train"]["selection"] = RUN_SELECTIONS.get(run, d["train"]["selection"])
   if not dfkd:
     d["kd"]["weight"] = 0.0
   if sessions:

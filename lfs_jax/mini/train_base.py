@@ -41,7 +41,9 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax import mini
 from lfs_jax.mini import world
-from lfs_jax.models import clip, tiny, unet, vae
+from lfs_jax.mini.recipe import HIGH_T, draw_batch, draw_timesteps, lr_schedule  # pylint: disable=unused-import
+from lfs_jax import tiny
+from lfs_jax.models import clip, unet, vae
 from lfs_jax.weights import loaders
 
 # The tiny model's text encoder (2 layers, width 32, the full CLIP vocabulary).
@@ -96,19 +98,6 @@ SCHEDULER = {
     "rescale_betas_zero_snr": True,
     "timestep_spacing": "trailing",
 }
-# Training timesteps: this share of each batch is drawn from [HIGH_T, 1000), where
-# the image is (nearly) gone and only the caption says what to draw; the rest from
-# [0, 1000).
-HIGH_T = 600
-
-
-def draw_timesteps(u_share: np.ndarray, u_t: np.ndarray, high_share: float) -> np.ndarray:
-  """Timesteps from two uniform [0, 1) draws per image (numpy or jax arrays alike)."""
-  low = (u_t * 1000).astype("int32")
-  high = (HIGH_T + u_t * (1000 - HIGH_T)).astype("int32")
-  return (u_share < high_share) * high + (u_share >= high_share) * low
-
-
 def _log(msg: str) -> None:
   print(msg, flush=True)
 
@@ -171,20 +160,6 @@ def encode_captions(text_model, text_params, tokenizer, captions: List[str]) -> 
   fn = jax.jit(lambda p, i: text_model.apply({"params": p}, i))
   return np.concatenate([np.asarray(fn(text_params, ids[i:i + 128]))
                          for i in range(0, len(ids), 128)])
-
-
-def draw_batch(rng: np.random.Generator, caption_index: np.ndarray, batch: int, drop: float,
-               empty_index: int):
-  """Image indices and caption rows of one batch: a random caption variant per image,
-  the empty caption with probability `drop` (classifier-free guidance)."""
-  idx = rng.integers(0, len(caption_index), batch)
-  cap = caption_index[idx, rng.integers(0, caption_index.shape[1], batch)]
-  return idx, np.where(rng.random(batch) < drop, empty_index, cap)
-
-
-def lr_schedule(lr: float, steps: int) -> optax.Schedule:
-  """The UNet's learning rate: linear warmup, then cosine down to 5% (both loops)."""
-  return optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.05)
 
 
 def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,

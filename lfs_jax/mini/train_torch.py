@@ -30,12 +30,12 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
   text_table [C, 77, d] per image; `snapshot(params, step)` is called every
   `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a model
-  folder whose UNet weights to start from; `high_share`: see train_base.HIGH_T.
+  folder whose UNet weights to start from; `high_share`: see recipe.HIGH_T.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
 
-  from lfs_jax.mini import train_base  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import recipe  # pylint: disable=g-import-not-at-top
   from lfs_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
@@ -52,7 +52,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
   # The JAX loop's schedule, evaluated once for every step.
-  lr_at = np.asarray(train_base.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
+  lr_at = np.asarray(recipe.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
   ema = [torch.zeros_like(p) for p in model.parameters()]
   ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
@@ -72,10 +72,10 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
 
   t0, losses = time.time(), []
   for i in range(steps):
-    idx, cap = train_base.draw_batch(rng, caption_index, batch, drop, empty_index)
+    idx, cap = recipe.draw_batch(rng, caption_index, batch, drop, empty_index)
     z0 = z_all[idx]
     u = torch.rand((2, batch), generator=gen).numpy()
-    t = torch.from_numpy(train_base.draw_timesteps(u[0], u[1], high_share)).long()
+    t = torch.from_numpy(recipe.draw_timesteps(u[0], u[1], high_share)).long()
     noise = torch.randn(z0.shape, generator=gen)
     a = ab[t].sqrt()[:, None, None, None]
     s = (1 - ab[t]).sqrt()[:, None, None, None]

@@ -1,6 +1,6 @@
 """CLIP's vision transformer and the two-tower CLIPModel (transformers' names) in Flax.
 
-pixel_values [B, H, W, C] (NHWC, already normalised by evaluate.preprocess) ->
+pixel_values [B, H, W, C] (NHWC, already normalised by weights.preprocess) ->
 CLIPVisionModel's pooled CLS state, and CLIPModel's projected image / text features
 used by the evaluation metrics (text-image and image-image cosine). Module names
 mirror transformers' (`vision_model/embeddings/patch_embedding`, `pre_layrnorm`,
@@ -303,7 +303,7 @@ class CLIPModel(nn.Module):
     """Projected CLS states, transformers' `get_image_features(...).pooler_output`.
 
     Args:
-      pixel_values: [B, S, S, C] preprocessed images (evaluate.preprocess), NHWC.
+      pixel_values: [B, S, S, C] preprocessed images (weights.preprocess), NHWC.
 
     Returns:
       [B, projection_dim], not normalised.

@@ -1,6 +1,6 @@
 """The DINO image encoders of the evaluation (transformers' `ViTModel`, `Dinov2Model`) in Flax.
 
-pixel_values [B, H, W, C] (NHWC, already normalised by evaluate.preprocess) ->
+pixel_values [B, H, W, C] (NHWC, already normalised by weights.preprocess) ->
 (last_hidden_state [B, N, D], CLS embedding [B, D]). The CLS embedding (the first
 token after the final LayerNorm, what DINO's own `forward` returns) is what
 DreamBooth's DINO image-alignment metric compares; ViTModel's tanh pooler is not

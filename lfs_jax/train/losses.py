@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from lfs_jax.diffusion import schedule as schedule_lib
-from lfs_jax.diffusion import steps as steps_lib
-from lfs_jax.train import params as params_lib
-from lfs_jax.weights.convert import flatten
+from lfs_jax.errors import ConfigError
+from lfs_jax import delta as delta_lib
+from lfs_jax import parallel
+from lfs_jax.train import kd as kd_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +34,58 @@ class LossSpec:
   rescale_max: float
   scaling_factor: float      # VAE latent scale
   scheduler: Any             # diffusion.schedule.SchedulerConfig (frozen dataclass)
+  delta: delta_lib.Selection  # what is trained and how it merges into the frozen base
   batch_sharding: Any = None  # NamedSharding splitting the UNet batch over data x fsdp
   kd_from_base: bool = False  # some conditions are distilled from the base (kd.from_base)
   kv_weight: float = 0.0     # weight of kv_anchor (kd.kv_weight; 0 = off)
   loss_reduction: str = "mean"  # train.loss_reduction: mean | cd (see denoise_loss)
   rescale_cues: bool = False  # data.rescale_cues: prompt_ids hold len(RESCALE_CUES) per template
+
+
+def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_lib.Selection,
+              lfs: bool) -> LossSpec:
+  """The loss of method=lfs (`lfs`) or custom_diffusion, from the config (validated).
+
+  DFKD where kd.weight > 0, the K/V anchor where kd.kv_weight > 0 (either can run
+  without the other); the batches are split over the mesh's data x fsdp devices.
+  """
+  use_kd = lfs and cfg.kd.weight > 0
+  if cfg.kd.mode not in ("noise", "trajectory"):
+    raise ConfigError(f"kd.mode must be 'noise' or 'trajectory', got {cfg.kd.mode!r}")
+  if cfg.kd.steps < 1:
+    raise ConfigError(f"kd.steps must be >= 1, got {cfg.kd.steps}")
+  if not cfg.kd.kv_weight >= 0:
+    raise ConfigError(f"kd.kv_weight must be >= 0 (0 = off), got {cfg.kd.kv_weight}")
+  if lfs and cfg.kd.kv_weight > 0 and not selection.trains_kv():
+    raise ConfigError(f"kd.kv_weight={cfg.kd.kv_weight} anchors the attn2 to_k/to_v kernels, "
+                      f"which train.lora_targets={','.join(selection.targets)!r} does not adapt")
+  if cfg.train.loss_reduction not in ("mean", "cd"):
+    raise ConfigError(f"train.loss_reduction must be 'mean' or 'cd', got "
+                      f"{cfg.train.loss_reduction!r}")
+  if not cfg.train.regulariser_lr_scale > 0:
+    raise ConfigError(f"train.regulariser_lr_scale must be > 0, got "
+                      f"{cfg.train.regulariser_lr_scale}")
+  if cfg.data.rescale_cues and not cfg.data.rescale:
+    raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
+                      "needs data.rescale=True")
+  n_batch = mesh.size  # the batch is split over data x fsdp
+  for name, b in (("train.batch_size", cfg.train.batch_size),
+                  ("kd.batch_size", cfg.kd.batch_size)):
+    if b < 1 or b % n_batch:
+      raise ConfigError(f"{name}={b} must be a positive multiple of the {n_batch} devices "
+                        "of the mesh (data x fsdp)")
+  sharding = parallel.batch_sharding(mesh) if n_batch > 1 else None
+  return LossSpec(
+      batch_size=cfg.train.batch_size, kd_batch_size=cfg.kd.batch_size,
+      kd_weight=float(cfg.kd.weight), use_kd=use_kd,
+      kd_points=1 if cfg.kd.mode == "noise" else cfg.kd.steps,
+      kd_cached=use_kd and cfg.kd.cache_size > 0, flip=cfg.data.flip,
+      rescale=cfg.data.rescale, rescale_min=cfg.data.rescale_min,
+      rescale_max=cfg.data.rescale_max, scaling_factor=scaling_factor, scheduler=scheduler,
+      delta=selection, batch_sharding=sharding,
+      kd_from_base=use_kd and bool(kd_lib.kinds(cfg, "from_base")),
+      kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
+      loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues))
 
 
 class SessionData(NamedTuple):
@@ -62,40 +110,6 @@ class Models(NamedTuple):
   """The Flax modules (structure only; hashable, so static under jit)."""
   unet: Any
   text: Any
-
-
-def trajectory_timesteps(num_train_timesteps: int, points: int) -> jax.Array:
-  """[choice] DFKD points: T-1 (pure noise) then evenly spaced down, e.g. 999,749,499,249."""
-  stride = num_train_timesteps // points
-  return jnp.asarray([num_train_timesteps - 1 - i * stride for i in range(points)], jnp.int32)
-
-
-def teacher_trajectory(models: Models, unet_params, schedule, spec: LossSpec,
-                       z: jax.Array, context: jax.Array):
-  """Runs the teacher from pure noise z along `spec.kd_points` DDIM (eta=0) steps.
-
-  Args:
-    unet_params: the full teacher UNet tree.
-    z: [K, h, w, c] Gaussian noise (the input at t = T-1).
-    context: [K, L, D] text conditions.
-
-  Returns:
-    (xs [P, K, h, w, c], ts [P], outputs [P, K, h, w, c]): the points of the path and
-    the teacher's predictions there; no gradient flows through them.
-  """
-  ts = trajectory_timesteps(spec.scheduler.num_train_timesteps, spec.kd_points)
-  prev = jnp.concatenate([ts[1:], jnp.asarray([-1], jnp.int32)])
-
-  def body(x, tt):
-    t, t_prev = tt
-    out = models.unet.apply({"params": unet_params}, x,
-                            jnp.full((x.shape[0],), t, jnp.int32), context)
-    x_next = steps_lib.ddim_step(schedule, spec.scheduler, out, t, t_prev, x, 0.0,
-                                 jnp.zeros_like(x))
-    return x_next, (x, out)
-
-  _, (xs, outs) = jax.lax.scan(body, z, (ts, prev))
-  return jax.lax.stop_gradient(xs), ts, jax.lax.stop_gradient(outs)
 
 
 # Custom Diffusion's caption cues for a rescaled photo (data.rescale_cues): prefixes
@@ -176,11 +190,13 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   """Total loss and metrics for one step.
 
   Args:
-    trainable: {"unet": selected UNet leaves, "tokens": [M, D] this session's token rows}.
-    frozen: {"unet": the other UNet leaves, "text": text encoder, "tokens": [R, D] the
+    trainable: {"unet": the delta (spec.delta: selected UNet leaves, or LoRA factors),
+      "tokens": [M, D] this session's token rows (absent with train.train_tokens=False,
+      when they are written into frozen["tokens"] instead)}.
+    frozen: {"unet": spec.delta.frozen(base), "text": text encoder, "tokens": [R, D] the
       run's token rows (earlier concepts' learned values; the rest unused)}.
-    teacher: {"unet": the previous session's selected leaves} or None (neither DFKD nor
-      the K/V anchor); with spec.kd_from_base also "base": the base model's leaves.
+    teacher: {"unet": the previous session's delta} or None (neither DFKD nor the K/V
+      anchor); with spec.kd_from_base also "base": the base model's (`initial`) delta.
     batch: the session's SessionData.
     schedule: diffusion.schedule.NoiseSchedule.
     rng: this step's key.
@@ -203,15 +219,16 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     k_cue = jax.random.fold_in(k_tpl, 1)  # a new key; the others stay as they were
     tpl = tpl * n_cues + cue_index(scale, jax.random.uniform(k_cue, (spec.batch_size,)))
   ids = batch.prompt_ids[idx, tpl]
-  rows = jax.lax.dynamic_update_slice(
-      frozen["tokens"], trainable["tokens"].astype(frozen["tokens"].dtype),
-      (batch.token_offset, 0))
+  rows = frozen["tokens"]  # train.train_tokens=False: the new rows are already in it
+  if "tokens" in trainable:
+    rows = jax.lax.dynamic_update_slice(
+        rows, trainable["tokens"].astype(rows.dtype), (batch.token_offset, 0))
   context = _text(models, frozen["text"], rows, ids)
-  unet_params = params_lib.merge(trainable["unet"], frozen["unet"])
+  unet_params = spec.delta.merge(trainable["unet"], frozen["unet"])
 
   x_in, t_in, c_in = x_t, t, context
   if spec.use_kd:
-    x_kd, t_kd, c_kd, target_kd = _kd_inputs(teacher, frozen, batch, schedule, k_kd,
+    x_kd, t_kd, c_kd, target_kd = kd_lib.kd_inputs(teacher, frozen, batch, schedule, k_kd,
                                              models=models, spec=spec)
     x_in = jnp.concatenate([x_t, x_kd.astype(x_t.dtype)])
     t_in = jnp.concatenate([t, t_kd])
@@ -231,107 +248,9 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     loss = loss + spec.kd_weight * kd
     metrics["kd"] = kd
   if spec.kv_weight:
-    kv = kv_anchor(trainable["unet"], teacher["unet"], batch.kv_gram)
+    kv = kd_lib.kv_anchor(trainable["unet"], teacher["unet"], batch.kv_gram, spec.delta)
     loss = loss + spec.kv_weight * kv
     metrics["kv"] = kv
   return loss, metrics
 
-
-def kv_gram(contexts: jax.Array, n: int) -> jax.Array:
-  """[D, D] float32 second moment E[c c^T] over every token of contexts[:n] ([NC, L, D])."""
-  x = jnp.asarray(contexts[:n], jnp.float32).reshape(-1, contexts.shape[-1])
-  return x.T @ x / x.shape[0]
-
-
-def kv_anchor(student, teacher, gram: jax.Array) -> jax.Array:
-  """[choice] How far the trained keys and values have moved on the anchor contexts.
-
-  Only the cross-attention keys and values (attn2 to_k / to_v, c -> c @ W) read the
-  text, and they are all a class prompt's condition reaches: a class prompt's
-  samples change only as far as c @ W does on its context tokens c. For each trained
-  attn2 to_k / to_v kernel W against the teacher's W0 (D = W - W0), the mean over the
-  anchor tokens of |c @ D|^2 per output channel is tr(D^T G D) / width with G =
-  E[c c^T] (`kv_gram`); the result is the mean over those kernels. Exact and
-  data-free (no UNet call): a distillation of the keys and values on the DFKD
-  conditions, where DFKD proper matches the UNet's output on noise.
-  """
-  is_kv = params_lib.selection_predicate("crossattn_kv")
-  s_flat, t_flat = flatten(student), flatten(teacher)
-  terms = []
-  for path, w in s_flat.items():
-    if path[-1] == "kernel" and is_kv("/".join(path)):
-      d = w.astype(jnp.float32) - t_flat[path].astype(jnp.float32)
-      terms.append(jnp.sum(d * (gram @ d)) / d.shape[1])
-  if not terms:
-    raise ValueError("kv_anchor: the trained UNet leaves hold no attn2 to_k/to_v kernel")
-  return jnp.mean(jnp.stack(terms))
-
-
-def _kd_inputs(teacher, frozen, batch: SessionData, schedule, rng, *, models, spec):
-  """(x, t, context, teacher output) for `spec.kd_batch_size` distillation points."""
-  k = spec.kd_batch_size
-  k_pick, k_z, k_c, k_p = jax.random.split(rng, 4)
-  if spec.kd_cached:
-    cache = batch.kd_cache
-    j = jax.random.randint(k_pick, (k,), 0, cache["x"].shape[0])
-    return cache["x"][j], cache["t"][j], batch.kd_context[cache["cond"][j]], cache["target"][j]
-  shape = (k,) + batch.latent_mean.shape[1:]
-  z = jax.random.normal(k_z, shape, jnp.float32)
-  cond = jax.random.randint(k_c, (k,), 0, batch.n_kd)
-  context = batch.kd_context[cond]
-  xs, ts, outs = _teachers(teacher, frozen, batch.kd_base, cond, schedule, spec, models,
-                           z, context)
-  p = jax.random.randint(k_p, (k,), 0, spec.kd_points)
-  rows = jnp.arange(k)
-  return xs[p, rows], ts[p], context, outs[p, rows]
-
-
-def _teachers(teacher, frozen, kd_base, cond, schedule, spec: LossSpec, models: Models,
-              z: jax.Array, context: jax.Array):
-  """teacher_trajectory for conditions `cond`: each from the teacher its condition names.
-
-  Without spec.kd_from_base every condition is the previous session's. With it, the
-  conditions flagged in `kd_base` [NC] take the base model's path and predictions
-  instead; both teachers run on every row (a second teacher forward per point) and
-  each row keeps its own teacher's.
-  """
-  prev = params_lib.merge(teacher["unet"], frozen["unet"])
-  xs, ts, outs = teacher_trajectory(models, prev, schedule, spec, z, context)
-  if not spec.kd_from_base:
-    return xs, ts, outs
-  base = params_lib.merge(teacher["base"], frozen["unet"])
-  xs_b, _, outs_b = teacher_trajectory(models, base, schedule, spec, z, context)
-  pick = kd_base[cond].reshape((1, -1) + (1,) * (z.ndim - 1))
-  return jnp.where(pick, xs_b, xs), ts, jnp.where(pick, outs_b, outs)
-
-
-def kd_cache(teacher, frozen, kd_context, n_kd, schedule, rng, *, size: int,
-             latent_shape: Tuple[int, int, int], models: Models,
-             spec: LossSpec, kd_base=None) -> Dict[str, jax.Array]:
-  """Teacher targets for `size` noises, all trajectory points: computed once a session.
-
-  The teacher is frozen for the whole session, so its prediction at a given
-  (x, t, condition) never changes; caching trades memory (size x points latents)
-  for the teacher forwards of every step.
-
-  Returns:
-    {"x": [size*P, h, w, c], "t": [size*P], "cond": [size*P], "target": [size*P, h, w, c]}.
-  """
-  k_z, k_c = jax.random.split(rng)
-  chunk = spec.kd_batch_size
-  n_chunks = -(-size // chunk)
-  shape = (n_chunks, chunk) + tuple(latent_shape)
-  z = jax.random.normal(k_z, shape, jnp.float32)
-  cond = jax.random.randint(k_c, (n_chunks, chunk), 0, n_kd)
-
-  def one(args):
-    zc, cc = args
-    xs, ts, outs = _teachers(teacher, frozen, kd_base, cc, schedule, spec, models, zc,
-                             kd_context[cc])
-    return xs, jnp.broadcast_to(ts[:, None], (ts.shape[0], chunk)), outs, jnp.broadcast_to(
-        cc[None], (ts.shape[0], chunk))
-
-  xs, ts, outs, conds = jax.lax.map(one, (z, cond))
-  flat = lambda a: a.reshape((-1,) + a.shape[3:])[: size * spec.kd_points]
-  return {"x": flat(xs), "t": flat(ts), "cond": flat(conds), "target": flat(outs)}
 

@@ -21,7 +21,7 @@ make_mesh = parallel.make_mesh
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array            # int32 scalar, optimiser steps taken this session
-  trainable: Any             # {"unet": selected leaves, "tokens": [n_new, D]}
+  trainable: Any             # {"unet": the delta, "tokens": [n_new, D] (if train.train_tokens)}
   opt_state: Any
 
 
@@ -46,7 +46,7 @@ def init_state(trainable, optimizer) -> TrainState:
 
 def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, schedule,
                rng, *, models: losses.Models, spec: losses.LossSpec,
-               optimizer: optax.GradientTransformation, train_tokens: bool):
+               optimizer: optax.GradientTransformation):
   """One optimiser step. Pure: same inputs, same outputs.
 
   Args:
@@ -64,19 +64,15 @@ def train_step(state: TrainState, frozen, teacher, batch: losses.SessionData, sc
   grad_fn = jax.value_and_grad(losses.loss_fn, has_aux=True)
   (loss, aux), grads = grad_fn(state.trainable, frozen, teacher, batch, schedule, rng,
                                models=models, spec=spec)
-  if not train_tokens:
-    grads = {**grads, "tokens": jnp.zeros_like(grads["tokens"])}
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
-  if not train_tokens:  # weight decay would still move them
-    trainable = {**trainable, "tokens": state.trainable["tokens"]}
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
 def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
-                   train_tokens: bool, state=None, teacher=None,
-                   trainable_mode: str = "replicated"):
+                   state=None, teacher=None, trainable_mode: str = "replicated",
+                   fsdp_min_size: int):
   """`train_step` jitted with explicit in/out shardings; the state buffers are donated.
 
   Args:
@@ -93,9 +89,8 @@ def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
     caller uses to place the arguments (`parallel.put`) before the first call.
   """
   shardings = parallel.train_shardings(mesh, frozen, frozen_mode, state, teacher,
-                                       trainable_mode)
-  step = functools.partial(train_step, models=models, spec=spec, optimizer=optimizer,
-                           train_tokens=train_tokens)
+                                       trainable_mode, min_size=fsdp_min_size)
+  step = functools.partial(train_step, models=models, spec=spec, optimizer=optimizer)
   s = shardings
   fn = jax.jit(step, in_shardings=(s.state, s.frozen, s.teacher, s.data, s.schedule, s.rng),
                out_shardings=(s.state, s.metrics), donate_argnums=(0,))

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax.numpy as jnp
 
 from lfs_jax.models import clip, clip_vision, dino, unet, vae
-from lfs_jax.weights import convert, files
+from lfs_jax.weights import convert, files, preprocess
 
 _EXPECTED_CLASS = {
     "unet": ("UNet2DConditionModel",),
@@ -100,7 +100,7 @@ def load_clip(path: str, *, dtype=jnp.float32, attention: str = "xla",
 
   Returns:
     (module, params, preprocess_config): a clip_vision.CLIPModel, its parameters and
-    the evaluate.preprocess.PreprocessConfig that prepares its pixel_values.
+    the weights.preprocess.PreprocessConfig that prepares its pixel_values.
 
   Raises:
     WeightsNotFoundError: the folder, config.json, preprocessor_config.json or the
@@ -110,8 +110,6 @@ def load_clip(path: str, *, dtype=jnp.float32, attention: str = "xla",
     ValueError: the preprocessor crops to another size than the model takes.
     WeightsMismatchError: naming the first tensor that does not fit.
   """
-  # Lazy: evaluate/ builds on weights/, not the other way round.
-  from lfs_jax.evaluate import preprocess  # pylint: disable=g-import-not-at-top
 
   cfg = clip_vision.CLIPConfig.from_transformers(files.read_config(path))
   processor = preprocess.PreprocessConfig.from_folder(path)
@@ -141,7 +139,7 @@ def load_dino(path: str, *, dtype=jnp.float32, attention: str = "xla",
 
   Returns:
     (module, params, preprocess_config): a dino.DinoViT, its parameters and the
-    evaluate.preprocess.PreprocessConfig that prepares its pixel_values.
+    weights.preprocess.PreprocessConfig that prepares its pixel_values.
 
   Raises:
     WeightsNotFoundError: the folder, config.json, preprocessor_config.json or the
@@ -152,7 +150,6 @@ def load_dino(path: str, *, dtype=jnp.float32, attention: str = "xla",
     ValueError: the preprocessor's output size does not fit the model.
     WeightsMismatchError: naming the first tensor that does not fit.
   """
-  from lfs_jax.evaluate import preprocess  # pylint: disable=g-import-not-at-top
 
   if not os.path.isdir(path):
     raise files.WeightsNotFoundError(f"DINO folder {path!r} does not exist")

@@ -35,8 +35,8 @@ class SafetensorsError(ValueError):
   """A safetensors file that cannot be read as such (names the file)."""
 
 
-def read_header(path: str) -> Dict[str, dict]:
-  """Returns the header {name: {dtype, shape, data_offsets}} of a safetensors file."""
+def _read_raw_header(path: str) -> Dict[str, dict]:
+  """The header of a safetensors file as stored (with "__metadata__" if any)."""
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     prefix = f.read(8)
@@ -51,6 +51,20 @@ def read_header(path: str) -> Dict[str, dict]:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+  header["__header_bytes__"] = n
+  return header
+
+
+def read_metadata(path: str) -> Dict[str, str]:
+  """The free-form string metadata of a safetensors file ({} when it has none)."""
+  return dict(_read_raw_header(path).get("__metadata__") or {})
+
+
+def read_header(path: str) -> Dict[str, dict]:
+  """Returns the header {name: {dtype, shape, data_offsets}} of a safetensors file."""
+  size = os.path.getsize(path)
+  header = _read_raw_header(path)
+  n = header.pop("__header_bytes__")
   header.pop("__metadata__", None)
   end = max((h["data_offsets"][1] for h in header.values()), default=0)
   if 8 + n + end > size:

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfs_jax.diffusion import schedule
 from lfs_jax.models import clip, unet, vae
-from lfs_jax.weights import convert, safetensors_io
+from lfs_jax.weights import convert, loaders, safetensors_io
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 TOKENIZER_DIR = os.path.join(ASSETS, "clip_tokenizer")
 
 UNET = {
@@ -163,9 +164,6 @@ def write_folder(params: Dict[str, dict], folder: str, *, unet_config: dict,
 
 def pipeline(seed: int, *, dtype=jnp.float32, attention: str = "xla"):
   """The tiny model as a `weights.Pipeline` (modules + random params)."""
-  from lfs_jax.diffusion import schedule  # pylint: disable=g-import-not-at-top
-  from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
-
   p = jax.tree.map(lambda x: x.astype(dtype), random_params(seed))
   return loaders.Pipeline(
       unet=unet.UNet2DConditionModel(unet.UNetConfig.from_diffusers(UNET), dtype=dtype,

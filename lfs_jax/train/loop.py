@@ -1,0 +1,107 @@
+"""The inner loop of a session: steps, metric windows, progress saves, SIGTERM.
+
+`steps` calls the compiled step from the state's step to `train.steps`; metrics come
+to the host every `train.log_every` steps (a non-finite value raises, naming the
+window); progress is saved every `train.progress_every` steps and when SIGTERM asks
+to stop, once per step whoever asks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict
+
+import jax
+import tqdm
+
+from lfs_jax import checkpoint
+from lfs_jax import parallel
+from lfs_jax.train.tensorboard import SummaryWriter
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the session's progress was saved."""
+
+
+def stop_if_asked(stop, where: str) -> None:
+  """Raises Preempted if SIGTERM came (to any process) since the last saved state."""
+  if parallel.agree_any(stop["flag"]):
+    raise Preempted(f"{where}; nothing new to save")
+
+
+def should_stop(stop, done: int, every: int) -> bool:
+  """Whether SIGTERM asks to stop after step `done`, decided alike on every process.
+
+  One process checks its flag after every step; several agree (any flag set) at
+  the metric syncs only (every `train.log_every` steps), so all save together.
+  """
+  if jax.process_count() == 1:
+    return stop["flag"]
+  return done % every == 0 and parallel.agree_any(stop["flag"])
+
+
+def log(pending, done: int, session: int, writer) -> Dict[str, float]:
+  """Brings a window of step metrics to the host; raises on a non-finite value."""
+  host = parallel.to_host(pending)
+  first = done - len(host) + 1
+  for i, m in enumerate(host):
+    bad = [k for k, v in m.items() if not math.isfinite(float(v))]
+    if bad:
+      raise FloatingPointError(
+          f"session {session}: non-finite {bad} between steps {first} and {done}")
+    if writer:
+      for k, v in m.items():
+        writer.scalar(f"session_{session}/{k}", float(v), first + i)
+  if writer:
+    writer.flush()
+  return {k: float(v) for k, v in host[-1].items()}
+
+
+def steps(run, su, state, session: int, stop):
+  """Runs session `session` from `state.step` to `train.steps`.
+
+  Args:
+    run: the session.Run.
+    su: the session's session.SessionSetup (compiled step and its placed arguments).
+    state: the train state to start from (fresh, or restored by --resume).
+    stop: {"flag": bool}, set by the SIGTERM handler.
+
+  Returns:
+    (final state, the last metric window's values).
+
+  Raises:
+    Preempted: SIGTERM asked to stop; progress was saved at the step reached.
+  """
+  cfg = run.cfg
+  writer = SummaryWriter(os.path.join(run.workdir, "logs")) if jax.process_index() == 0 else None
+  first, total = int(state.step), cfg.train.steps
+  bar = tqdm.tqdm(total=total, initial=first,
+                  desc=f"session {session}/{run.first + len(run.sessions) - 1}",
+                  unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+  last: Dict[str, float] = {}
+  pending = []
+  for s in range(first, total):
+    state, metrics = su.step_fn(state, su.frozen, su.teacher, su.data, run.schedule,
+                                su.train_key)
+    pending.append(metrics)
+    done = s + 1
+    if done % cfg.train.log_every == 0 or done == total:
+      last = log(pending, done, session, writer)
+      pending = []
+      bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "grad_norm"})
+    bar.update(1)
+    if done == total:
+      continue  # the session save keeps this step
+    stopping = should_stop(stop, done, cfg.train.log_every)
+    # One save a step, whoever asks: the progress cadence and SIGTERM can name the same step.
+    if stopping or (cfg.train.progress_every and done % cfg.train.progress_every == 0):
+      checkpoint.save_progress(run.workdir, done, state, {"session": session},
+                               cfg.checkpoint.keep_progress)
+    if stopping:
+      bar.close()
+      raise Preempted(f"session {session} stopped at step {done}; progress saved")
+  bar.close()
+  if writer:
+    writer.close()
+  return state, last
