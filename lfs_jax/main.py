@@ -131,7 +131,9 @@ def _compare():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from lfs_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from lfs_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from lfs_jax.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
   if not _WORKDIRS.value:
@@ -163,7 +165,7 @@ def main(argv):
     # Before any other JAX call: joins a multi-host job (TPU pod, Slurm, explicit).
     parallel.initialize(_CONFIG.value.distributed)
     return modes[_MODE.value]()
-  except (ConfigError, ValueError, FileNotFoundError) as e:
+  except (ConfigError, ValueError, FileNotFoundError, CheckpointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 

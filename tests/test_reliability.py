@@ -16,14 +16,17 @@ import functools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from lfs_jax import checkpoint
+from lfs_jax import lock
 from lfs_jax import sample
 from lfs_jax.evaluate import run_eval
 from lfs_jax import tiny
@@ -380,3 +383,42 @@ def test_evaluate_killed_in_a_cell_reruns_to_the_same_metrics(tmp_path, referenc
   assert (got["computed"], got["reused"]) == (1, 2)
   assert got["metrics"]["variants"] == want["metrics"]["variants"]
   assert got["metrics"]["cells"] == want["metrics"]["cells"]
+
+
+# --------------------------------------------------------------------- the workdir lock
+
+def test_a_second_job_on_a_workdir_is_refused_naming_the_holder(tmp_path, tiny_config):
+  workdir = str(tmp_path / "run")
+  with lock.acquire(workdir, "training run"):
+    with pytest.raises(lock.WorkdirLocked) as e:
+      session.run(tiny_config(), workdir)
+  assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(e.value)
+  assert os.path.join(workdir, "lock") in str(e.value)
+  assert not os.path.exists(workdir)  # the holder made it, wrote nothing, and left
+
+
+def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  holder = ("import os, sys\n"
+            "from lfs_jax import lock\n"
+            "lock.acquire(sys.argv[1])\n"
+            "print(os.getpid(), flush=True)\n"
+            "os.kill(os.getpid(), 9)\n")
+  proc = subprocess.run([sys.executable, "-c", holder, workdir], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  dead = proc.stdout.strip()
+  assert f'"pid": {dead}' in open(os.path.join(workdir, "lock")).read()
+  with lock.acquire(workdir):
+    assert f'"pid": {os.getpid()}' in open(os.path.join(workdir, "lock")).read()
+  assert f"left by pid {dead} on host" in capsys.readouterr().err
+  assert os.listdir(workdir) == []  # released: the file goes with it
+
+
+def test_processes_of_one_job_share_process_0s_lock(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  with lock.acquire(workdir):  # process 0 of the job
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with lock.acquire(workdir):  # process 1: does not touch the file
+      pass
+    assert os.path.exists(os.path.join(workdir, "lock"))

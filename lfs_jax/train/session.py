@@ -33,6 +33,7 @@ from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax import delta as delta_lib
+from lfs_jax import lock as lock_lib
 from lfs_jax import parallel
 from lfs_jax import runs
 from lfs_jax.diffusion import schedule as schedule_lib
@@ -282,6 +283,7 @@ def run(cfg, workdir: str, *, resume: bool = False,
   Raises:
     Preempted: SIGTERM arrived; progress was saved (main exits 0).
   """
+  lock = lock_lib.acquire(workdir, "training run")  # a double submit stops here
   stop = {"flag": False}  # set by SIGTERM from the start: loading the base can take minutes
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   try:
@@ -298,3 +300,4 @@ def run(cfg, workdir: str, *, resume: bool = False,
     return results
   finally:
     signal.signal(signal.SIGTERM, previous)
+    lock.release()
