@@ -14,6 +14,8 @@ renames it when complete, so an interrupted save leaves no half-written session.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -29,6 +31,61 @@ PROGRESS = "progress"
 
 class CheckpointError(RuntimeError):
   """A run directory that cannot be used as asked (names what is wrong)."""
+
+
+def _first_line(e: BaseException) -> str:
+  """The innermost cause's first line (Orbax wraps TensorStore's precise error)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _reading(what: str, path: str, recover: str):
+  """Turns a damaged (truncated, missing) checkpoint file into a CheckpointError.
+
+  Nothing is repaired or deleted: the message names the damaged folder and the
+  command that recovers, and the user decides.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Orbax raises ValueError, FileNotFoundError, JSONDecodeError or a bare Exception
+    # around TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND.
+    raise CheckpointError(f"{what} is damaged and cannot be trusted: {path} "
+                          f"({_first_line(e)}). Nothing was changed. {recover}") from None
+
+
+def _out_of_space(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str, kept: str):
+  """A full disk while writing a checkpoint -> a CheckpointError that says what is kept."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if not _out_of_space(e):
+      raise
+    raise CheckpointError(
+        f"out of disk space while writing {what} to {path}; nothing of it was committed "
+        f"({kept} are intact). Free space, then run again with --resume.") from None
+
+
+def _session_recovery(workdir: str, session: int) -> str:
+  path = os.path.join(workdir, SESSIONS, str(session))
+  return (f"To recover, move it out of the run (mv {path} "
+          f"{os.path.join(workdir, f'damaged_session_{session}')}) and run "
+          f"`python -m lfs_jax.main --config=<the run's config> --workdir={workdir} "
+          f"--resume`: session {session} is trained again from its photos and session "
+          f"{session - 1}.")
 
 
 def _manager(path: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
@@ -59,8 +116,14 @@ def save_session(workdir: str, session: int, *, delta, bank, opt_state,
                meta=ocp.args.JsonSave(meta))
   if bank:  # Orbax refuses an empty tree; an imported session has no photos, no bank
     items["bank"] = ocp.args.StandardSave(bank)
-  mngr.save(session, args=ocp.args.Composite(**items))
-  mngr.wait_until_finished()
+  with _writing(f"session {session}", os.path.join(workdir, SESSIONS, str(session)),
+                "the sessions before it and the progress checkpoints"):
+    # force: Orbax would silently skip a step below the latest (a damaged session k
+    # trained again while k+1 exists).
+    saved = mngr.save(session, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+  if not saved:
+    raise CheckpointError(f"Orbax did not write session {session} to {workdir}/{SESSIONS}")
   mngr.close()
 
 
@@ -82,7 +145,9 @@ def restore_session(workdir: str, session: int, *, delta_target=None,
     items["bank"] = ocp.args.StandardRestore(bank_target)
   if with_opt_state:
     items["opt_state"] = ocp.args.StandardRestore()
-  out = dict(mngr.restore(session, args=ocp.args.Composite(**items)).items())
+  with _reading(f"session {session}", os.path.join(workdir, SESSIONS, str(session)),
+                _session_recovery(workdir, session)):
+    out = dict(mngr.restore(session, args=ocp.args.Composite(**items)).items())
   mngr.close()
   if not has_bank:
     out["bank"] = {}
@@ -95,7 +160,9 @@ def session_meta(workdir: str, session: int) -> Dict[str, Any]:
   if session not in mngr.all_steps():
     raise CheckpointError(
         f"no session {session} in {workdir}/{SESSIONS} (have {list(mngr.all_steps())})")
-  out = mngr.restore(session, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  with _reading(f"session {session}", os.path.join(workdir, SESSIONS, str(session)),
+                _session_recovery(workdir, session)):
+    out = mngr.restore(session, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   mngr.close()
   return out["meta"]
 
@@ -114,7 +181,9 @@ def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
   if not _has_bank(workdir, session):
     mngr.close()
     return {}
-  out = mngr.restore(session, args=ocp.args.Composite(bank=ocp.args.StandardRestore()))
+  with _reading(f"session {session}", os.path.join(workdir, SESSIONS, str(session)),
+                _session_recovery(workdir, session)):
+    out = mngr.restore(session, args=ocp.args.Composite(bank=ocp.args.StandardRestore()))
   mngr.close()
   return out["bank"]
 
@@ -122,9 +191,11 @@ def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
 def save_progress(workdir: str, step: int, state, meta: Dict[str, Any], keep: int) -> None:
   """Writes progress/<step>/ (the in-session TrainState), keeping the newest `keep`."""
   mngr = _manager(os.path.join(workdir, PROGRESS), max_to_keep=keep)
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
-  mngr.wait_until_finished()
+  with _writing(f"the progress of step {step}", os.path.join(workdir, PROGRESS, str(step)),
+                "the finished sessions and the earlier progress checkpoints"):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
   mngr.close()
 
 
@@ -134,8 +205,14 @@ def _restore_latest_progress(workdir: str, **items) -> Optional[Dict[str, Any]]:
     return None
   mngr = _manager(path)
   step = mngr.latest_step()
-  out = None if step is None else dict(mngr.restore(
-      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)).items())
+  out = None
+  if step is not None:
+    with _reading(f"the progress checkpoint of step {step}", os.path.join(path, str(step)),
+                  f"To recover, move it out of the run (mv {path} "
+                  f"{os.path.join(workdir, 'damaged_progress')}) and run again with "
+                  "--resume: the interrupted session restarts from its first step."):
+      out = dict(mngr.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)).items())
   mngr.close()
   return out
 
@@ -176,6 +253,15 @@ def write_json_atomic(path: str, obj: Any) -> None:
   if jax.process_index() != 0:
     return
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  with _writing(os.path.basename(path), path, "every file written before"):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str, what: str) -> Any:
+  """A run's JSON file (config.json, ...); a damaged one is named, never guessed at."""
+  with _reading(what, path, f"Restore {os.path.basename(path)} from a copy, or start a new "
+                "--workdir."):
+    with open(path) as f:
+      return json.load(f)

@@ -99,8 +99,7 @@ def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
   path = os.path.join(workdir, CONFIG)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return checkpoint.read_json(path, "the run's config")  # a damaged one is named
 
 
 def write_config(workdir: str, config: Mapping[str, Any]) -> None:

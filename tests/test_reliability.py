@@ -13,6 +13,7 @@ process.
 """
 
 import functools
+import errno
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from orbax.checkpoint._src.path import atomicity
 from lfs_jax import checkpoint
 from lfs_jax import lock
 from lfs_jax import sample
+from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import run_eval
 from lfs_jax import tiny
 from lfs_jax.train import session
@@ -207,6 +209,8 @@ def _link(cfg, workdir, faults, link):
     stopped = str(e)
   except _Killed:
     stopped = "killed"
+  except checkpoint.CheckpointError as e:  # out of disk space
+    stopped = str(e)
   assert faults.fired or point is None, link
   assert (stopped or "").startswith(message or ""), (link, stopped)
   assert (stopped is None) == (message is None), (link, stopped)
@@ -383,6 +387,13 @@ def test_evaluate_killed_in_a_cell_reruns_to_the_same_metrics(tmp_path, referenc
   assert (got["computed"], got["reused"]) == (1, 2)
   assert got["metrics"]["variants"] == want["metrics"]["variants"]
   assert got["metrics"]["cells"] == want["metrics"]["cells"]
+  # A damaged cells.json is named with the command that recovers, and left as it is.
+  cells = os.path.join(killed, "metrics", "cells.json")
+  _truncate(cells)
+  damaged = open(cells, "rb").read()
+  with pytest.raises(EvalError, match=f"{cells} is damaged.*mv {cells}"):
+    run_eval.evaluate(killed, clip=clip_dir, overrides=over, progress=False)
+  assert open(cells, "rb").read() == damaged
 
 
 # --------------------------------------------------------------------- the workdir lock
@@ -422,3 +433,85 @@ def test_processes_of_one_job_share_process_0s_lock(tmp_path, monkeypatch):
     with lock.acquire(workdir):  # process 1: does not touch the file
       pass
     assert os.path.exists(os.path.join(workdir, "lock"))
+
+
+
+# ------------------------------------------------------- damaged state, a full disk
+
+def _truncate(path):
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+
+
+def _largest_file(folder):
+  files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.slow
+def test_a_damaged_session_is_named_never_overwritten_and_recovers(tmp_path, faults,
+                                                                  reference):
+  cfg, want, ref = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref, workdir)
+  victim = _largest_file(os.path.join(workdir, "sessions", "2", "delta"))  # the arrays
+  _truncate(victim)
+  damaged = open(victim, "rb").read()
+  match = (r"session 2 is damaged and cannot be trusted: .*sessions/2 .*"
+           rf"mv {workdir}/sessions/2 {workdir}/damaged_session_2.*--resume")
+  with pytest.raises(checkpoint.CheckpointError, match=match):
+    session.run(cfg, workdir, resume=True)
+  with pytest.raises(checkpoint.CheckpointError, match=match):
+    sample.sample_run(workdir, ["a <c1> dog"], session=2, progress=False)
+  # The command line: the same words, exit 2, no stack trace.
+  proc = subprocess.run(
+      [sys.executable, "-m", "lfs_jax.main", "--mode=sample", f"--workdir={workdir}",
+       "--session=2", "--prompt=a <c1> dog"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: session 2 is damaged" in proc.stderr
+  assert open(victim, "rb").read() == damaged
+  # Following the advice trains session 2 again, bit-identical; session 3 is kept.
+  shutil.move(os.path.join(workdir, "sessions", "2"), os.path.join(workdir, "damaged_session_2"))
+  faults.arm(None, None)
+  session.run(cfg, workdir, resume=True)
+  _assert_same_sessions(workdir, want, _SESSIONS)
+
+
+@pytest.mark.slow
+def test_a_damaged_progress_checkpoint_is_named_and_kept(tmp_path, faults, reference,
+                                                         snapshots):
+  cfg, want, _ = reference
+  workdir = str(tmp_path / "run")
+  if "session2_step2" in snapshots:  # left by the hard-kill chain
+    shutil.copytree(snapshots["session2_step2"], workdir)
+  else:
+    _chain(cfg, workdir, faults, want, [(("step", 2, 3), _kill, ("killed", [1], ["2"]))])
+  victim = _largest_file(os.path.join(workdir, "progress", "2", "state"))
+  _truncate(victim)
+  faults.arm(None, None)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"progress checkpoint of step 2 is damaged.*mv {workdir}/progress"):
+    session.run(cfg, workdir, resume=True)
+  assert _progress(workdir) == ["2"] and os.path.getsize(victim) > 0
+
+
+def _enospc():
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# A full disk while saving progress, then a session: a clear error each time, what
+# was saved before is intact, and the next --resume carries on.
+_ENOSPC_CHAIN = [
+    (("step", 1, 1), _sigterm, ("session 1 stopped at step 1", [], ["1"])),
+    (("progress_save", 1, 2), _enospc,
+     ("out of disk space while writing the progress of step 2", [], ["1"])),
+    (("session_save", 1, 1), _enospc, ("out of disk space while writing session 1", [], ["2"])),
+    (("between", 1, None), _sigterm, ("session 2 not started", [1], [])),
+]
+
+
+@pytest.mark.slow
+def test_out_of_disk_space_in_a_save_is_clear_and_resumable(tmp_path, faults, reference):
+  cfg, want, _ = reference
+  _chain(cfg, str(tmp_path / "run"), faults, want, _ENOSPC_CHAIN)

@@ -133,7 +133,10 @@ class CellStore:
           stored = json.load(f)
         old, cells = {**_FINGERPRINT_DEFAULTS, **stored["settings"]}, stored["cells"]
       except (ValueError, KeyError, TypeError) as e:
-        raise EvalError(f"{path} is not a cells file of lfs_jax ({e}); move it away") from None
+        raise EvalError(
+            f"{path} is damaged or not a cells file of lfs_jax ({e}); nothing was changed. "
+            f"To recover, move it away (mv {path} {path}.damaged) and run --mode=evaluate "
+            "again: every cell is computed again") from None
       for key in sorted(set(old) | set(settings)):
         if old.get(key) != settings.get(key):
           raise EvalError(
