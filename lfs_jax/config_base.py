@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.classes = "dog=dog,cat=cat,dog2=dog"  # folders format: concept=class word, comma separated
   c.data.sessions = "dog;cat;dog2"  # session order: ';' between sessions, ',' within one
   c.data.resolution = 32          # training image size in pixels
+  c.data.min_side = 0.25          # refuse a photo whose shorter side is below this fraction of
+  # ^ data.resolution (it would be upscaled into blur); 0 = accept any size
+  c.data.max_aspect = 4.0         # refuse a photo longer than this many times its width (or
+  # ^ the reverse): the centre square would lose most of it; 0 = any shape
   c.data.flip = True              # random horizontal flip (applied to the latents)
   c.data.rescale = True           # Custom Diffusion's random rescale with a loss mask
   c.data.rescale_min = 0.4        # [choice] range of the rescale factor (done in latent space)
@@ -115,6 +119,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.num_images = 2         # images per prompt, with seeds seed, seed+1, ...
   c.sample.seed = 0               # seed of each prompt's first image
   c.sample.batch_size = 4         # images per sampler call (the last call is padded)
+  c.sample.strict_tokens = True   # a "<word>" in a prompt must be a known modifier token (a typo
+  # ^ is an error, not silent text); False: only words of concepts.token_format are checked
 
   # In-Context Generation (DESIGN 1.2): start from a concept's photo latent, noised to t_s = s*T.
   c.icgen = ml_collections.ConfigDict()

@@ -97,7 +97,26 @@ def _center_square(im: Image.Image, resolution: int) -> Image.Image:
                    box=(left, top, left + side, top + side))
 
 
-def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
+def _check_shape(path: str, size: Tuple[int, int], resolution: int, min_side: float,
+                 max_aspect: float) -> None:
+  """Refuses a photo too small to train on, or too far from square to centre-crop."""
+  w, h = size
+  floor = min_side * resolution
+  if min_side and min(w, h) < floor:
+    raise DataError(
+        f"{path}: {w}x{h} pixels is smaller than {floor:g} on a side (data.min_side="
+        f"{min_side:g} of data.resolution={resolution}); it would be upscaled into noise. "
+        "Use a larger photo, or lower data.min_side to accept it")
+  if max_aspect and max(w, h) > max_aspect * min(w, h):
+    raise DataError(
+        f"{path}: {w}x{h} pixels has an aspect ratio of {max(w, h) / min(w, h):.3g}:1, "
+        f"beyond data.max_aspect={max_aspect:g}:1; the centre square would keep "
+        f"{100 * min(w, h) / max(w, h):.0f}% of it. Crop it to the subject, or raise "
+        "data.max_aspect")
+
+
+def load_image(path: str, resolution: Optional[int], *, min_side: float = 0.0,
+               max_aspect: float = 0.0) -> np.ndarray:
   """Reads one photo as a centred square (or whole, at its own size).
 
   Args:
@@ -105,6 +124,10 @@ def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
       frame; animated PNG/WebP their first frame).
     resolution: output side in pixels; None keeps the photo whole at its native
       size (CLIP evaluation, whose preprocessing resizes and crops by itself).
+    min_side: refuse a photo whose shorter side is below min_side * resolution
+      (training reads data.min_side; 0 = no floor).
+    max_aspect: refuse a photo whose longer side exceeds max_aspect times the shorter
+      (training reads data.max_aspect; 0 = any).
 
   Returns:
     uint8 [resolution, resolution, 3] (or [H, W, 3] for None), RGB.
@@ -127,6 +150,8 @@ def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
       im.seek(0)
       im.load()  # full decode here: truncated data raises now, not later
       im = ImageOps.exif_transpose(im)
+      if not native:
+        _check_shape(path, im.size, int(resolution), min_side, max_aspect)
       im = _to_rgb(im)
       if not native:
         im = _center_square(im, int(resolution))
@@ -146,8 +171,8 @@ def load_image(path: str, resolution: Optional[int]) -> np.ndarray:
   return out
 
 
-def load_images(paths: Sequence[str], resolution: int
-                ) -> Tuple[np.ndarray, List[ImageRecord]]:
+def load_images(paths: Sequence[str], resolution: int, *, min_side: float = 0.0,
+                max_aspect: float = 0.0) -> Tuple[np.ndarray, List[ImageRecord]]:
   """Reads all photos of a concept, or none.
 
   Every file is decoded before anything is returned; if any fails, one DataError
@@ -156,6 +181,7 @@ def load_images(paths: Sequence[str], resolution: int
   Args:
     paths: image files, in the order wanted.
     resolution: output side in pixels.
+    min_side, max_aspect: the size and shape limits of `load_image` (0 = none).
 
   Returns:
     (uint8 [N, resolution, resolution, 3], one ImageRecord per photo with its
@@ -167,7 +193,7 @@ def load_images(paths: Sequence[str], resolution: int
   arrays, records, errors = [], [], []
   for p in paths:
     try:
-      arrays.append(load_image(p, resolution))
+      arrays.append(load_image(p, resolution, min_side=min_side, max_aspect=max_aspect))
       records.append(ImageRecord(path=os.path.abspath(p), sha256=sha256_file(p)))
     except DataError as e:
       errors.append(str(e))

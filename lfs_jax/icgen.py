@@ -42,26 +42,37 @@ def token_pattern(token_format: str) -> re.Pattern:
   return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
 
 
+# Any "<word>" (no space or bracket inside): what a user types as a modifier token.
+_BRACKETED = re.compile(r"<[^<>\s]+>")
+
+
 def resolve(prompt: str, registry: concepts_lib.Registry, token_format: str,
-            session: Optional[int] = None) -> PromptConcepts:
+            session: Optional[int] = None, *, strict: bool = True) -> PromptConcepts:
   """Finds the modifier tokens a prompt names.
 
   A prompt naming several concepts is allowed (the text encoder sees them all);
   ICGen then starts from the first one named, and the sidecar says so.
 
+  Args:
+    strict: every "<word>" must be a known token (sample.strict_tokens); False
+      checks only the words of `token_format`, other "<...>" text stays plain text.
+
   Raises:
-    ValueError: a token of the run's format that the registry does not know
-      (e.g. "<c9>", or a concept of a later session); the message lists the known ones.
+    ValueError: an unknown token (e.g. "<c9>", a concept of a later session, or a
+      typo such as "<dgo>"); the message lists the known ones.
   """
   known = registry.tokens
   found = [m.group(0) for m in token_pattern(token_format).finditer(prompt)]
-  unknown = [t for t in found if t not in known]
+  words = [m.group(0) for m in _BRACKETED.finditer(prompt)] if strict else found
+  unknown = [t for t in words if t not in known]
   if unknown:
     where = f" at session {session}" if session is not None else ""
+    escape = ("" if not strict else
+              "; to keep '<...>' as plain text, set --config.sample.strict_tokens=False")
     raise ValueError(
         f"prompt {prompt!r} names {', '.join(repr(t) for t in dict.fromkeys(unknown))}, "
         f"which this run does not know{where}; known modifier tokens: "
-        f"{', '.join(known) or '(none)'}")
+        f"{', '.join(known) or '(none)'}{escape}")
   tokens = list(dict.fromkeys(found))
   return PromptConcepts(tokens, tokens[0] if tokens else None)
 

@@ -96,7 +96,8 @@ def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
           settings: SampleSettings, grid: np.ndarray):
   """Per image: its record and its (scaled) context latent or None. Fails before sampling."""
   token_format = run.cfg.concepts.token_format
-  named = {p: icgen.resolve(p, run.registry, token_format, run.session)
+  named = {p: icgen.resolve(p, run.registry, token_format, run.session,
+                           strict=run.cfg.sample.strict_tokens)
            for p in dict.fromkeys(prompts)}
   scale = run.pipe.vae.config.scaling_factor
   n = len(grid)

@@ -27,6 +27,9 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from lfs_jax import checkpoint
+from lfs_jax import concepts
+from lfs_jax import data
+from lfs_jax import icgen
 from lfs_jax import lock
 from lfs_jax import sample
 from lfs_jax.errors import EvalError
@@ -515,3 +518,54 @@ _ENOSPC_CHAIN = [
 def test_out_of_disk_space_in_a_save_is_clear_and_resumable(tmp_path, faults, reference):
   cfg, want, _ = reference
   _chain(cfg, str(tmp_path / "run"), faults, want, _ENOSPC_CHAIN)
+
+
+# ------------------------------------------------------------------- bad input
+
+def _registry():
+  c = concepts.Concept(name="dog", token="<c1>", class_word="dog", initializer="dog",
+                       session=1, images=())
+  return concepts.Registry((c,))
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a <nosuchtoken>", "a <dgo> dog", "a <c9> dog"])
+def test_an_unknown_bracketed_word_in_a_prompt_is_an_error_listing_the_tokens(prompt):
+  word = prompt.split("<")[1].split(">")[0]
+  with pytest.raises(ValueError, match=f"'<{word}>'.*known modifier tokens: <c1>.*"
+                                       "sample.strict_tokens=False"):
+    icgen.resolve(prompt, _registry(), "<c{}>", 1)
+
+
+def test_strict_tokens_off_keeps_other_brackets_as_text_but_checks_the_token_format():
+  got = icgen.resolve("a <c1> dog next to a <html> sign", _registry(), "<c{}>",
+                      strict=False)
+  assert got.tokens == ["<c1>"]
+  with pytest.raises(ValueError, match="'<c9>'"):
+    icgen.resolve("a <c9> dog", _registry(), "<c{}>", strict=False)
+
+
+def _photo(path, size):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.new("RGB", size, (200, 30, 30)).save(path)
+  return str(path)
+
+
+@pytest.mark.parametrize("size,needle", [((1, 1), "1x1 pixels is smaller than 8"),
+                                         ((7, 40), "7x40 pixels is smaller than 8"),
+                                         ((20000, 10), "20000x10 pixels has an aspect ratio"),
+                                         ((41, 10), "41x10 pixels has an aspect ratio of 4.1:1")])
+def test_too_small_or_too_thin_photos_are_refused_naming_the_file(tmp_path, tiny_config,
+                                                                  size, needle):
+  for name in ("a", "b"):
+    (tmp_path / "data" / name).mkdir(parents=True)
+    _photo(tmp_path / "data" / name / "0.png", (40, 40))
+  bad = _photo(tmp_path / "data" / "b" / "1.png", size)
+  cfg = tiny_config(data__root=str(tmp_path / "data"), data__classes="a=dog,b=cat",
+                    data__sessions="a;b")  # data.resolution 32: the floor is 8 pixels
+  work = tmp_path / "run"
+  with pytest.raises(data.DataError, match=f"{bad}: {needle}"):
+    session.run(cfg, str(work))
+  assert not work.exists()
+  # The floor and the ratio are config fields: 0 accepts the photo.
+  data.load_images([bad], 32, min_side=0, max_aspect=0)
+  data.load_images([_photo(tmp_path / "ok.png", (8, 32))], 32, min_side=0.25, max_aspect=4)

@@ -218,7 +218,9 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   sessions = base_lib.session_specs(cfg.data, cfg.seed)
   images = {}
   for spec in sum(sessions, []):
-    images[spec.name], _ = data_lib.load_images(spec.images, cfg.data.resolution)
+    images[spec.name], _ = data_lib.load_images(spec.images, cfg.data.resolution,
+                                                min_side=cfg.data.min_side,
+                                                max_aspect=cfg.data.max_aspect)
   if exists:
     runs.check_compatible(stored, cfg.to_dict())
   if cfg.compile_cache:
