@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench
-from lfs_jax import config_base, parallel
+from lfs_jax import config_base, console, parallel
 from lfs_jax import delta as delta_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.diffusion import schedule as schedule_lib
@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="on a CPU, compile the train steps at XLA's full backend optimization "
                       "(default there: level 0, as the tests do: 3x faster to compile, slower to run)")
   p.add_argument("--seed", type=int, default=0)
+  console.add_verbosity(p)
   return p.parse_args(argv)
 
 
@@ -459,6 +460,7 @@ def _fmt(x) -> str:
 def run(argv=None) -> List[Dict[str, Any]]:
   """Runs the chosen workloads in this process; prints and returns their records."""
   args = parse_args(argv)
+  console.setup(args.verbosity)
   names = [w.strip() for w in args.workloads.split(",") if w.strip()]
   bad = [w for w in names if w not in RUNNERS]
   if bad:

@@ -24,6 +24,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import bench
+from lfs_jax import console
 
 TORCH_WORKLOADS = ("cd", "lfs", "sample", "vae")
 _SELECTED = ("attn2.to_k", "attn2.to_v")
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sample-iters", type=int, default=-1)
   p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on a CPU")
   p.add_argument("--seed", type=int, default=0)
+  console.add_verbosity(p)
   return p.parse_args(argv)
 
 
@@ -303,6 +305,7 @@ class Bench:
 
 def run(argv=None) -> List[Dict[str, Any]]:
   args = parse_args(argv)
+  console.setup(args.verbosity)
   names = [w.strip() for w in args.workloads.split(",") if w.strip() and w.strip() != "lfs_cached"]
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
   bad = [w for w in names if w not in TORCH_WORKLOADS] + [m for m in modes

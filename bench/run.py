@@ -22,9 +22,11 @@ import sys
 from typing import Dict, List
 
 import bench
+from lfs_jax import console
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SHARED = ("size", "batch", "sample_steps", "warmup", "iters", "sample_iters", "seed")
+_SHARED = ("size", "batch", "sample_steps", "warmup", "iters", "sample_iters", "seed",
+           "verbosity")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--iters", type=int, default=-1)
   p.add_argument("--sample-iters", type=int, default=-1)
   p.add_argument("--seed", type=int, default=0)
+  console.add_verbosity(p)
   return p.parse_args(argv)
 
 
@@ -118,6 +121,7 @@ def table(records: List[Dict]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  console.setup(args.verbosity)
   if args.table_only:
     with open(args.table_only) as f:
       print(table([json.loads(l) for l in f if l.strip().startswith("{")]))

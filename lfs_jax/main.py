@@ -26,7 +26,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -135,7 +134,9 @@ def main(argv):
   from lfs_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from lfs_jax.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
 
-  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
+  from lfs_jax import console  # pylint: disable=g-import-not-at-top
+
+  console.setup(console.absl_verbosity())
   if not _WORKDIRS.value:
     raise app.UsageError("--workdir is required")
   if _MODE.value == "compare":

@@ -328,6 +328,7 @@ def test_sigterm_inside_session_2_of_a_fresh_main_exits_0_and_resumes(tmp_path, 
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "session 2: resumed at step 2" in proc.stdout
   assert "preempted: session 2 stopped at step 3" in proc.stderr
+  assert not _library_lines(proc.stderr), proc.stderr[-3000:]  # bars and events only
   assert _progress(workdir) == ["3"]
   _assert_same_sessions(workdir, want, [1])
   faults.arm(None, None)
@@ -569,3 +570,37 @@ def test_too_small_or_too_thin_photos_are_refused_naming_the_file(tmp_path, tiny
   # The floor and the ratio are config fields: 0 accepts the photo.
   data.load_images([bad], 32, min_side=0, max_aspect=0)
   data.load_images([_photo(tmp_path / "ok.png", (8, 32))], 32, min_side=0.25, max_aspect=4)
+
+
+# --------------------------------------------------------------------- the console
+
+_ABSL_COMMAND = """
+import sys
+import numpy as np
+from absl import app
+from lfs_jax import checkpoint, console
+
+def main(argv):
+  console.setup(console.absl_verbosity())  # what every absl command does first
+  checkpoint.save_progress(argv[1], 1, {"x": np.zeros(3)}, {"session": 1}, 1)
+  print(checkpoint.progress_meta(argv[1]))
+
+app.run(main)
+"""
+
+
+def _library_lines(stderr):
+  return [l for l in stderr.splitlines() if l.startswith(("INFO:", "I1", "I0"))]
+
+
+@pytest.mark.parametrize("verbosity", [None, 1])
+def test_library_info_logs_show_only_with_verbosity_1(tmp_path, verbosity):
+  flag = [] if verbosity is None else [f"--verbosity={verbosity}"]
+  proc = subprocess.run([sys.executable, "-c", _ABSL_COMMAND, *flag, str(tmp_path / "w")],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "{'session': 1}", proc.stderr
+  if verbosity is None:  # absl's own default would print Orbax's INFO lines here
+    assert proc.stderr == ""
+  else:
+    assert any("orbax" in l.lower() or "checkpoint" in l.lower()
+               for l in _library_lines(proc.stderr)), proc.stderr

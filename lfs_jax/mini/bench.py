@@ -554,6 +554,9 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
 
+  from lfs_jax import console  # pylint: disable=g-import-not-at-top
+
+  console.setup(console.absl_verbosity())
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   cfg = flags.FLAGS.config

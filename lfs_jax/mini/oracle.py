@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lfs_jax import console
 from lfs_jax import mini
 from lfs_jax.mini import world
 from lfs_jax.weights import convert, safetensors_io
@@ -187,7 +188,9 @@ def main(argv=None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--images", type=int, default=16000)
   ap.add_argument("--steps", type=int, default=4000)
+  console.add_verbosity(ap)
   args = ap.parse_args(argv)
+  console.setup(args.verbosity)
   acc = train(args.out, seed=args.seed, images=args.images, steps=args.steps)
   print("accuracy on fresh renders:", json.dumps(acc))
   return 0

@@ -39,6 +39,7 @@ import optax
 
 from lfs_jax import concepts as concepts_lib
 from lfs_jax.diffusion import schedule as schedule_lib
+from lfs_jax import console
 from lfs_jax import mini
 from lfs_jax.mini import world
 from lfs_jax.mini.recipe import HIGH_T, draw_batch, draw_timesteps, lr_schedule  # pylint: disable=unused-import
@@ -266,7 +267,9 @@ def main(argv=None) -> int:
                   help="PyTorch CPU threads for the decoder stage (0 = one a core)")
   ap.add_argument("--vae_only", action="store_true",
                   help="stop after the VAE; write reconstructions.png to --out (tuning)")
+  console.add_verbosity(ap)
   args = ap.parse_args(argv)
+  console.setup(args.verbosity)
   if args.decoder_steps < 0 or args.unet_steps < 0:
     ap.error("--decoder_steps and --unet_steps must be >= 0")
   if args.decoder_steps and not args.vae_from:
