@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -47,15 +48,29 @@ def _reading(what: str, path: str, recover: str):
   Nothing is repaired or deleted: the message names the damaged folder and the
   command that recovers, and the user decides.
   """
+  hook = sys.excepthook
+  sys.excepthook = _without_closed_loop(hook)
   try:
     yield
   except CheckpointError:
+    sys.excepthook = hook
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Orbax raises ValueError, FileNotFoundError, JSONDecodeError or a bare Exception
-    # around TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND.
+    # around TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND. The hook stays: the
+    # reads still in flight land on Orbax's closed event loop, now or a bit later.
     raise CheckpointError(f"{what} is damaged and cannot be trusted: {path} "
                           f"({_first_line(e)}). Nothing was changed. {recover}") from None
+  sys.excepthook = hook
+
+
+def _without_closed_loop(hook):
+  """sys.excepthook minus the "Event loop is closed" reports of TensorStore reads that
+  finish after a failed Orbax restore closed its loop (noise after a clear error)."""
+  def excepthook(kind, value, tb):
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+  return excepthook
 
 
 def _out_of_space(e: BaseException) -> bool:
