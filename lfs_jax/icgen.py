@@ -67,12 +67,12 @@ def resolve(prompt: str, registry: concepts_lib.Registry, token_format: str,
   unknown = [t for t in words if t not in known]
   if unknown:
     where = f" at session {session}" if session is not None else ""
-    escape = ("" if not strict else
-              "; to keep '<...>' as plain text, set --config.sample.strict_tokens=False")
+    escape = (" (to keep another '<...>' as plain text, set "
+              "--config.sample.strict_tokens=False)" if set(unknown) - set(found) else "")
     raise ValueError(
         f"prompt {prompt!r} names {', '.join(repr(t) for t in dict.fromkeys(unknown))}, "
-        f"which this run does not know{where}; known modifier tokens: "
-        f"{', '.join(known) or '(none)'}{escape}")
+        f"which this run does not know{where}{escape}; known modifier tokens: "
+        f"{', '.join(known) or '(none)'}")
   tokens = list(dict.fromkeys(found))
   return PromptConcepts(tokens, tokens[0] if tokens else None)
 
