@@ -22,6 +22,9 @@ from lfs_jax.models import clip_vision
 from lfs_jax.weights import (WeightsMismatchError, WeightsNotFoundError, convert, load_clip,
                              safetensors_io)
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("clip_model_parity")
+
 TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
             num_hidden_layers=2, max_position_embeddings=77, pad_token_id=1,
             bos_token_id=998, eos_token_id=999)

@@ -23,6 +23,9 @@ from lfs_jax.weights import preprocess
 from lfs_jax.models import dino
 from lfs_jax.weights import PickleRefusedError, WeightsNotFoundError, load_dino
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("dino_parity")
+
 SIZES = ((45, 61), (70, 40), (32, 32), (33, 100))  # (H, W), odd and exact
 ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 

@@ -19,6 +19,9 @@ from lfs_jax.diffusion import sampler
 from lfs_jax.train import session
 from lfs_jax.weights.convert import flatten
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("dtypes")
+
 
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -25,6 +25,9 @@ from lfs_jax import data as data_lib
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import clip_scorer, compare, metrics, run_eval
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "lfs_jax", "assets", "clip_tokenizer")
 CELLS = 6  # session 1: dog; session 2: dog, cat; each with and without ICGen

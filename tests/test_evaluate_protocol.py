@@ -23,6 +23,9 @@ from lfs_jax.train import session
 from test_dino_parity import make_vit
 from test_evaluate import clip_dir  # noqa: F401  (a module fixture: the tiny CLIP folder)
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("evaluate_protocol")
+
 IA = ("ia", "ia_heldout", "dino", "dino_heldout")
 
 

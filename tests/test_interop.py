@@ -24,6 +24,9 @@ from lfs_jax.train import session
 from lfs_jax.weights import files, loaders, safetensors_io
 from lfs_jax.weights.convert import flatten, unflatten
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("interop")
+
 
 def _config(folder, compile_cache, **overrides):
   c = config_base.get_config()

@@ -24,6 +24,9 @@ from lfs_jax.weights.convert import flatten
 from test_interop import (_INPUTS, _TIMESTEPS, _config as interop_config,  # the same tiny run
                           _diffusers_eps as diffusers_eps, _rel, make_world)
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("lora")
+
 
 RANK, ALPHA = 4, 8.0  # scale 2: a power of two, so folding it into B round-trips exactly
 LORA = {"train.selection": "lora", "train.lora_rank": RANK, "train.lora_alpha": ALPHA,

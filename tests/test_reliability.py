@@ -40,6 +40,9 @@ from lfs_jax.train import step as step_lib
 from lfs_jax.weights.convert import flatten
 from test_evaluate import clip_dir  # noqa: F401  pylint: disable=unused-import
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 # Three sessions of 4 steps, progress at step 2 of each, the DFKD teacher cache on:
 # session k resumes with session k-1's teacher, earlier token rows and its cache.
 _RUN = dict(data__sessions="dog;cat;dog2", train__steps=4, train__progress_every=2,

@@ -22,6 +22,9 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.errors import ConfigError
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("sample")
+
 DOG, CAT = "a <c1> dog", "a <c2> cat"
 
 

@@ -25,6 +25,9 @@ from lfs_jax.weights import (PickleRefusedError, SafetensorsError, WeightsMismat
                              load_scheduler_config, load_text_encoder, load_unet, load_vae,
                              safetensors_io)
 
+# Module fixtures worth building once: keep this module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("weights")
+
 SEED = 3
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 
