@@ -15,13 +15,13 @@ ROOT = os.path.dirname(lfs_jax.__file__)
 # Lowest first. A module may import its own layer and the layers below it; the first
 # matching prefix names a module's layer.
 LAYERS = (
-    ("lfs_jax.errors", "lfs_jax.config_base"),
+    ("lfs_jax.errors", "lfs_jax.config_base", "lfs_jax.console"),
     ("lfs_jax.parallel",),
     ("lfs_jax.models", "lfs_jax.diffusion"),
     ("lfs_jax.weights",),
     ("lfs_jax.data", "lfs_jax.datasets", "lfs_jax.concepts", "lfs_jax.icgen", "lfs_jax.base",
      "lfs_jax.tiny"),
-    ("lfs_jax.checkpoint", "lfs_jax.delta", "lfs_jax.lora_format"),
+    ("lfs_jax.checkpoint", "lfs_jax.delta", "lfs_jax.lora_format", "lfs_jax.lock"),
     ("lfs_jax.runs",),
     ("lfs_jax.sample",),
     ("lfs_jax.evaluate",),
