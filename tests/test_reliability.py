@@ -386,6 +386,11 @@ def test_evaluate_killed_in_a_cell_reruns_to_the_same_metrics(tmp_path, referenc
     shutil.copytree(reference[2], d, ignore=lambda d, n: ["3"] if d.endswith("sessions") else [])
   want = run_eval.evaluate(whole, clip=clip_dir, overrides=over, progress=False)
   assert want["computed"] == 3
+  # A second evaluation of the same run (a double submit) is refused naming the first.
+  with lock.acquire(os.path.join(killed, "metrics"), "evaluation"):
+    with pytest.raises(lock.WorkdirLocked, match=f"pid {os.getpid()} on host"):
+      run_eval.evaluate(killed, clip=clip_dir, overrides=over, progress=False)
+  assert not os.path.exists(os.path.join(killed, "metrics"))  # nothing written
   with monkeypatch.context() as m:
     _killed_on_call(m, run_eval, "compute_cell", 3)
     with pytest.raises(_Killed):

@@ -30,6 +30,7 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax import datasets
 from lfs_jax import icgen
+from lfs_jax import lock as lock_lib
 from lfs_jax import runs
 from lfs_jax import sample as sample_lib
 from lfs_jax.errors import ConfigError, EvalError
@@ -316,9 +317,21 @@ def evaluate(workdir: str, *, clip: Optional[str] = None,
     RunError / EvalError: not a run, no finished session, no or a bad CLIP or DINO
       folder, a moved or changed reference photo, held-out references asked of a run
       trained without them, cells from other settings; all before any sampling.
+    WorkdirLocked: another evaluation of this run writes the same results folder.
   """
   cfg = runs.run_config(workdir, overrides)
   settings = EvalSettings.from_config(cfg, clip)
+  out_dir = os.path.join(workdir, settings.out)
+  # One evaluation per results folder (a second would drop the other's cells); a
+  # training job on the same run holds <workdir>/lock, not this one, so finished
+  # sessions can be evaluated while later ones train.
+  with lock_lib.acquire(out_dir, "evaluation"):
+    return _evaluate(workdir, cfg, settings, out_dir, progress)
+
+
+def _evaluate(workdir: str, cfg, settings: "EvalSettings", out_dir: str,
+              progress: bool) -> Dict[str, Any]:
+  """`evaluate` with its results folder locked."""
   finished = checkpoint.finished_sessions(workdir)
   if not finished:
     raise EvalError(f"{workdir} has no finished session to evaluate "
@@ -331,7 +344,6 @@ def evaluate(workdir: str, *, clip: Optional[str] = None,
   scorers = Scorers(clip_scorer.ClipScorer(settings.clip, settings.batch_size),
                     encoders_lib.DinoEncoder(settings.dino, settings.batch_size)
                     if use_dino else None)
-  out_dir = os.path.join(workdir, settings.out)
   store = CellStore(os.path.join(out_dir, "cells.json"), fingerprint(cfg, settings))
   cells = plan(registry, finished, settings.variants)
   todo = [c for c in cells if c.key not in store]
