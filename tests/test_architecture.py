@@ -63,6 +63,57 @@ def test_tokens_frozen_by_structure(tmp_path, tiny_config):
              zip(jax.tree.leaves(start), jax.tree.leaves(stored["delta"]["unet"])))
 
 
+class _Stop(BaseException):
+  """A kill after the last progress save (nothing in lfs_jax catches it)."""
+
+
+def _with_rows(tree, rows):
+  """The pre-seam layout: every {"unet": ...} node of a TrainState also holds "tokens"."""
+  if isinstance(tree, dict):
+    out = {k: _with_rows(v, rows) for k, v in tree.items()}
+    return {**out, "tokens": rows} if "unet" in tree else out
+  if isinstance(tree, tuple):
+    items = [_with_rows(v, rows) for v in tree]
+    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+  return tree
+
+
+@pytest.mark.slow
+def test_progress_saved_before_tokens_were_frozen_by_structure_resumes(tmp_path, tiny_config,
+                                                                       monkeypatch):
+  """A train_tokens=False run interrupted before the seam kept its token rows (zero
+  gradients) in the TrainState; --resume reads that layout and finishes the session
+  bit-identical to an uninterrupted run."""
+  cfg = tiny_config(train__train_tokens=False, data__sessions="dog", train__steps=4,
+                    train__progress_every=2, kd__mode="noise")
+  whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+  session.run(cfg, whole)
+  want = checkpoint.restore_session(whole, 1)
+  rows = np.full(np.shape(want["delta"]["tokens"][-1:]), 0.5, np.float32)
+
+  real_save = checkpoint.save_progress
+
+  def save_old_layout(workdir, step, state, meta, keep):
+    old = state.replace(trainable=_with_rows(state.trainable, rows),
+                        opt_state=_with_rows(state.opt_state, rows))
+    assert "tokens" in old.trainable and "tokens" not in state.trainable
+    real_save(workdir, step, old, meta, keep)
+
+  def killed(*a, **kw):
+    raise _Stop()
+
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "save_progress", save_old_layout)
+    m.setattr(checkpoint, "save_session", killed)
+    with pytest.raises(_Stop):
+      session.run(cfg, cut)
+  assert checkpoint.progress_meta(cut) == {"session": 1}
+  session.run(cfg, cut, resume=True)
+  got = checkpoint.restore_session(cut, 1)
+  for a, b in zip(jax.tree.leaves(want["delta"]), jax.tree.leaves(got["delta"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sample_settings_take_every_default_from_the_config():
   for f in dataclasses.fields(sample.SampleSettings):
     assert f.default is dataclasses.MISSING, f.name

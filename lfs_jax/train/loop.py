@@ -1,4 +1,4 @@
-"""The inner loop of a session: steps, metric windows, progress saves, SIGTERM.
+"""The inner loop of a session: steps, metric windows, progress saves and restores, SIGTERM.
 
 `steps` calls the compiled step from the state's step to `train.steps`; metrics come
 to the host every `train.log_every` steps (a non-finite value raises, naming the
@@ -13,6 +13,7 @@ import os
 from typing import Dict
 
 import jax
+import numpy as np
 import tqdm
 
 from lfs_jax import checkpoint
@@ -105,3 +106,43 @@ def steps(run, su, state, session: int, stop):
   if writer:
     writer.close()
   return state, last
+
+
+def latest_progress(run, su, state):
+  """The newest progress checkpoint restored into `state`'s layout, or None.
+
+  Before token rows were frozen by structure, a train.train_tokens=False run kept
+  them in its TrainState (with zeroed gradients): such a checkpoint is read in that
+  layout and the rows dropped, since the UNet delta's Adam moments never depend on
+  them. Anything else that does not fit is a damaged checkpoint (CheckpointError).
+  """
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  try:
+    return checkpoint.latest_progress(run.workdir, target)
+  except checkpoint.CheckpointError:
+    if run.cfg.train.train_tokens:
+      raise
+    rows = np.zeros(np.shape(su.new_rows), np.float32)
+    old = jax.tree.map(np.asarray, parallel.to_host(state))
+    old = old.replace(trainable={**old.trainable, "tokens": rows},
+                      opt_state=_with_token_rows(old.opt_state, rows))
+    got = checkpoint.latest_progress(run.workdir, old)  # still no fit: damaged
+    restored = got["state"]
+    restored = restored.replace(
+        trainable={"unet": restored.trainable["unet"]},
+        opt_state=_with_token_rows(restored.opt_state, None))
+    return {**got, "state": parallel.put(restored, su.trainer.shardings.state)}
+
+
+def _with_token_rows(tree, rows):
+  """Every {"unet": ...} node of an optax state with a "tokens" entry (rows) or without (None)."""
+  if isinstance(tree, dict):
+    out = {k: _with_token_rows(v, rows) for k, v in tree.items() if k != "tokens"}
+    if rows is not None and "unet" in tree:
+      out["tokens"] = rows
+    return out
+  if isinstance(tree, tuple):
+    items = [_with_token_rows(v, rows) for v in tree]
+    return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+  return tree

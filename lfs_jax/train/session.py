@@ -169,8 +169,7 @@ def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer
   su = setup_session(run, session, prev_delta, trainer)
   state = su.state
   if resume:
-    got = checkpoint.latest_progress(run.workdir, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    got = loop.latest_progress(run, su, state)
     if got is not None and got["meta"]["session"] == session:
       state = got["state"]
       print(f"session {session}: resumed at step {int(state.step)}")
