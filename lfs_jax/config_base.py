@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.loss_reduction = "mean"  # denoising loss per image: mean (over masked elements) | cd
   # ^ (Custom Diffusion: "cd", the masked sum over the latent channels / mask pixels = 4x mean on SD)
   c.train.regulariser_lr_scale = 1.0  # learning rate x this when a regulariser doubles the batch
-  # ^ (DFKD rows of method=lfs) (Custom Diffusion: 2.0, with prior preservation)
+  # ^ (DFKD rows of method=lfs, prior.weight > 0) (Custom Diffusion: 2.0, with prior preservation)
   c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn | lora
   c.train.lora_rank = 4           # selection=lora: rank r of the factors A [in, r], B [r, out]
   c.train.lora_alpha = 4.0        # selection=lora: W + (alpha / r) * A @ B (diffusers' lora_alpha)
@@ -88,6 +88,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.kd.cache_size = 0             # teacher trajectories computed once per session (0 = fresh every step)
   c.kd.kv_weight = 0.0            # [choice, off] weight of a K/V anchor: the attn2 to_k/to_v outputs on the
   # ^ DFKD conditions' text contexts kept to the teacher's (train/kd.py kv_anchor; 0 = off, the paper's loss)
+
+  # Prior preservation (Custom Diffusion's and DreamBooth's regulariser), for either method:
+  # class images generated ONCE by the base model (the project's sampler, sample.* settings,
+  # fixed seeds from `seed`), cached in <workdir>/prior/ and reused on --resume; each step
+  # adds train.batch_size of them (with the class prompt) to the batch, and the loss
+  # prior.weight x their denoising loss (per-element mean, as Custom Diffusion's prior loss).
+  c.prior = ml_collections.ConfigDict()
+  c.prior.weight = 0.0            # weight of the class-image loss; 0 = off (Custom Diffusion: 1.0,
+  # ^ DreamBooth: 1.0). With it on, the learning rate is also x train.regulariser_lr_scale
+  c.prior.count = 200             # class images per class word (Custom Diffusion: 200)
+  c.prior.template = "photo of a {}"  # the class prompt of the class images and of their loss rows,
+  # ^ "{}" = the class word (Custom Diffusion's scripts: the class word alone, "{}")
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep_progress = 1  # progress checkpoints kept within a session

@@ -5,8 +5,9 @@ tower) keep every compile to a second; the stand-ins record what the code under 
 feeds them, so the reference can recompute the loss from those inputs alone:
 
 - the session loss: the denoising term, DFKD (`trajectory`: the teacher's DDIM path,
-  its timesteps, which point each row distils at) and the K/V anchor, and the total
-  denoise + kd.weight * kd + kd.kv_weight * kv;
+  its timesteps, which point each row distils at), the K/V anchor and prior
+  preservation's class-image rows, and the total
+  denoise + prior.weight * prior + kd.weight * kd + kd.kv_weight * kv;
 - the flip / random-rescale augmentation and the loss mask it returns;
 - the ICGen start (first grid timestep <= s*T, the context noised there) for several
   strengths, step counts and spacings, through the jitted sampler.
@@ -279,6 +280,71 @@ def test_kd_weight_zero_keeps_the_anchor_its_weight_and_its_gradient():
   for path in KV:
     np.testing.assert_allclose(_get(new.trainable["unet"], path) - _get(trainable["unet"], path),
                                -1e-2 * np.sign(_get(g["unet"], path)), atol=1e-6)
+
+
+def _with_prior(data, seed=5, n_real=2):
+  """`data` plus three class images, the last padding; image j's prompt reads ids
+  [j + 5, 6, 0, 0, 0] (no modifier token), so its context says which image it was."""
+  rs = np.random.default_rng(seed)
+  mean = rs.standard_normal((3, 4, 4, CH)).astype(np.float32)
+  mean[n_real:] = 1e4
+  ids = np.array([[j + 5, 6, 0, 0, 0] for j in range(3)], np.int32)
+  return data._replace(prior_mean=jnp.asarray(mean),
+                       prior_logvar=jnp.full(mean.shape, -80.0),
+                       prior_ids=jnp.asarray(ids), n_prior=jnp.int32(n_real))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prior_preservation_rows_and_term_match_numpy(seed):
+  """prior.weight = 2 on top of DFKD and the anchor: batch_size class-image rows sit
+  between the photo rows and the DFKD rows; each is a real class image (never the
+  padding), scaled and noised at its timestep, with its class prompt; the term is the
+  per-element mean squared error against the noise (Custom Diffusion's prior loss), and
+  the total denoise + 2 prior + 3 kd + 5 kv."""
+  trainable, frozen, teacher, data, spec = _problem(prior_weight=2.0)
+  data = _with_prior(data)
+  loss, m, calls = _run_loss(trainable, frozen, teacher, data, spec, seed)
+  b, k = spec.batch_size, spec.kd_batch_size
+  x_in, t_in, c_in = calls[-1]
+  assert x_in.shape[0] == b + b + k
+  p_student = {**trainable["unet"], **frozen["unet"]}
+  table = np.concatenate([frozen["text"]["table"], frozen["tokens"][:1], trainable["tokens"]])
+  prompts = table[np.asarray(data.prior_ids)]
+  rows = slice(b, 2 * b)
+  which = [next(j for j in range(2) if np.array_equal(c_in[i], prompts[j]))
+           for i in range(b, 2 * b)]  # StopIteration: a padding or foreign prompt
+  z0 = np.asarray(data.prior_mean, np.float64)[which] * spec.scaling_factor
+  a = SD_ALPHAS_CUMPROD[t_in[rows]][:, None, None, None]
+  noise = (x_in[rows] - np.sqrt(a) * z0) / np.sqrt(1 - a)  # what add_noise must have used
+  assert 0.4 < noise.std() < 1.6 and np.all(np.abs(noise) < 8)
+  prior = np.mean((_unet_np(p_student, x_in[rows].astype(np.float64), t_in[rows],
+                            c_in[rows].astype(np.float64)) - noise) ** 2)
+  np.testing.assert_allclose(m["prior"], prior, rtol=2e-4)
+  np.testing.assert_allclose(loss, m["denoise"] + 2.0 * prior + 3.0 * m["kd"] + 5.0 * m["kv"],
+                             rtol=1e-4)
+  assert prior > 0.01
+  # The photo rows are as without prior preservation: the same draws, the same term.
+  _, m_off, calls_off = _run_loss(trainable, frozen, teacher, data,
+                                  dataclasses.replace(spec, prior_weight=0.0), seed)
+  np.testing.assert_array_equal(calls_off[-1][0][:b], x_in[:b])
+  np.testing.assert_allclose(m_off["denoise"], m["denoise"], rtol=1e-6)
+  assert "prior" not in m_off and spec.regularised
+
+
+def test_prior_rows_draw_every_real_class_image_and_only_those():
+  trainable, frozen, teacher, data, spec = _problem(prior_weight=1.0, use_kd=False,
+                                                    kd_weight=0.0, kv_weight=0.0)
+  data = _with_prior(data)
+  assert spec.regularised and not spec.use_kd  # prior alone also doubles the rate (x scale)
+  table = np.concatenate([frozen["text"]["table"], frozen["tokens"][:1], trainable["tokens"]])
+  prompts = table[np.asarray(data.prior_ids)]
+  seen = set()
+  for seed in range(6):
+    _, m, calls = _run_loss(trainable, frozen, None, data, spec, seed)
+    (x_in, _, c_in), = calls
+    assert x_in.shape[0] == 4 and set(m) == {"denoise", "prior"}
+    seen |= {next(j for j in range(3) if np.array_equal(c, prompts[j])) for c in c_in[2:]}
+  assert seen == {0, 1}, seen
 
 
 # ---------------------------------------------------------------------------

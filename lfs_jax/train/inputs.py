@@ -92,11 +92,27 @@ def session_inputs(run, session: int, prev_delta) -> SessionInputs:
       kd_context=kd_context, n_kd=jnp.asarray(len(kd_prompts), jnp.int32),
       kd_base=(jnp.asarray(pad(np.asarray([b for _, b in kd_conds]), run.max_kd))
                if run.spec.kd_from_base else None),
-      kv_gram=kd_lib.kv_gram(kd_context, len(kd_prompts)) if run.spec.kv_weight else None)
+      kv_gram=kd_lib.kv_gram(kd_context, len(kd_prompts)) if run.spec.kv_weight else None,
+      **(prior_data(run, new, max_len) if run.spec.prior_weight > 0 else {}))
   bank = {f"concept{registry.concepts.index(c) + 1}": {
       "mean": mean[[i for i, o in enumerate(owner) if o is c]],
       "logvar": logvar[[i for i, o in enumerate(owner) if o is c]]} for c in new}
   return SessionInputs(registry, data, token_table, new_rows, bank)
+
+
+def prior_data(run, new, max_len: int) -> Dict[str, Any]:
+  """SessionData's prior_* fields: the class images of this session's classes (each
+  with its class prompt, prior.template), as latent distributions padded to run.max_prior."""
+  classes = list(dict.fromkeys(c.class_word for c in new))
+  images = np.concatenate([run.prior_images[w] for w in classes])
+  prompts = [run.cfg.prior.template.format(w) for w in classes
+             for _ in range(len(run.prior_images[w]))]
+  mean, logvar = encode_latents(run, images)
+  ids = concepts_lib.tokenize(run.pipe.tokenizer, prompts, max_len)
+  return {"prior_mean": jnp.asarray(pad(mean, run.max_prior)),
+          "prior_logvar": jnp.asarray(pad(logvar, run.max_prior)),
+          "prior_ids": jnp.asarray(pad(np.asarray(ids, np.int32), run.max_prior)),
+          "n_prior": jnp.asarray(len(images), jnp.int32)}
 
 
 def host_trees(run, prev_delta, inp: SessionInputs):

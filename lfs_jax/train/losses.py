@@ -1,4 +1,5 @@
-"""The session loss: denoising on the concept photos plus data-free distillation.
+"""The session loss: denoising on the concept photos, plus data-free distillation, the K/V
+anchor and prior preservation (class images the base generated) where they are on.
 
 Everything here is a pure function of arrays; the modules (UNet, text encoder) and
 the static `LossSpec` come in as arguments, never closed-over weights.
@@ -40,6 +41,13 @@ class LossSpec:
   kv_weight: float = 0.0     # weight of kv_anchor (kd.kv_weight; 0 = off)
   loss_reduction: str = "mean"  # train.loss_reduction: mean | cd (see denoise_loss)
   rescale_cues: bool = False  # data.rescale_cues: prompt_ids hold len(RESCALE_CUES) per template
+  prior_weight: float = 0.0  # prior.weight: class-image rows (batch_size of them) in every step
+
+  @property
+  def regularised(self) -> bool:
+    """A regulariser adds rows to every batch (DFKD or prior preservation): the learning
+    rate is then x train.regulariser_lr_scale, as Custom Diffusion's x2."""
+    return self.use_kd or self.prior_weight > 0
 
 
 def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_lib.Selection,
@@ -68,6 +76,7 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
   if cfg.data.rescale_cues and not cfg.data.rescale:
     raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
                       "needs data.rescale=True")
+  check_prior(cfg)
   n_batch = mesh.size  # the batch is split over data x fsdp
   for name, b in (("train.batch_size", cfg.train.batch_size),
                   ("kd.batch_size", cfg.kd.batch_size)):
@@ -85,7 +94,22 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
       delta=selection, batch_sharding=sharding,
       kd_from_base=use_kd and bool(kd_lib.kinds(cfg, "from_base")),
       kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
-      loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues))
+      loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues),
+      prior_weight=float(cfg.prior.weight))
+
+
+def check_prior(cfg) -> None:
+  """prior.* fields, validated before anything is generated or trained."""
+  p = cfg.prior
+  if not p.weight >= 0:
+    raise ConfigError(f"prior.weight must be >= 0 (0 = off), got {p.weight}")
+  if p.weight > 0:
+    if p.count < 1:
+      raise ConfigError(f"prior.count must be >= 1 with prior preservation on "
+                        f"(prior.weight={p.weight}), got {p.count}")
+    if not isinstance(p.template, str) or p.template.count("{}") != 1:
+      raise ConfigError(f"prior.template must hold one '{{}}' for the class word, got "
+                        f"{p.template!r}")
 
 
 class SessionData(NamedTuple):
@@ -104,6 +128,11 @@ class SessionData(NamedTuple):
   kd_cache: Optional[Dict[str, jax.Array]] = None  # x, t, cond, target (see kd_cache)
   kd_base: Optional[jax.Array] = None  # [NC] bool: condition distilled from the base (kd.from_base)
   kv_gram: Optional[jax.Array] = None  # [D, D] float32: kv_gram of the DFKD conditions (kd.kv_weight)
+  # Prior preservation (prior.weight > 0): the session's class images, padded like the photos.
+  prior_mean: Optional[jax.Array] = None    # [P, h, w, c] VAE posterior means (unscaled)
+  prior_logvar: Optional[jax.Array] = None  # [P, h, w, c]
+  prior_ids: Optional[jax.Array] = None     # [P, L] int32: each image's class prompt
+  n_prior: Optional[jax.Array] = None       # int32: images [0, n_prior) are real
 
 
 class Models(NamedTuple):
@@ -185,6 +214,31 @@ def _text(models: Models, text_params, rows, ids):
   return models.text.apply({"params": text_params}, ids, extra_embeddings=rows)
 
 
+_PRIOR = 1  # purpose folded into the step key for the class-image rows (the others stay as they were)
+
+
+def _prior_inputs(batch: SessionData, rows, frozen, schedule, rng, *, models: Models,
+                  spec: LossSpec):
+  """The class-image rows of one step: (x_t, t, context, target), batch_size of them.
+
+  Each row: a class image drawn from [0, n_prior), a sample of its latent
+  distribution, scaled, noised at a uniform timestep; its class prompt as context.
+  No flip or rescale (Custom Diffusion augments only the concept photos).
+  """
+  k_idx, k_lat, k_noise, k_t = jax.random.split(rng, 4)
+  b = spec.batch_size
+  idx = jax.random.randint(k_idx, (b,), 0, batch.n_prior)
+  mean, logvar = batch.prior_mean[idx], batch.prior_logvar[idx]
+  z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
+       ) * spec.scaling_factor
+  noise = jax.random.normal(k_noise, z.shape, z.dtype)
+  t = jax.random.randint(k_t, (b,), 0, spec.scheduler.num_train_timesteps)
+  x_t = schedule_lib.add_noise(schedule, z, noise, t)
+  target = schedule_lib.training_target(schedule, spec.scheduler.prediction_type, z, noise, t)
+  context = _text(models, frozen["text"], rows, batch.prior_ids[idx])
+  return x_t, t, context, target
+
+
 def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
             models: Models, spec: LossSpec):
   """Total loss and metrics for one step.
@@ -202,7 +256,7 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
     rng: this step's key.
 
   Returns:
-    (loss, {"denoise": ..., "kd": ...}).
+    (loss, {"denoise": ..., "prior": ..., "kd": ..., "kv": ...}) (the terms that are on).
   """
   k_idx, k_lat, k_aug, k_noise, k_t, k_tpl, k_kd = jax.random.split(rng, 7)
   idx = jax.random.randint(k_idx, (spec.batch_size,), 0, batch.n_images)
@@ -227,12 +281,20 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   unet_params = spec.delta.merge(trainable["unet"], frozen["unet"])
 
   x_in, t_in, c_in = x_t, t, context
+  n_prior = spec.batch_size if spec.prior_weight > 0 else 0
+  if n_prior:
+    x_p, t_p, c_p, target_p = _prior_inputs(batch, rows, frozen, schedule,
+                                            jax.random.fold_in(rng, _PRIOR), models=models,
+                                            spec=spec)
+    x_in = jnp.concatenate([x_in, x_p])
+    t_in = jnp.concatenate([t_in, t_p])
+    c_in = jnp.concatenate([c_in, c_p])
   if spec.use_kd:
     x_kd, t_kd, c_kd, target_kd = kd_lib.kd_inputs(teacher, frozen, batch, schedule, k_kd,
                                              models=models, spec=spec)
-    x_in = jnp.concatenate([x_t, x_kd.astype(x_t.dtype)])
-    t_in = jnp.concatenate([t, t_kd])
-    c_in = jnp.concatenate([context, c_kd.astype(context.dtype)])
+    x_in = jnp.concatenate([x_in, x_kd.astype(x_t.dtype)])
+    t_in = jnp.concatenate([t_in, t_kd])
+    c_in = jnp.concatenate([c_in, c_kd.astype(context.dtype)])
   if spec.batch_sharding is not None:
     x_in, t_in, c_in = (jax.lax.with_sharding_constraint(a, spec.batch_sharding)
                         for a in (x_in, t_in, c_in))
@@ -243,8 +305,14 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
                          spec.loss_reduction)
   metrics = {"denoise": denoise}
   loss = denoise
+  if n_prior:
+    # Custom Diffusion's prior loss: the plain per-element mean over the class rows.
+    prior = jnp.mean(jnp.square(out[spec.batch_size:spec.batch_size + n_prior]
+                                - target_p.astype(jnp.float32)))
+    loss = loss + spec.prior_weight * prior
+    metrics["prior"] = prior
   if spec.use_kd:
-    kd = jnp.mean(jnp.square(out[spec.batch_size:] - target_kd.astype(jnp.float32)))
+    kd = jnp.mean(jnp.square(out[spec.batch_size + n_prior:] - target_kd.astype(jnp.float32)))
     loss = loss + spec.kd_weight * kd
     metrics["kd"] = kd
   if spec.kv_weight:
