@@ -3,14 +3,22 @@
   python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
 
 Training runs over the same sessions, photos, steps and seeds give the variants
-(`mini.variants`): custom_diffusion (sequential Custom Diffusion, no regulariser:
-method=custom_diffusion, no ICGen), dfkd (method=lfs, DFKD and, if kd.kv_weight > 0,
-our K/V anchor; no ICGen), icgen (the custom_diffusion run sampled with ICGen), lfs
-(the lfs run with ICGen), anchor (the K/V anchor alone, kd.weight 0, no ICGen),
-separate (every concept trained alone from the base, one run each, sampled with its
-own delta: no forgetting by construction) and lora (the lfs recipe training LoRA
-factors, train.selection=lora, sampled with ICGen). After every session each variant draws
-every concept learned so far and the class prompts; the oracle reads the samples:
+(`mini.variants`, the table VARIANTS below; "+icgen" = the same run sampled with ICGen):
+  custom_diffusion        sequential Custom Diffusion with no regulariser at all;
+  custom_diffusion+prior  Custom Diffusion with prior preservation: class images the
+                          base drew once (prior.weight, prior.count, prior.template);
+  dfkd / lfs              the paper: DFKD (kd.kv_weight forced to 0), without / with ICGen;
+  dfkd+kv / lfs+kv        ours: DFKD and the K/V anchor (kd.kv_weight), without / with ICGen;
+  anchor                  the K/V anchor alone (kd.weight 0);
+  separate                every concept trained alone from the base, one run each, sampled
+                          with its own delta: no forgetting by construction, the
+                          reference for how well a concept can be learned;
+  lora                    lfs+kv training LoRA factors (train.selection=lora).
+`mini.seeds=0,1,2` runs every variant on each seed (photos, class prompts, noise: all
+drawn from the seed) into --workdir/seed<s>/ and prints mean ± std (over seeds, ddof 1)
+beside every number; the goal (`goal_lines`) is judged on the means.
+After every session each variant draws every concept learned so far and the class
+prompts; the oracle reads the samples:
   - IA[j, k]: mean cosine of oracle features between concept j's samples after
     session k and fresh renders of its design that neither training nor ICGen saw
     (`mini.references` of them); IA photos: the same against its training photos
@@ -22,9 +30,11 @@ every concept learned so far and the class prompts; the oracle reads the samples
   - class accuracy[k]: share of class-prompt samples ("a red star on a white
     background", classes of the run's concepts) with shape and colour right, and
     the share the oracle calls patterned (concepts leaking into their class).
-Everything lands in --workdir: photos/, runs/<run>/ (ordinary lfs_jax runs:
-sample, evaluate and export work on them), eval/ (one JSON per variant and session,
-reused when rerun), results.json, report.md, plots and samples_session<k>.png.
+Everything lands in --workdir (per seed in seed<s>/ with mini.seeds): photos/,
+runs/<run>/ (ordinary lfs_jax runs: sample, evaluate and export work on them; a
+finished run is resumed, not retrained), eval/ (one JSON per variant and session,
+reused when rerun), results.json, report.md, plots.png and samples_session<k>.png
+(each concept's first photo beside every variant's samples of it and of the class).
 """
 
 from __future__ import annotations
@@ -37,40 +47,115 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lfs_jax.mini import report
 from lfs_jax.mini import world
 
 # variant -> (training run, ICGen on). "separate" trains every concept alone from the
-# base (runs/separate_<name>, one session each) and samples each with its own delta:
-# no forgetting by construction, the reference for how well a concept can be learned.
+# base (runs/separate_<name>, one session each) and samples each with its own delta.
 VARIANTS = {
     "custom_diffusion": ("cd", False),
+    "custom_diffusion+icgen": ("cd", True),
+    "custom_diffusion+prior": ("cd_prior", False),
+    "custom_diffusion+prior+icgen": ("cd_prior", True),
     "dfkd": ("lfs", False),
-    "icgen": ("cd", True),
     "lfs": ("lfs", True),
+    "dfkd+kv": ("lfs_kv", False),
+    "lfs+kv": ("lfs_kv", True),
     "anchor": ("anchor", False),
+    "anchor+icgen": ("anchor", True),
     "separate": ("separate", False),
-    "lora": ("lfs_lora", True),  # lfs trained as LoRA factors (train.selection=lora, train.lora_*)
+    "separate+icgen": ("separate", True),
+    "lora": ("lfs_lora", True),  # lfs+kv trained as LoRA factors (train.selection=lora, train.lora_*)
 }
-# training run -> (method, DFKD on); "anchor" is the K/V anchor alone (kd.weight 0).
-RUN_METHODS = {"cd": ("custom_diffusion", True), "lfs": ("lfs", True),
-               "anchor": ("lfs", False), "separate": ("custom_diffusion", True),
-               "lfs_lora": ("lfs", True)}
-RUN_SELECTIONS = {"lfs_lora": "lora"}  # a run's train.selection, where not the config's
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKind:
+  """What one training run turns on; every other setting is the config's."""
+  method: str
+  dfkd: bool = False       # kd.weight as configured (else 0)
+  kv: bool = False         # kd.kv_weight as configured (else 0: the paper's loss)
+  prior: bool = False      # prior.weight as configured (else 0)
+  selection: str = ""      # train.selection, where not the config's
+
+
+RUNS = {
+    "cd": RunKind("custom_diffusion"),
+    "cd_prior": RunKind("custom_diffusion", prior=True),
+    "lfs": RunKind("lfs", dfkd=True),
+    "lfs_kv": RunKind("lfs", dfkd=True, kv=True),
+    "anchor": RunKind("lfs", kv=True),
+    "separate": RunKind("custom_diffusion"),
+    "lfs_lora": RunKind("lfs", dfkd=True, kv=True, selection="lora"),
+}
 # Fresh renders of each concept's design that IA is scored against ("held-out
 # references"): another seed than the photos (cfg.seed) and than the ceiling's renders.
 REF_SEED_OFFSET, CEILING_SEED_OFFSET = 1000, 2000
 
 
 def parse_variants(cfg) -> List[str]:
-  """cfg.mini.variants as a list; an unknown or empty one is an error naming the field."""
+  """cfg.mini.variants as a list; an unknown or empty one, or one whose regulariser is
+  configured off, is an error naming the field."""
   variants = [v.strip() for v in cfg.mini.variants.split(",") if v.strip()]
   bad = [v for v in variants if v not in VARIANTS]
   if bad or not variants:
     raise ValueError(f"mini.variants: unknown {bad or 'empty'}; use some of {list(VARIANTS)}")
-  if "anchor" in variants and not cfg.kd.kv_weight > 0:
-    raise ValueError("mini.variants: 'anchor' is the K/V anchor alone and needs "
-                     f"kd.kv_weight > 0, got {cfg.kd.kv_weight}")
+  for v in variants:
+    kind = RUNS[VARIANTS[v][0]]
+    if kind.kv and not cfg.kd.kv_weight > 0:
+      raise ValueError(f"mini.variants: {v!r} uses the K/V anchor and needs kd.kv_weight > 0, "
+                       f"got {cfg.kd.kv_weight}")
+    if kind.dfkd and not cfg.kd.weight > 0:
+      raise ValueError(f"mini.variants: {v!r} uses DFKD and needs kd.weight > 0, "
+                       f"got {cfg.kd.weight}")
+    if kind.prior and not cfg.prior.weight > 0:
+      raise ValueError(f"mini.variants: {v!r} is prior preservation and needs prior.weight "
+                       f"> 0, got {cfg.prior.weight}")
+    if kind.prior and cfg.prior.count < 1:
+      raise ValueError(f"mini.variants: {v!r} is prior preservation and needs prior.count "
+                       f">= 1 class images, got {cfg.prior.count}")
   return variants
+
+
+def parse_seeds(cfg) -> List[int]:
+  """cfg.mini.seeds ("0,1,2") as a list; "" = the config's one seed (no seed<s>/ folders)."""
+  try:
+    seeds = [int(x) for x in cfg.mini.seeds.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"mini.seeds must be comma-separated integers, got "
+                     f"{cfg.mini.seeds!r}") from None
+  if len(set(seeds)) != len(seeds) or any(x < 0 for x in seeds):
+    raise ValueError(f"mini.seeds: distinct seeds >= 0, got {cfg.mini.seeds!r}")
+  return seeds
+
+
+def designs(cfg) -> Dict[str, world.Concept]:
+  """Every concept design the run can name: world.CONCEPTS plus mini.concepts
+  ("name=shape,colour,pattern,colour2;..."), each checked against the world's vocabulary."""
+  out = {c.name: c for c in world.CONCEPTS}
+  for entry in (e.strip() for e in cfg.mini.concepts.split(";")):
+    if not entry:
+      continue
+    name, _, spec = entry.partition("=")
+    parts = [p.strip() for p in spec.split(",")]
+    ok = (name.strip() and len(parts) == 4 and parts[0] in world.SHAPES
+          and parts[1] in world.COLOURS and parts[2] in world.PATTERNS[1:]
+          and parts[3] in world.BACKGROUNDS and parts[3] != parts[1])
+    if not ok:
+      raise ValueError(
+          f"mini.concepts: {entry!r} is not name=shape,colour,pattern,colour2 with shape in "
+          f"{world.SHAPES}, colour in {world.COLOURS}, pattern in {world.PATTERNS[1:]}, "
+          f"colour2 another of {world.BACKGROUNDS}")
+    out[name.strip()] = world.Concept(name.strip(), *parts)
+  return out
+
+
+def design(cfg, name: str) -> world.Concept:
+  got = designs(cfg)
+  if name not in got:
+    raise ValueError(f"data.sessions: unknown mini concept {name!r}; known: {', '.join(got)} "
+                     "(add designs with mini.concepts)")
+  return got[name]
 
 
 def _log(msg: str) -> None:
@@ -89,12 +174,13 @@ def concept_names(cfg) -> List[List[str]]:
           for s in cfg.data.sessions.split(";") if s.strip()]
 
 
-def write_photos(root: str, names: Sequence[str], per_concept: int, seed: int) -> None:
+def write_photos(root: str, concepts: Sequence[world.Concept], per_concept: int,
+                 seed: int) -> None:
   """Renders each concept's photos to root/<name>/<i>.png (and its eval prompts)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  for name in names:
-    c = world.concept(name)
+  for c in concepts:
+    name = c.name
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
     for i, img in enumerate(world.render_all(world.concept_scenes(c, per_concept, seed))):
@@ -129,10 +215,15 @@ def training_config(cfg, run: str, photos: str, sessions: str = ""):
 
   d = cfg.to_dict()
   n_templates = d.pop("mini")["kd_class_templates"]
-  d["method"], dfkd = RUN_METHODS[run]
-  d["train"]["selection"] = RUN_SELECTIONS.get(run, d["train"]["selection"])
-  if not dfkd:
+  kind = RUNS[run]
+  d["method"] = kind.method
+  d["train"]["selection"] = kind.selection or d["train"]["selection"]
+  if not kind.dfkd:
     d["kd"]["weight"] = 0.0
+  if not kind.kv:
+    d["kd"]["kv_weight"] = 0.0
+  if not kind.prior:
+    d["prior"]["weight"] = 0.0
   if sessions:
     d["data"]["sessions"] = sessions
   if n_templates and d["method"] == "lfs":
@@ -181,7 +272,7 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
   feats, pred = oracle.predict(oracle_params, images)
   out: Dict[str, Any] = {"concepts": {}, "samples": {}}
   for i, c in enumerate(concepts):
-    spec = world.concept(c.name)
+    spec = design(cfg, c.name)
     sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
     ref_feats, _ = oracle.predict(oracle_params, refs[c.name])
     right = ceiling.concept_right({k: v[sl] for k, v in pred.items()}, spec)
@@ -240,13 +331,13 @@ def ia_bounds(cfg, oracle_params, refs: Dict[str, np.ndarray], names: Sequence[s
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
   n = cfg.mini.eval_images
-  prompts = [f"a {world.concept(c).shape}" for c in names for _ in range(n)]
+  prompts = [f"a {design(cfg, c).shape}" for c in names for _ in range(n)]
   feats, _ = oracle.predict(oracle_params, _generate(
       base_model, prompts, [i for _ in names for i in range(n)], 1.0, cfg))
   out = {}
   for i, c in enumerate(names):
     ref_feats, _ = oracle.predict(oracle_params, refs[c])
-    fresh = world.render_all(world.concept_scenes(world.concept(c), n,
+    fresh = world.render_all(world.concept_scenes(design(cfg, c), n,
                                                   cfg.seed + CEILING_SEED_OFFSET))
     fresh_feats, _ = oracle.predict(oracle_params, fresh)
     out[c] = {"floor": float((feats[i * n:(i + 1) * n] @ ref_feats.T).mean()),
@@ -296,152 +387,93 @@ def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
   }
 
 
-def _samples_png(path: str, header: List[str], rows: List[Tuple[str, List[np.ndarray]]]) -> None:
-  """A header of column labels, then one labelled row of tiles per variant (3x upscaled)."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+def check(cfg) -> Tuple[List[str], List[int], List[List[str]]]:
+  """(variants, seeds, sessions' concept names): every bad input is an error naming its
+  field, raised before anything is written or trained."""
+  from lfs_jax.train import losses  # pylint: disable=g-import-not-at-top
 
-  tile, label_w, head_h = 96, 130, 18
-  width = label_w + tile * max(len(t) for _, t in rows)
-  canvas = Image.new("RGB", (width, head_h + tile * len(rows)), (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  for i, text in enumerate(header):
-    draw.text((label_w + i * tile + 2, 3), text[:15], fill=(0, 0, 0))
-  for r, (label, tiles) in enumerate(rows):
-    draw.text((4, head_h + r * tile + tile // 2 - 6), label, fill=(0, 0, 0))
-    for i, t in enumerate(tiles):
-      canvas.paste(Image.fromarray(t).resize((tile, tile), Image.NEAREST),
-                   (label_w + i * tile, head_h + r * tile))
-  canvas.save(path)
-
-
-def _plots(path: str, summaries: Dict[str, Dict[str, Any]], base_class: float) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for v, s in summaries.items():
-    ks = sorted(s["class_accuracy"])
-    axes[0].plot(ks, [np.mean([m[k] for m in s["ia_matrix"].values() if k in m]) for k in ks],
-                 marker="o", label=v)
-    axes[1].plot(ks, [np.mean([m[k] for m in s["accuracy_matrix"].values() if k in m])
-                      for k in ks], marker="o", label=v)
-    axes[2].plot(ks, [s["class_accuracy"][k] for k in ks], marker="o", label=v)
-  axes[2].axhline(base_class, color="gray", ls="--", label="base")
-  for ax, title in zip(axes, ("mean IA of learned concepts", "concept accuracy (oracle)",
-                              "class-prompt accuracy")):
-    ax.set_title(title)
-    ax.set_xlabel("session")
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  variants, seeds = parse_variants(cfg), parse_seeds(cfg)
+  sessions = concept_names(cfg)
+  if not sessions:
+    raise ValueError("data.sessions: no concept named")
+  for n in (n for s in sessions for n in s):
+    design(cfg, n)  # an unknown name, or a design the world cannot render
+  if cfg.mini.references < 1:
+    raise ValueError(f"mini.references must be >= 1, got {cfg.mini.references}")
+  losses.check_prior(cfg)
+  return variants, seeds, sessions
 
 
-def _report(summaries, base, names, sessions_of, cfg, timings) -> str:
-  lines = ["# Mini-world lifelong benchmark", "",
-           f"Sessions: `{cfg.data.sessions}`; {cfg.train.steps} steps per session; "
-           f"sampler {cfg.sample.sampler} {cfg.sample.steps} steps, guidance "
-           f"{cfg.sample.guidance}; ICGen strength {cfg.icgen.strength}; "
-           f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}; "
-           f"K/V anchor weight {cfg.kd.kv_weight} (ours; 0 = the paper's loss alone).", "",
-           f"Base model: class-prompt accuracy {base['class']['accuracy']:.3f} "
-           f"(shape {base['class']['shape']:.3f}, colour {base['class']['colour']:.3f}, "
-           f"patterned {base['class']['patterned']:.3f}).", "",
-           "IA is scored against fresh renders of each concept's design that neither "
-           "training nor ICGen saw; IA photos against the concept's training photos (the "
-           "ICGen context). nIA = (IA - floor) / (ceiling - floor), floor = the base's "
-           "class-prompt samples, ceiling = other fresh renders, both against the same "
-           "references. \"own\" = right after the concept's own session.", "",
-           "| variant | IA final | IA photos final | IAD mean | nIA own | nIA final | "
-           "nIAD mean | concept acc own | concept acc final | class acc final | "
-           "class acc drop vs base | class patterned final |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for v, s in summaries.items():
-    k = max(s["class_patterned"])
-    lines.append(f"| {v} | {s['ia_final']:.3f} | {s['ia_photos_final']:.3f} | "
-                 f"{s['iad_mean']:.3f} | {s['nia_own']:.3f} | {s['nia_final']:.3f} | "
-                 f"{s['niad_mean']:.3f} | {s['concept_accuracy_own']:.3f} | "
-                 f"{s['concept_accuracy_final']:.3f} | {s['class_accuracy_final']:.3f} | "
-                 f"{s['class_accuracy_drop']:+.3f} | {s['class_patterned'][k]:.3f} |")
-  verdict = goal(summaries)
-  if verdict:
-    lines += ["", verdict + "."]
-  for v, s in summaries.items():
-    ks = sorted(s["class_accuracy"])
-    lines += ["", f"## {v}: IA[concept, session] (concept accuracy in brackets)", "",
-              "| concept (session) | " + " | ".join(f"s{k}" for k in ks) + " | IAD |",
-              "|---|" + "---|" * (len(ks) + 1)]
-    for n in names:
-      cells = [f"{s['ia_matrix'][n][k]:.3f} ({s['accuracy_matrix'][n][k]:.2f})"
-               if k in s["ia_matrix"][n] else "" for k in ks]
-      iad = s["iad"].get(n)
-      lines.append(f"| {n} ({sessions_of[n]}) | " + " | ".join(cells) + " | "
-                   + (f"{iad:.3f}" if iad is not None else "-") + " |")
-    for key in ("accuracy", "shape", "colour"):
-      lines.append(f"| class {key} | " + " | ".join(
-          f"{s['class_' + key][k]:.3f}" for k in ks) + " | |")
-  lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
-  return "\n".join(lines)
+def with_seed(cfg, seed: int):
+  """A locked copy of cfg with `seed` (photos, class prompts, noise: all drawn from it)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
 
-
-def goal(summaries: Dict[str, Dict[str, Any]]) -> str:
-  """Issue 7's goal, when lfs and custom_diffusion were both judged: one line."""
-  if not {"lfs", "custom_diffusion"} <= set(summaries):
-    return ""
-  lfs, cd = summaries["lfs"], summaries["custom_diffusion"]
-  iad_ok = lfs["iad_mean"] <= 0.5 * cd["iad_mean"]
-  class_ok = lfs["class_accuracy_drop"] <= 0.05
-  return (f"goal: IAD(lfs) {lfs['iad_mean']:.3f} <= half of IAD(custom_diffusion) "
-          f"{cd['iad_mean']:.3f}: {'met' if iad_ok else 'NOT met'}; class-prompt accuracy "
-          f"of lfs within 5 points of the base ({-lfs['class_accuracy_drop']:+.3f}): "
-          f"{'met' if class_ok else 'NOT met'}")
-
-
-def table(summaries: Dict[str, Dict[str, Any]], base_class: float) -> str:
-  """The printed table. IA is against held-out renders of each concept (IA photos: against
-  its training photos); nIA normalised by ia_bounds; "own" = right after the concept's
-  own session (plasticity), "final" = after the last."""
-  head = (f"{'variant':<17}{'IA':>7}{'IA photos':>10}{'nIA own':>8}{'nIA':>7}{'nIAD':>7}"
-          f"{'acc own':>8}{'acc':>7}{'class acc':>10}{'drop':>8}")
-  rows = [head, "-" * len(head)]
-  for v, s in summaries.items():
-    rows.append(f"{v:<17}{s['ia_final']:>7.3f}{s['ia_photos_final']:>10.3f}"
-                f"{s['nia_own']:>8.3f}{s['nia_final']:>7.3f}{s['niad_mean']:>7.3f}"
-                f"{s['concept_accuracy_own']:>8.3f}{s['concept_accuracy_final']:>7.3f}"
-                f"{s['class_accuracy_final']:>10.3f}{s['class_accuracy_drop']:>+8.3f}")
-  rows.append(f"{'base model':<17}{'':>7}{'':>10}{'':>8}{'':>7}{'':>7}{'':>8}{'':>7}"
-              f"{base_class:>10.3f}")
-  verdict = goal(summaries)
-  return "\n".join(rows + ([verdict] if verdict else []))
+  d = cfg.to_dict()
+  d["seed"] = seed
+  out = ml_collections.ConfigDict(d)
+  out.lock()
+  return out
 
 
 def run(cfg, workdir: str) -> Dict[str, Any]:
-  """Trains the runs the variants need, evaluates every session, writes the report."""
+  """Every seed of mini.seeds (or the config's one seed) through `run_seed`, then the
+  table with mean ± std, the goal, plots and report.md over them.
+
+  With mini.seeds empty everything lands in `workdir` itself; else seed s's run in
+  workdir/seed<s>/ (finished training runs and evaluations there are reused).
+  """
+  variants, seeds, sessions = check(cfg)
+  if not seeds:
+    return run_seed(cfg, workdir)
+  per_seed, bases, timings = [], [], {}
+  for s in seeds:
+    _log(f"==== seed {s} ====")
+    got = run_seed(with_seed(cfg, s), os.path.join(workdir, f"seed{s}"))
+    per_seed.append(got["variants"])
+    bases.append(got["base"]["class"]["accuracy"])
+    timings.update({f"seed{s} {k}": v for k, v in got["timings_s"].items()})
+  names = [n for s in sessions for n in s]
+  sessions_of = {n: k + 1 for k, s in enumerate(sessions) for n in s}
+  results = {"seeds": seeds, "per_seed": per_seed, "base_class_accuracy": bases,
+             "means": report.means(per_seed, bases), "config": cfg.to_dict(),
+             "timings_s": timings,
+             "goal": report.goal_lines(per_seed, bases, len(sessions))}
+  _atomic_json(os.path.join(workdir, "results.json"), results)
+  report.plots(os.path.join(workdir, "plots.png"), per_seed, bases)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(report.markdown(per_seed, bases, seeds, names, sessions_of, cfg, timings))
+  results["table"] = report.table(per_seed, bases, len(sessions))
+  results["pngs"] = [os.path.join(workdir, f"seed{seeds[0]}", f"samples_session{k}.png")
+                     for k in range(1, len(sessions) + 1)]
+  results["variants"] = {v: {k: x for k, x in m.items()} for v, m in results["means"].items()
+                         if v != "base"}
+  return results
+
+
+def run_seed(cfg, workdir: str) -> Dict[str, Any]:
+  """One seed: trains the runs the variants need, evaluates every session, writes the report."""
   from lfs_jax import runs  # pylint: disable=g-import-not-at-top
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
   from lfs_jax.train import session as session_lib  # pylint: disable=g-import-not-at-top
 
-  variants = parse_variants(cfg)
-  sessions = concept_names(cfg)
+  variants, _, sessions = check(cfg)
   names = [n for s in sessions for n in s]
-  for n in names:
-    world.concept(n)  # unknown names fail here, before anything is written
-  if cfg.mini.references < 1:
-    raise ValueError(f"mini.references must be >= 1, got {cfg.mini.references}")
+  concepts = {n: design(cfg, n) for n in names}
   sessions_of = {n: k + 1 for k, s in enumerate(sessions) for n in s}
-  classes = sorted({world.concept(n).shape for n in names})
+  classes = sorted({c.shape for c in concepts.values()})
   os.makedirs(workdir, exist_ok=True)
   photo_dir = os.path.join(workdir, "photos")
-  write_photos(photo_dir, names, cfg.mini.photos, cfg.seed)
+  write_photos(photo_dir, list(concepts.values()), cfg.mini.photos, cfg.seed)
   oracle_params = oracle.load(cfg.mini.oracle or oracle.DEFAULT_DIR)
-  photos = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.photos,
-                                                     cfg.seed)) for n in names}
-  refs = {n: world.render_all(world.concept_scenes(world.concept(n), cfg.mini.references,
-                                                   cfg.seed + REF_SEED_OFFSET)) for n in names}
+  photos = {n: world.render_all(world.concept_scenes(c, cfg.mini.photos, cfg.seed))
+            for n, c in concepts.items()}
+  refs = {n: world.render_all(world.concept_scenes(c, cfg.mini.references,
+                                                   cfg.seed + REF_SEED_OFFSET))
+          for n, c in concepts.items()}
   timings: Dict[str, float] = {}
-  stamp = {"sample": cfg.sample.to_dict(), "icgen": cfg.icgen.to_dict(),
-           "mini": cfg.mini.to_dict()}
+  # What an evaluation depends on besides its model (which variants or seeds are run does not).
+  mini = {k: v for k, v in cfg.mini.to_dict().items() if k not in ("variants", "seeds")}
+  stamp = {"sample": cfg.sample.to_dict(), "icgen": cfg.icgen.to_dict(), "mini": mini}
 
   # Train the runs the variants need; an existing run directory is resumed.
   train_runs = {}  # run dir name -> (kind, data.sessions override)
@@ -457,8 +489,10 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
     rdir = os.path.join(workdir, "runs", r)
     rcfg = training_config(cfg, kind, photo_dir, only)
     run_configs[r] = rcfg.to_dict()
-    alone = ", kd.weight 0: the K/V anchor alone" if kind == "anchor" else ""
-    _log(f"== training run {r!r} ({rcfg.method}{alone}), sessions {rcfg.data.sessions!r} ==")
+    what = ", ".join([rcfg.method] + [f"{k} {v}" for k, v in (
+        ("kd.weight", rcfg.kd.weight), ("kd.kv_weight", rcfg.kd.kv_weight),
+        ("prior.weight", rcfg.prior.weight)) if v and (k != "kd.weight" or rcfg.method == "lfs")])
+    _log(f"== training run {r!r} ({what}), sessions {rcfg.data.sessions!r} ==")
     session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
     timings[f"train {r}"] = time.time() - t
 
@@ -516,7 +550,7 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
       if kind == "separate":  # each concept by its own one-session run, never retrained
         got, samples = {"concepts": {}}, {}
         for n in learned:
-          path = os.path.join(evdir, f"separate_{n}.json")
+          path = os.path.join(evdir, f"{v}_{n}.json")
           r = f"separate_{n}"
           one = cached(path, lambda r=r: evaluate(r, 1, icgen), run_configs[r])
           got["concepts"].update(one["concepts"])
@@ -533,20 +567,22 @@ def run(cfg, workdir: str) -> Dict[str, Any]:
       tiles = [samples[n][0] for n in learned] + list(samples["class"][:3])
       rows.append((f"{v}", tiles))
     png = os.path.join(workdir, f"samples_session{k}.png")
-    _samples_png(png, header, rows)
+    report.samples_png(png, header, rows)
     pngs.append(png)
   timings["evaluate"] = time.time() - t
 
   base_class = base["class"]["accuracy"]
-  summaries = {v: _summary(per_variant[v], names, sessions_of, base_class, bounds)
-               for v in variants}
+  summaries = {v: dict(_summary(per_variant[v], names, sessions_of, base_class, bounds),
+                      icgen=VARIANTS[v][1]) for v in variants}
   results = {"base": {k: v for k, v in base.items() if k != "stamp"}, "ia_bounds": bounds,
-             "variants": summaries, "config": cfg.to_dict(), "timings_s": timings}
+             "variants": summaries, "config": cfg.to_dict(), "timings_s": timings,
+             "goal": report.goal_lines([summaries], [base_class], len(sessions))}
   _atomic_json(os.path.join(workdir, "results.json"), results)
-  _plots(os.path.join(workdir, "plots.png"), summaries, base_class)
+  report.plots(os.path.join(workdir, "plots.png"), [summaries], [base_class])
   with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(_report(summaries, base, names, sessions_of, cfg, timings))
-  results["table"] = table(summaries, base_class)
+    f.write(report.markdown([summaries], [base_class], [cfg.seed], names, sessions_of, cfg,
+                            timings))
+  results["table"] = report.table([summaries], [base_class], len(sessions))
   results["pngs"] = pngs
   return results
 

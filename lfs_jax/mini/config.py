@@ -3,9 +3,13 @@
 The shipped base model (lfs_jax/assets/mini_base, trained by
 `python -m lfs_jax.mini.train_base`) learns patterned shapes session after session;
 the shipped oracle judges the samples. `arg`:
-  full  (default) six sessions, four variants: custom_diffusion, dfkd, icgen, lfs;
-  short three sessions, custom_diffusion vs lfs (the bench's default);
-  smoke two sessions, a handful of steps, one training run (the test).
+  full  (default) six sessions, every variant of issue 17 (the goal run; add
+        --config.mini.seeds=0,1,2 for mean ± std);
+  hard  full's variants on six sessions of six stars (one class: the harder case
+        for forgetting; three designs from mini.concepts below);
+  short three sessions, custom_diffusion vs lfs+kv (the bench's default, the README's
+        first command);
+  smoke two sessions, a handful of steps (the test).
 
   python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
 
@@ -14,7 +18,7 @@ default needs no checkout.)
 
 Sweeps are one override away, e.g. --config.kd.steps=8 (T_tau),
 --config.kd.weight=0.5 (lambda), --config.icgen.strength=0.4 (s); --config.kd.kv_weight=0
-is the paper's loss alone (the K/V anchor off).
+is the paper's loss alone (the K/V anchor off) for every variant.
 """
 
 import os
@@ -24,6 +28,12 @@ import ml_collections
 from lfs_jax import config_base
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+
+
+# Star designs beside world.CONCEPTS' three (other patterns and colours; banded_star shares
+# striped_star's pattern, so its photos have the same sizes and places in other colours).
+HARD_CONCEPTS = ("checked_star=star,red,checks,white;split_star=star,green,split,orange;"
+                 "banded_star=star,orange,stripes,purple")
 
 
 def get_config(arg="full"):
@@ -53,11 +63,24 @@ def get_config(arg="full"):
   c.sample.batch_size = 16
   c.icgen.strength = 0.6
   c.icgen.select = "random"
+  c.prior.weight = 1.0            # the custom_diffusion+prior variants only (Custom Diffusion: 1.0)
+  c.prior.count = 64              # class images per class (Custom Diffusion: 200; 64 keeps the
+  # ^ mini run's generation under a minute a class on 2 CPU cores)
+  c.prior.template = "a {}"       # the world's caption form: "a star"
 
   c.mini = ml_collections.ConfigDict()
-  c.mini.variants = "custom_diffusion,dfkd,icgen,lfs"  # which to judge, of: custom_diffusion (no
-  # ^ regulariser), dfkd, icgen, lfs (lfs_jax/mini/bench.py VARIANTS), anchor (the K/V anchor
-  # ^ alone, no DFKD), separate (each concept trained alone from the base, its own delta)
+  c.mini.variants = ",".join((    # which to judge (lfs_jax/mini/bench.py VARIANTS):
+      "custom_diffusion",         # sequential Custom Diffusion, no regulariser
+      "custom_diffusion+icgen",   # ... sampled with ICGen
+      "custom_diffusion+prior",   # + prior preservation (prior.*: class images the base drew)
+      "custom_diffusion+prior+icgen",
+      "dfkd", "lfs",              # the paper's DFKD (kd.kv_weight 0), without / with ICGen
+      "dfkd+kv", "lfs+kv",        # ours: DFKD + the K/V anchor, without / with ICGen
+      "anchor", "anchor+icgen",   # the K/V anchor alone (kd.weight 0)
+      "separate", "separate+icgen"))  # each concept alone from the base: no forgetting
+  c.mini.seeds = ""               # "0,1,2": every variant on each seed, mean ± std (workdir/seed<s>/);
+  # ^ "" = the one `seed`, straight into the workdir
+  c.mini.concepts = ""            # extra concept designs "name=shape,colour,pattern,colour2;..."
   c.mini.photos = 4               # rendered photos per concept (training and ICGen context)
   c.mini.references = 8           # fresh renders per concept that IA is scored against (held out)
   c.mini.eval_images = 8          # samples per concept prompt
@@ -68,16 +91,21 @@ def get_config(arg="full"):
 
   if arg == "short":
     c.data.sessions = "striped_star;checked_square;dotted_star"
-    c.mini.variants = "custom_diffusion,lfs"
+    c.mini.variants = "custom_diffusion,lfs+kv"
     c.mini.class_seeds = 4        # 96 class samples a session: keeps the run under 5 minutes
+  elif arg == "hard":
+    # Six stars, one a session: every session bends the same class word's keys and values.
+    c.mini.concepts = HARD_CONCEPTS
+    c.data.sessions = "striped_star;dotted_star;ringed_star;checked_star;split_star;banded_star"
   elif arg == "smoke":
     c.data.sessions = "striped_star;dotted_star"
-    c.mini.variants = "dfkd,lfs,separate"  # one lfs run, both samplings; one run a concept
+    c.mini.variants = "custom_diffusion+prior,lfs,separate"  # three runs, prior preservation too
+    c.prior.count = 4
     c.train.steps = 4
     c.sample.steps = 4
     c.mini.eval_images = 2
     c.mini.class_prompts = 2
     c.mini.class_seeds = 1
   elif arg != "full":
-    raise ValueError(f"configs/mini.py takes :full, :short or :smoke, got :{arg}")
+    raise ValueError(f"configs/mini.py takes :full, :hard, :short or :smoke, got :{arg}")
   return c
