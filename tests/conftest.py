@@ -80,6 +80,25 @@ def tiny_config(compile_cache):
   return lambda **overrides: _tiny_config(compile_cache, **overrides)
 
 
+@pytest.fixture
+def mini_config(compile_cache):
+  """Factory: `mini_config("smoke", **{"mini.variants": "lfs"})` -> configs/mini.py:<arg>
+  on one device, the run's XLA cache, dotted overrides applied."""
+  def make(arg, **overrides):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "mini.py")
+    spec = importlib.util.spec_from_file_location("mini_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.compile_cache = compile_cache
+    c.mesh.data = 1
+    c.update_from_flattened_dict(overrides)
+    return c
+  return make
+
+
 # The settings of the shared two-session run (tiny_run): sampling and evaluation
 # small enough for test_sample and test_evaluate alike.
 TINY_RUN = {"train__steps": 2, "data__sessions": "dog;cat", "sample__steps": 4,

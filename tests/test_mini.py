@@ -180,23 +180,6 @@ def test_training_timesteps_favour_high_noise():
   assert abs((train_base.draw_timesteps(u[0], u[1], 0.0) >= 500).mean() - 0.5) < 0.02
 
 
-@pytest.fixture
-def mini_config(compile_cache):
-  def make(arg, **overrides):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "mini.py")
-    spec = importlib.util.spec_from_file_location("mini_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.compile_cache = compile_cache
-    c.mesh.data = 1
-    c.update_from_flattened_dict(overrides)
-    return c
-  return make
-
-
 @pytest.mark.slow  # a whole loop (CI runs it)
 def test_base_follows_held_out_captions(mini_config):
   from lfs_jax.mini import bench, oracle

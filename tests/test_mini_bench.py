@@ -1,28 +1,9 @@
 """The mini benchmark's harness without training: bad input, seeds, mean ± std, the goal."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
 from lfs_jax.mini import bench, report
-
-
-def _config(arg, **overrides):
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "mini.py")
-  spec = importlib.util.spec_from_file_location("mini_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  c.lock()
-  return c
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -37,14 +18,15 @@ def _config(arg, **overrides):
     ({"mini.concepts": "blue_blob=blob,blue,stripes,white"}, "mini.concepts"),
     ({"mini.concepts": "x=star,blue,stripes,blue"}, "mini.concepts"),  # invisible pattern
 ])
-def test_bad_input_names_the_field_before_anything_is_written(tmp_path, overrides, field):
+def test_bad_input_names_the_field_before_anything_is_written(tmp_path, mini_config, overrides,
+                                                              field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-    bench.run(_config("smoke", **overrides), str(tmp_path / "w"))
+    bench.run(mini_config("smoke", **overrides), str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
-def test_hard_config_is_six_sessions_of_one_class_all_renderable():
-  cfg = _config("hard")
+def test_hard_config_is_six_sessions_of_one_class_all_renderable(mini_config):
+  cfg = mini_config("hard")
   variants, seeds, sessions = bench.check(cfg)
   assert len(sessions) == 6 and seeds == []
   designs = [bench.design(cfg, n) for s in sessions for n in s]
@@ -104,7 +86,7 @@ def test_several_seeds_print_mean_and_std_beside_every_number():
   assert mean == pytest.approx(7 / 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
 
 
-def test_seeds_run_into_their_own_folders_and_aggregate(tmp_path, monkeypatch):
+def test_seeds_run_into_their_own_folders_and_aggregate(tmp_path, monkeypatch, mini_config):
   """mini.seeds=3,5: run_seed gets a config with seed 3, then 5, each its own folder;
   the top level has the mean table, results.json, report.md and plots.png."""
   seen = []
@@ -120,7 +102,7 @@ def test_seeds_run_into_their_own_folders_and_aggregate(tmp_path, monkeypatch):
             "base": {"class": {"accuracy": 0.9}}, "timings_s": {"evaluate": 1.0}}
 
   monkeypatch.setattr(bench, "run_seed", fake)
-  got = bench.run(_config("smoke", **{"mini.seeds": "3,5",
+  got = bench.run(mini_config("smoke", **{"mini.seeds": "3,5",
                                       "mini.variants": "custom_diffusion,lfs"}), str(tmp_path))
   assert seen == [(3, str(tmp_path / "seed3")), (5, str(tmp_path / "seed5"))]
   assert got["means"]["custom_diffusion"]["niad_mean"] == pytest.approx(0.4)
