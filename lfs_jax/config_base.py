@@ -139,6 +139,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.icgen.strength = 0.6          # [choice] s in (0, 1]; 1 = plain text-to-image (bank ignored)
   c.icgen.select = "random"       # context latent: random (one photo, by image seed) | first | mean
 
+  # Validation images while training (lfs_jax/train/validation.py): a fixed-seed grid of
+  # what the model draws, into <workdir>/samples/validation/ and TensorBoard. Sampling
+  # follows sample.* and icgen.*. Never changes training; free to change on --resume.
+  c.validation = ml_collections.ConfigDict()
+  c.validation.every_session = True  # a grid after each session (False = none)
+  c.validation.every_steps = 0    # also a grid every N train steps inside a session (0 = off)
+  c.validation.prompts_per_concept = 1  # rows per concept learned so far: its training prompt
+  # ^ ("photo of a <c1> dog"), then its evaluation prompts ("a <c1> dog on the beach", ...)
+  c.validation.prompts_per_class = 1  # rows per class word of those concepts: the same prompts
+  # ^ without the token ("photo of a dog"); 0 = no class rows
+  c.validation.seeds = 2          # columns: images per row, seeds sample.seed, sample.seed + 1, ...
+  c.validation.variants = "icgen,plain"  # each concept prompt with ICGen (icgen.strength) and/or
+  # ^ plain text-to-image (strength 1); class prompts never use ICGen (one row each)
+
   # Evaluation (--mode=evaluate, DESIGN 1.3): CLIP TA / IA of every concept after every
   # session. Free to change on a finished run; sampling follows sample.* and icgen.*.
   c.eval = ml_collections.ConfigDict()
@@ -209,4 +223,7 @@ def use_local_sd(c: ml_collections.ConfigDict, resolution: int) -> ml_collection
   c.kd.batch_size = 8
   c.sample.steps = 50
   c.sample.batch_size = 8
+  # Validation after each session: 2 prompts x (ICGen, plain) x 2 seeds per concept
+  # learned so far, plus one class prompt per class word x 2 seeds.
+  c.validation.prompts_per_concept = 2
   return c

@@ -43,7 +43,7 @@ _FREE_FIELDS = ("compile_cache", "train.log_every", "train.progress_every", "che
                 "distributed.cluster", "distributed.coordinator", "distributed.num_processes",
                 "distributed.process_id", "distributed.cpu_collectives")
 # Config groups that only steer sampling, never the trained weights.
-_FREE_PREFIXES = ("sample.", "icgen.", "eval.")
+_FREE_PREFIXES = ("sample.", "icgen.", "eval.", "validation.")
 
 
 class RunError(ValueError):

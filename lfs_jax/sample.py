@@ -128,7 +128,8 @@ def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
 
 def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
              settings: Optional[SampleSettings] = None, *,
-             progress: bool = False) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+             progress: bool = False,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
   """One image per (prompt, seed) pair, with ICGen for prompts that name a concept.
 
   Args:
@@ -137,6 +138,8 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
     seeds: N image seeds (ints in [0, 2**32)).
     settings: sampler and ICGen settings (default: from run.cfg).
     progress: show a progress bar over the batches.
+    mesh: the devices to sample on (default: those of run.cfg.mesh; training's
+      validation passes the run's own mesh).
 
   Returns:
     (images uint8 [N, H, W, 3], records): one dict per image (prompt, seed,
@@ -156,7 +159,7 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
   schedule = sampler_lib.make_schedule(spec, settings.steps)
   records, latents = _plan(run, prompts, seeds, settings, np.asarray(schedule.timesteps))
 
-  b, sample_fn = settings.batch_size, _sampler(run)
+  b, sample_fn = settings.batch_size, _sampler(run, mesh)
   if sample_fn is not sampler_lib.sample_jit:  # one batch row per device at least
     b = -(-b // sample_fn.n_devices) * sample_fn.n_devices
   shape = _latent_shape(run)
@@ -200,25 +203,30 @@ class _MeshSampler:
     fn, shardings = sampler_lib.sample_on_mesh(self.mesh, self.mode, unet_params,
                                                unet=unet, spec=spec,
                                                fsdp_min_size=self.min_size)
-    if self._placed[0] is not unet_params:
-      self._placed = (unet_params, parallel.put(unet_params, shardings[0]))
+    if all(isinstance(x, jax.Array) and x.sharding == s for x, s in
+           zip(jax.tree.leaves(unet_params), jax.tree.leaves(shardings[0]))):
+      placed = unet_params  # laid out already by the caller, who keeps it (no copy held here)
+    else:  # placed once for the calls that follow with the same tree
+      if self._placed[0] is not unet_params:
+        self._placed = (unet_params, parallel.put(unet_params, shardings[0]))
+      placed = self._placed[1]
     args = [parallel.put(a, s) for a, s in zip(args, shardings[1:])]
     with jax.set_mesh(self.mesh):  # read by kernels that split the batch themselves (splash)
-      out = fn(self._placed[1], *args)
+      out = fn(placed, *args)
     return parallel.to_host(out)
 
 
 _MESH_SAMPLERS: Dict[Any, _MeshSampler] = {}
 
 
-def _sampler(run: runs.RunModel):
+def _sampler(run: runs.RunModel, mesh=None):
   """`sampler.sample_jit` on one device (bit for bit as ever), else a mesh sampler.
 
   The run's (or the command line's) mesh.* settings choose the devices: with more
   than one, each sampler batch is split over them (batches grow to a multiple of
   the device count) and the UNet is laid out by mesh.frozen.
   """
-  mesh = parallel.make_mesh(run.cfg.mesh)
+  mesh = parallel.make_mesh(run.cfg.mesh) if mesh is None else mesh
   if mesh.size == 1:
     return sampler_lib.sample_jit
   key = (mesh, run.cfg.mesh.frozen, run.cfg.mesh.fsdp_min_size)

@@ -64,6 +64,7 @@ def _tiny_config(compile_cache, **overrides):
   c.train.progress_every = 0
   c.data.sessions = "dog;dog2"
   c.mesh.data = 1  # one device unless a test asks for the mesh
+  c.validation.every_session = False  # grids cost sampling; tests/test_validation.py turns them on
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split("__")

@@ -39,7 +39,8 @@ _LOCAL_SD = {"model.source": "local", "model.path": "", "model.compute_dtype": "
              "train.batch_size": 8, "train.log_every": 25, "train.progress_every": 100,
              "kd.batch_size": 8, "sample.steps": 50, "sample.batch_size": 8,
              "train.loss_reduction": "cd", "train.regulariser_lr_scale": 2.0,
-             "concepts.initializer": "ktn", "data.rescale_cues": True}
+             "concepts.initializer": "ktn", "data.rescale_cues": True,
+             "validation.prompts_per_concept": 2}
 EXPECTED = {
     ("tiny", None): {},
     ("sd15", None): {**_LOCAL_SD, "data.resolution": 512},
@@ -100,6 +101,7 @@ def test_session_on_a_local_diffusers_folder(tmp_path, tiny_config, compile_cach
     cfg.kd.batch_size = 2
     cfg.mesh.data = 1
     cfg.compile_cache = compile_cache
+    cfg.validation.every_session = False  # 50-step grids: tests/test_validation.py's job
   run = str(tmp_path / "run")
   results = session.run(cfg, run)
   assert results[0]["session"] == 1

@@ -40,6 +40,7 @@ def _config(folder, compile_cache, **overrides):
   c.train.learning_rate = 1e-3  # moves the weights far enough to see a wrong load
   c.kd.mode = "noise"  # DFKD at one point: less to compile
   c.mesh.data = 1
+  c.validation.every_session = False  # grids: tests/test_validation.py's job
   for key, value in overrides.items():
     c.update_from_flattened_dict({key: value})
   c.lock()

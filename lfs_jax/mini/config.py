@@ -67,6 +67,12 @@ def get_config(arg="full"):
   c.prior.count = 64              # class images per class (Custom Diffusion: 200; 64 keeps the
   # ^ mini run's generation under a minute a class on 2 CPU cores)
   c.prior.template = "a {}"       # the world's caption form: "a star"
+  # Validation grids (lfs_jax/train/validation.py) off: the benchmark draws its own
+  # samples_session<k>.png and its timings are documented without them. Turned on
+  # (--config.validation.every_session=True), a grid is 1 prompt x (ICGen, plain) x 4
+  # seeds per concept and 1 class prompt x 4 seeds per class (32 px tiles).
+  c.validation.every_session = False
+  c.validation.seeds = 4
 
   c.mini = ml_collections.ConfigDict()
   c.mini.variants = ",".join((    # which to judge (lfs_jax/mini/bench.py VARIANTS):

@@ -3,14 +3,13 @@
 `steps` calls the compiled step from the state's step to `train.steps`; metrics come
 to the host every `train.log_every` steps (a non-finite value raises, naming the
 window); progress is saved every `train.progress_every` steps and when SIGTERM asks
-to stop, once per step whoever asks.
+to stop (also inside a validation grid), once per step whoever asks.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -59,7 +58,8 @@ def log(pending, done: int, session: int, writer) -> Dict[str, float]:
   return {k: float(v) for k, v in host[-1].items()}
 
 
-def steps(run, su, state, session: int, stop):
+def steps(run, su, state, session: int, stop, *, writer: Optional[SummaryWriter] = None,
+          validate: Optional[Callable] = None):
   """Runs session `session` from `state.step` to `train.steps`.
 
   Args:
@@ -67,6 +67,10 @@ def steps(run, su, state, session: int, stop):
     su: the session's session.SessionSetup (compiled step and its placed arguments).
     state: the train state to start from (fresh, or restored by --resume).
     stop: {"flag": bool}, set by the SIGTERM handler.
+    writer: the run's TensorBoard writer (process 0; None elsewhere).
+    validate: `validate(state, step) -> stopped`, called after every step but the
+      last and at a resumed start (validation grids; train/validation.py); it only
+      reads the state. True: SIGTERM stopped it, so progress is saved at this step.
 
   Returns:
     (final state, the last metric window's values).
@@ -75,8 +79,10 @@ def steps(run, su, state, session: int, stop):
     Preempted: SIGTERM asked to stop; progress was saved at the step reached.
   """
   cfg = run.cfg
-  writer = SummaryWriter(os.path.join(run.workdir, "logs")) if jax.process_index() == 0 else None
   first, total = int(state.step), cfg.train.steps
+  # A resumed start may be a step whose grid a SIGTERM stopped: progress is saved there.
+  if validate is not None and 0 < first < total and validate(state, first):
+    raise Preempted(f"session {session} stopped at step {first}; progress saved")
   bar = tqdm.tqdm(total=total, initial=first,
                   desc=f"session {session}/{run.first + len(run.sessions) - 1}",
                   unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -94,7 +100,8 @@ def steps(run, su, state, session: int, stop):
     bar.update(1)
     if done == total:
       continue  # the session save keeps this step
-    stopping = should_stop(stop, done, cfg.train.log_every)
+    stopped = validate is not None and validate(state, done)
+    stopping = stopped or should_stop(stop, done, cfg.train.log_every)
     # One save a step, whoever asks: the progress cadence and SIGTERM can name the same step.
     if stopping or (cfg.train.progress_every and done % cfg.train.progress_every == 0):
       checkpoint.save_progress(run.workdir, done, state, {"session": session},
@@ -103,8 +110,6 @@ def steps(run, su, state, session: int, stop):
       bar.close()
       raise Preempted(f"session {session} stopped at step {done}; progress saved")
   bar.close()
-  if writer:
-    writer.close()
   return state, last
 
 

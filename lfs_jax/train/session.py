@@ -12,7 +12,9 @@ The only training code that touches the disk. Its stages, in order:
                  into the same frozen base) and the fresh train state, on the mesh;
     compile      the step, once a run, at its first session (a `Trainer`);
     loop         `train.steps` steps, progress checkpoints, SIGTERM (train/loop.py);
-    save         sessions/<k>/ written; progress/ dropped.
+    save         sessions/<k>/ written; progress/ dropped;
+    validate     the grid of what session k's model draws (train/validation.py), also
+                 every validation.every_steps steps inside the loop.
 
 A run made by `--mode=import` (lfs_jax.interop) starts with a finished session 1 never
 trained here; data.sessions lists the sessions after it (numbered from 2).
@@ -46,6 +48,8 @@ from lfs_jax.train import loop
 from lfs_jax.train import losses
 from lfs_jax.train import prior as prior_lib
 from lfs_jax.train import step as step_lib
+from lfs_jax.train import validation as validation_lib
+from lfs_jax.train.tensorboard import SummaryWriter
 from lfs_jax.train.loop import Preempted  # pylint: disable=unused-import  (main catches it here)
 
 _TRAIN, _KD_CACHE = 1, 2  # purposes folded into the run key
@@ -167,8 +171,12 @@ def setup_session(run: Run, session: int, prev_delta,
 
 
 def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer], *,
-                   resume: bool, stop):
-  """Trains and saves one session; returns (its final metrics, the run's Trainer)."""
+                   resume: bool, stop, writer=None, validator=None, banks=None):
+  """Trains and saves one session; returns (its final metrics, the run's Trainer).
+
+  `validator` (None: off) renders the grids inside the session, `banks` holds the
+  context banks of the sessions before it, `writer` the run's TensorBoard events.
+  """
   # SIGTERM while loading the base or saving the last session: stop before any work.
   loop.stop_if_asked(stop, f"session {session} not started")
   su = setup_session(run, session, prev_delta, trainer)
@@ -180,7 +188,8 @@ def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer
       print(f"session {session}: resumed at step {int(state.step)}")
   loop.stop_if_asked(stop, f"session {session} stopped before step {int(state.step) + 1}")
   t0 = time.time()
-  state, last = loop.steps(run, su, state, session, stop)
+  hook = validation_lib.make_step_hook(validator, su, session, banks or {}, stop)
+  state, last = loop.steps(run, su, state, session, stop, writer=writer, validate=hook)
   _save(run, su, state, session, last, time.time() - t0)
   return {"session": session, **last}, su.trainer
 
@@ -219,6 +228,7 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
     raise ConfigError("concepts.initializer must be 'class' or a word whose embedding starts "
                       f"every new token, got {cfg.concepts.initializer!r}")
   selection = delta_lib.from_config(cfg.train)
+  validation_lib.check_config(cfg)
   sessions = base_lib.session_specs(cfg.data, cfg.seed)
   images = {}
   for spec in sum(sessions, []):
@@ -301,18 +311,43 @@ def run(cfg, workdir: str, *, resume: bool = False,
   lock = lock_lib.acquire(workdir, "training run")  # a double submit stops here
   stop = {"flag": False}  # set by SIGTERM from the start: loading the base can take minutes
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+  writer = None
   try:
     the_run = prepare(cfg, workdir, resume=resume, devices=devices)
+    if jax.process_index() == 0:  # one events file a run: TensorBoard follows the newest
+      writer = SummaryWriter(os.path.join(workdir, "logs"))
+    validator = (validation_lib.Validator(the_run, writer)
+                 if validation_lib.check_config(cfg) else None)
     done = checkpoint.finished_sessions(workdir)
     checkpoint.drop_finished_progress(workdir, done)
     prev_delta = base_delta(the_run)
-    results, trainer = [], None
+    results, trainer, banks = [], None, {}
     for k in range(1, the_run.first + len(the_run.sessions)):
       if k not in done:  # an imported session (k < the_run.first) is always done
-        got, trainer = _train_session(the_run, k, prev_delta, trainer, resume=resume, stop=stop)
+        got, trainer = _train_session(the_run, k, prev_delta, trainer, resume=resume, stop=stop,
+                                      writer=writer, validator=validator, banks=banks)
         results.append(got)
-      prev_delta = checkpoint.restore_session(workdir, k)["delta"]
+      stored = checkpoint.restore_session(workdir, k)
+      prev_delta = stored["delta"]
+      banks.update(stored["bank"])
+      _validate_session(validator, stored, k, banks, trainer, stop)
     return results
   finally:
     signal.signal(signal.SIGTERM, previous)
+    if writer is not None:
+      writer.close()
     lock.release()
+
+
+def _validate_session(validator, stored, session: int, banks, trainer, stop) -> None:
+  """The grid after session k from its checkpoint, unless it exists (a resumed run
+  renders the ones a SIGTERM stopped); a SIGTERM stops it and the run (Preempted)."""
+  if validator is None or not validator.settings.every_session:
+    return
+  if not validator.missing(session):
+    return
+  moment = validation_lib.end_of_session(stored, session, banks)
+  frozen = trainer.frozen_base["unet"] if trainer is not None else None
+  if validator.render(moment, frozen, stop) is None:
+    raise Preempted(f"session {session} saved, its validation grid stopped before it was "
+                    "written; --resume renders it")

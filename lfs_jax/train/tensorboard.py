@@ -1,7 +1,8 @@
-"""TensorBoard scalar events without TensorFlow.
+"""TensorBoard scalar and image events without TensorFlow.
 
-An event file is a TFRecord stream of `Event` protos; scalars need three small
-messages, so we encode them by hand instead of depending on TensorFlow.
+An event file is a TFRecord stream of `Event` protos; scalars and images need a few
+small messages (Event, Summary, Summary.Value, Summary.Image), so we encode them by
+hand instead of depending on TensorFlow.
 """
 
 from __future__ import annotations
@@ -49,18 +50,29 @@ def _bytes_field(number: int, payload: bytes) -> bytes:
   return _field(number, 2) + _varint(len(payload)) + payload
 
 
-def _event(step: int, *, file_version: str = "", tag: str = "", value: float = 0.0) -> bytes:
+def _event(step: int, *, file_version: str = "", value: bytes = b"") -> bytes:
+  """An Event: the file version record, or one Summary holding one Summary.Value."""
   msg = _field(1, 1) + struct.pack("<d", time.time()) + _field(2, 0) + _varint(step)
   if file_version:
-    msg += _bytes_field(3, file_version.encode())
-  else:
-    val = _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", value)
-    msg += _bytes_field(5, _bytes_field(1, val))
-  return msg
+    return msg + _bytes_field(3, file_version.encode())
+  return msg + _bytes_field(5, _bytes_field(1, value))
+
+
+def _scalar_value(tag: str, value: float) -> bytes:
+  """Summary.Value{tag = 1, simple_value = 2}."""
+  return _bytes_field(1, tag.encode()) + _field(2, 5) + struct.pack("<f", value)
+
+
+def _image_value(tag: str, png: bytes, height: int, width: int) -> bytes:
+  """Summary.Value{tag = 1, image = 4: Summary.Image{height = 1, width = 2,
+  colorspace = 3 (3: RGB), encoded_image_string = 4}}."""
+  image = (_field(1, 0) + _varint(height) + _field(2, 0) + _varint(width)
+           + _field(3, 0) + _varint(3) + _bytes_field(4, png))
+  return _bytes_field(1, tag.encode()) + _bytes_field(4, image)
 
 
 class SummaryWriter:
-  """Appends scalar summaries to one events file in `logdir`."""
+  """Appends scalar and image summaries to one events file in `logdir`."""
 
   def __init__(self, logdir: str):
     os.makedirs(logdir, exist_ok=True)
@@ -74,7 +86,11 @@ class SummaryWriter:
     self._f.write(record + struct.pack("<I", _masked_crc(record)))
 
   def scalar(self, tag: str, value: float, step: int) -> None:
-    self._write(_event(step, tag=tag, value=float(value)))
+    self._write(_event(step, value=_scalar_value(tag, float(value))))
+
+  def image(self, tag: str, png: bytes, height: int, width: int, step: int) -> None:
+    """An RGB image summary: `png` is the encoded PNG of a [height, width, 3] image."""
+    self._write(_event(step, value=_image_value(tag, png, int(height), int(width))))
 
   def flush(self) -> None:
     self._f.flush()
