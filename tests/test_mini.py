@@ -46,6 +46,15 @@ def test_captions_and_held_out_split():
              for x in world.scenes(0, 200, split="train"))
   with pytest.raises(ValueError, match="unknown mini concept"):
     world.concept("nope")
+  # A patterned scene's caption names its pattern and second colour (so a concept's
+  # design is reachable from words); a solid scene's and the held-out captions never do.
+  striped = world.Scene("star", "blue", "black", "stripes", "yellow")
+  assert world.caption(striped) == "a blue star with yellow stripes on a black background"
+  assert world.caption(striped, pattern=False) == "a blue star on a black background"
+  assert world.caption(world.Scene("star", "blue", "black", "ring", "gray"),
+                       background=False) == "a blue star with a gray ring"
+  from lfs_jax.mini import ceiling
+  assert ceiling.named_design(world.concept("striped_star")) == "a blue star with yellow stripes"
   # DFKD class templates in the caption form: "a {}" first, distinct, seeded.
   t = world.class_templates(8, seed=0)
   assert t[0] == "a {}" and len(set(t)) == 8 and t == world.class_templates(8, seed=0)
@@ -53,6 +62,29 @@ def test_captions_and_held_out_split():
   for x in t[1:]:
     colour, shape, background = x.split()[1], "{}", x.split()[-2]
     assert x == world.caption(world.Scene(shape, colour, background))
+
+
+def test_caption_variants_name_each_attribute_half_the_time():
+  from lfs_jax.mini import train_base
+
+  striped = world.Scene("star", "blue", "black", "stripes", "yellow")
+  named = train_base.caption_variants(striped, name_patterns=True)
+  assert len(named) == 8 and len(set(named)) == 8
+  for word in ("blue", "black", "stripes"):
+    assert sum(word in c for c in named) == 4, word
+  # Without --name_patterns (every stage shipped before it): the pattern is never named,
+  # in the order the recorded commands drew from.
+  assert train_base.caption_variants(striped) == [
+      "a blue star on a black background", "a star on a black background", "a blue star",
+      "a star"]
+  solid = train_base.caption_variants(world.Scene("star", "blue", "black"), name_patterns=True)
+  assert solid[:4] == solid[4:] == train_base.caption_variants(world.Scene("star", "blue", "black"))
+  # The judged prompts are never training captions: no held-out triple, and a concept
+  # prompt names a token no caption contains.
+  caps = {c for s in world.scenes(0, 2000, patterns=True)
+          for c in train_base.caption_variants(s, name_patterns=True)}
+  held = {world.caption(world.Scene(*t)) for t in world.caption_triples("heldout")}
+  assert caps and not caps & held and not any("<" in c for c in caps)
 
 
 def test_shipped_oracle_reads_fresh_renders():

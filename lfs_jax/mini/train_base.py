@@ -17,8 +17,10 @@ project runs on it unchanged:
     `--backend=torch` runs this loop in PyTorch (2.5x faster on a CPU);
     `--unet_from` continues from a folder's UNet.
 Both see the same renders: solid shapes, and (30%) shapes with a pattern in a
-second colour that the caption never names, so the base can draw patterns but no
-prompt can ask for a particular one: that is what a concept session teaches.
+second colour. Without `--name_patterns` the caption never names it, so the base can
+draw patterns but no prompt can ask for a particular one; with it, half of a
+patterned shape's captions name the pattern ("a blue star with yellow stripes"), so a
+concept's design is reachable from words (the shipped base's last stage).
 The folder is written in diffusers' layout (safetensors), with TRAINING.json: the
 command, the wall time per part and the final losses.
 """
@@ -108,11 +110,17 @@ def to_unit(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def caption_variants(scene: world.Scene) -> List[str]:
-  """The captions a training image is shown with (the full one, and shorter ones)."""
-  return [world.caption(scene), world.caption(scene, colour=False),
-          world.caption(scene, background=False),
-          world.caption(scene, colour=False, background=False)]
+def caption_variants(scene: world.Scene, name_patterns: bool = False) -> List[str]:
+  """The captions a training image is shown with (the full one, and shorter ones).
+
+  Each attribute (colour, background and, with `name_patterns`, the pattern with its
+  second colour) is named in half of them; without `name_patterns` a pattern is
+  never named. A solid scene's pattern-named variants equal the others, so every
+  image has the same number of variants and each attribute is dropped as often.
+  """
+  named = (True, False) if name_patterns else (False,)
+  return [world.caption(scene, colour=c, background=b, pattern=p)
+          for p in named for b in (True, False) for c in (True, False)]
 
 
 def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float):
@@ -245,6 +253,10 @@ def main(argv=None) -> int:
   ap.add_argument("--cfg_drop", type=float, default=0.1)
   ap.add_argument("--high_noise", type=float, default=0.5,
                   help=f"share of each batch trained at timesteps >= {HIGH_T}")
+  ap.add_argument("--name_patterns", action="store_true",
+                  help="captions name a patterned shape's pattern and second colour in half "
+                  "of its variants ('a blue star with yellow stripes on a black background'); "
+                  "without it no caption names a pattern")
   ap.add_argument("--unet_from", default="",
                   help="a model folder: start the UNet from its weights and keep its text "
                   "encoder (continue training; --seed then only picks new renders)")
@@ -264,7 +276,8 @@ def main(argv=None) -> int:
   ap.add_argument("--decoder_batch", type=int, default=32)
   ap.add_argument("--decoder_lr", type=float, default=1e-3)
   ap.add_argument("--torch_threads", type=int, default=0,
-                  help="PyTorch CPU threads for the decoder stage (0 = one a core)")
+                  help="PyTorch CPU threads of the torch UNet loop and the decoder stage "
+                  "(0 = one a core)")
   ap.add_argument("--vae_only", action="store_true",
                   help="stop after the VAE; write reconstructions.png to --out (tuning)")
   console.add_verbosity(ap)
@@ -333,11 +346,13 @@ def main(argv=None) -> int:
   else:
     text_params = tiny.random_tree(clip.abstract_params(text_cfg), [args.seed, 5])
   tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
-  captions = sorted({c for s in scenes for c in caption_variants(s)} | {""})
+  variants = [caption_variants(s, args.name_patterns) for s in scenes]
+  captions = sorted({c for v in variants for c in v} | {""})
   cap_id = {c: i for i, c in enumerate(captions)}
   if args.unet_steps:
     table = encode_captions(text_model, text_params, tokenizer, captions)
-    caption_index = np.array([[cap_id[c] for c in caption_variants(s)] for s in scenes])
+    caption_index = np.array([[cap_id[c] for c in v] for v in variants])
+    _log(f"{len(captions)} distinct captions")
 
   vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
   out = os.path.abspath(args.out)
@@ -384,7 +399,7 @@ def main(argv=None) -> int:
         UNET, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"], latents,
         caption_index, table, cap_id[""], args.unet_steps, args.unet_batch, args.seed,
         args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
-        high_share=args.high_noise, init=args.unet_from or None)
+        high_share=args.high_noise, init=args.unet_from or None, threads=args.torch_threads)
   else:
     init = loaders.load_unet(args.unet_from)[1] if args.unet_from else None
     unet_model, unet_params, unet_loss = train_unet(

@@ -24,13 +24,14 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                ema_decay: float, drop: float, log: Callable[[str], None],
                snapshot: Optional[Callable[[dict, int], None]] = None,
                snapshot_every: int = 0, high_share: float = 0.0,
-               init: Optional[str] = None):
+               init: Optional[str] = None, threads: int = 0):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps).
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
   text_table [C, 77, d] per image; `snapshot(params, step)` is called every
   `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a model
-  folder whose UNet weights to start from; `high_share`: see recipe.HIGH_T.
+  folder whose UNet weights to start from; `high_share`: see recipe.HIGH_T; `threads`:
+  PyTorch's CPU threads (0 = one a core).
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -40,7 +41,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(threads or os.cpu_count() or 1)
   model = diffusers.UNet2DConditionModel(
       **{k: v for k, v in unet_config.items() if not k.startswith("_")})
   if init:

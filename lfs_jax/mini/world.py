@@ -2,11 +2,13 @@
 
 Every image is one shape (circle, square, ...) in one colour on a plain background,
 at a random size, position and small rotation, captioned "a red circle on a blue
-background". The base model learns this world from captions. Concepts add what
-captions never mention: a pattern in a second colour (stripes, checks, dots, a
-two-tone split, a ring) on a base shape; a concept's photos are renders of it at
-random sizes, positions and backgrounds, so the base cannot draw it from text and a
-few-shot session has something to learn.
+background". The base model learns this world from captions. Concepts are designs:
+a pattern in a second colour (stripes, checks, dots, a two-tone split, a ring) on a
+base shape; a concept's photos are renders of it at random sizes, positions and
+backgrounds. The base's captions may name patterns ("a blue star with yellow
+stripes", `caption(pattern=True)`), so a concept is reachable from words, as a
+particular dog is close to "a dog" for Stable Diffusion, but never by its own name:
+a few-shot session still has to teach "<c1> star".
 
 Everything is deterministic in the seed: `scenes(seed, n)` gives the same list on
 every machine, and `render` is plain numpy (4x supersampled, box-filtered).
@@ -63,9 +65,24 @@ class Concept:
     return _place(rng, Scene(self.shape, self.colour, bg, self.pattern, self.colour2))
 
 
-def caption(scene: Scene, *, colour: bool = True, background: bool = True) -> str:
-  """'a red circle on a blue background', or a shorter form without some attributes."""
+# How a caption names a pattern and its second colour: "a blue star with yellow
+# stripes on a black background".
+PATTERN_PHRASES: Dict[str, str] = {
+    "stripes": "{} stripes", "checks": "{} checks", "dots": "{} dots",
+    "split": "a {} side", "ring": "a {} ring",
+}
+
+
+def caption(scene: Scene, *, colour: bool = True, background: bool = True,
+            pattern: bool = True) -> str:
+  """'a red circle on a blue background', or a shorter form without some attributes.
+
+  A patterned scene's caption names its pattern ("a blue star with yellow stripes on
+  a black background") unless `pattern` is False; a solid scene's never does.
+  """
   words = ["a"] + ([scene.colour] if colour else []) + [scene.shape]
+  if pattern and scene.pattern != "solid":
+    words += ["with", PATTERN_PHRASES[scene.pattern].format(scene.colour2)]
   if background:
     words += ["on", "a", scene.background, "background"]
   return " ".join(words)
@@ -184,9 +201,11 @@ def _second_colour(pattern: str, shape: str, u: np.ndarray, v: np.ndarray) -> np
     return (v + 1) * 2.5 % 1 > 0.62
   if pattern == "checks":  # small squares on a lattice
     return ((u + 1) * 2 % 1 > 0.5) & ((v + 1) * 2 % 1 > 0.5)
-  if pattern == "dots":
-    fu, fv = (u + 1) * 2 % 1 - 0.5, (v + 1) * 2 % 1 - 0.5
-    return fu * fu + fv * fv <= 0.3 ** 2
+  if pattern == "dots":  # round, on a coarser lattice than checks, one at the centre
+    # (on the checks' lattice a dot and a check were the same 2-3 px blob at 32 px:
+    # no oracle told them apart better than a coin)
+    fu, fv = (u + 1) * 1.5 % 1 - 0.5, (v + 1) * 1.5 % 1 - 0.5
+    return fu * fu + fv * fv <= 0.32 ** 2
   if pattern == "split":  # the right third
     return u > 0.3
   if pattern == "ring":
