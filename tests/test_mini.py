@@ -94,10 +94,11 @@ def test_shipped_oracle_reads_fresh_renders():
   fresh = world.scenes(12345, 300, split="all", patterns=True)  # a seed never trained on
   acc = oracle.accuracy(params, world.render_all(fresh), oracle.labels(fresh))
   # Floors a little under what training measured on 1,000 fresh renders (shape 0.98,
-  # colour 0.998, background 1.0, pattern 0.89, second colour 0.97): the pattern
-  # head is the weakest (small checks and dots are a few pixels at 32 px).
+  # colour 0.997, background 0.999, pattern 0.92, second colour 0.97; on these 300:
+  # 0.98, 1.0, 1.0, 0.94, 0.97): the pattern head is the weakest (it still takes
+  # some checks for dots and stripes for checks, a few pixels each at 32 px).
   for head, floor in (("shape", 0.95), ("colour", 0.97), ("background", 0.97),
-                      ("pattern", 0.82), ("colour2", 0.93)):
+                      ("pattern", 0.90), ("colour2", 0.93)):
     assert acc[head] >= floor, (head, acc)
 
 
