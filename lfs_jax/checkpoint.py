@@ -9,7 +9,9 @@
 
 Only the trainable delta is ever written, never the frozen base. A finished session
 is never rewritten. Orbax writes each checkpoint to a temporary directory and
-renames it when complete, so an interrupted save leaves no half-written session.
+renames it when complete, so an interrupted save leaves no half-written session; on
+a bucket (`gs://`, no rename) it writes a commit marker last, and a checkpoint
+without it is not a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lfs_jax import parallel
+from lfs_jax import paths
 
 SESSIONS = "sessions"
 PROGRESS = "progress"
@@ -96,8 +99,8 @@ def _writing(what: str, path: str, kept: str):
 
 def _session_recovery(workdir: str, session: int) -> str:
   path = os.path.join(workdir, SESSIONS, str(session))
-  return (f"To recover, move it out of the run (mv {path} "
-          f"{os.path.join(workdir, f'damaged_session_{session}')}) and run "
+  moved = os.path.join(workdir, f"damaged_session_{session}")
+  return (f"To recover, move it out of the run ({paths.move_command(path, moved)}) and run "
           f"`python -m lfs_jax.main --config=<the run's config> --workdir={workdir} "
           f"--resume`: session {session} is trained again from its photos and session "
           f"{session - 1}.")
@@ -105,7 +108,7 @@ def _session_recovery(workdir: str, session: int) -> str:
 
 def _manager(path: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(path),
+      paths.abspath(path),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False))
 
@@ -113,7 +116,7 @@ def _manager(path: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointMana
 def finished_sessions(workdir: str) -> List[int]:
   """Session indices with a complete checkpoint, ascending."""
   path = os.path.join(workdir, SESSIONS)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     return []
   return sorted(_manager(path).all_steps())
 
@@ -184,7 +187,7 @@ def session_meta(workdir: str, session: int) -> Dict[str, Any]:
 
 def _has_bank(workdir: str, session: int) -> bool:
   """False for a session saved with an empty context bank (see save_session)."""
-  return os.path.isdir(os.path.join(workdir, SESSIONS, str(session), "bank"))
+  return paths.isdir(os.path.join(workdir, SESSIONS, str(session), "bank"))
 
 
 def restore_bank(workdir: str, session: int) -> Dict[str, Any]:
@@ -216,15 +219,16 @@ def save_progress(workdir: str, step: int, state, meta: Dict[str, Any], keep: in
 
 def _restore_latest_progress(workdir: str, **items) -> Optional[Dict[str, Any]]:
   path = os.path.join(workdir, PROGRESS)
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     return None
   mngr = _manager(path)
   step = mngr.latest_step()
   out = None
   if step is not None:
     with _reading(f"the progress checkpoint of step {step}", os.path.join(path, str(step)),
-                  f"To recover, move it out of the run (mv {path} "
-                  f"{os.path.join(workdir, 'damaged_progress')}) and run again with "
+                  "To recover, move it out of the run ("
+                  f"{paths.move_command(path, os.path.join(workdir, 'damaged_progress'))}) "
+                  "and run again with "
                   "--resume: the interrupted session restarts from its first step."):
       out = dict(mngr.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)).items())
@@ -246,9 +250,8 @@ def progress_meta(workdir: str) -> Optional[Dict[str, Any]]:
 def clear_progress(workdir: str) -> None:
   """Drops the progress checkpoints once their session is saved for good."""
   path = os.path.join(workdir, PROGRESS)
-  if os.path.isdir(path) and jax.process_index() == 0:
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(path)
+  if jax.process_index() == 0 and paths.isdir(path):
+    paths.rmtree(path)
   parallel.barrier("lfs_jax: progress cleared")  # no process sees it half deleted
 
 
@@ -264,19 +267,16 @@ def drop_finished_progress(workdir: str, finished: List[int]) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Process 0 writes run metadata; tmp file + rename so readers never see half a file."""
+  """Process 0 writes run metadata, atomically (`paths.write_text`): readers never see
+  half a file."""
   if jax.process_index() != 0:
     return
-  tmp = f"{path}.tmp"
   with _writing(os.path.basename(path), path, "every file written before"):
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str, what: str) -> Any:
   """A run's JSON file (config.json, ...); a damaged one is named, never guessed at."""
   with _reading(what, path, f"Restore {os.path.basename(path)} from a copy, or start a new "
                 "--workdir."):
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))

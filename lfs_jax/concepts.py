@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from lfs_jax import data as data_lib
+from lfs_jax import paths
 from lfs_jax.datasets import ConceptSpec
 
 
@@ -121,15 +121,12 @@ class Registry:
     return cls(tuple(out))
 
   def save(self, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.write(self.to_json())
-    os.replace(tmp, path)
+    """Writes the registry's JSON atomically (`paths.write_text`)."""
+    paths.write_text(path, self.to_json())
 
   @classmethod
   def load(cls, path: str) -> "Registry":
-    with open(path) as f:
-      return cls.from_json(f.read())
+    return cls.from_json(paths.read_text(path))
 
 
 def add_tokens(tokenizer, registry: Registry, vocab_size: int) -> None:

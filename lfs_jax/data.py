@@ -1,6 +1,7 @@
 """Few-shot concept photos -> square uint8 arrays, and the [-1, 1] model range.
 
-Host-side only (NumPy + Pillow). Every photo goes through one path: decode fully
+Host-side only (NumPy + Pillow); a photo may be a URL (`lfs_jax.paths`). Every
+photo goes through one path: decode fully
 (so a truncated file fails here, not inside a training step), apply the EXIF
 orientation, convert any Pillow mode to 8-bit RGB (alpha over white, 16-bit grey
 rescaled), centre-crop to a square and resize it to `resolution` with Lanczos.
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from lfs_jax import paths as paths_lib
 
 # Lower-case file extensions that load_image accepts, and the Pillow formats they
 # may hold (MPO: the multi-picture JPEG that many cameras write under .jpg).
@@ -42,9 +46,11 @@ def sha256_file(path: str) -> str:
   """Hex SHA-256 of a file's bytes, read in chunks."""
   h = hashlib.sha256()
   try:
-    with open(path, "rb") as f:
+    with paths_lib.open_read(path) as f:
       for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
         h.update(chunk)
+  except paths_lib.StorageError as e:
+    raise DataError(f"cannot read {path}: {e}") from None
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
   return h.hexdigest()
@@ -139,10 +145,14 @@ def load_image(path: str, resolution: Optional[int], *, min_side: float = 0.0,
   if not native and (not isinstance(resolution, (int, np.integer)) or resolution <= 0):
     raise DataError(f"resolution must be a positive integer, got {resolution!r}")
   _check_extension(path)
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
   try:
-    with Image.open(path) as im:
+    if not paths_lib.isfile(path):
+      raise DataError(f"{path}: no such file")
+    source = io.BytesIO(paths_lib.read_bytes(path)) if paths_lib.is_url(path) else path
+  except paths_lib.StorageError as e:
+    raise DataError(f"cannot read {path}: {e}") from None
+  try:
+    with Image.open(source) as im:
       if im.format not in _ALLOWED_FORMATS:
         raise DataError(
             f"{path}: file content is {im.format or 'unknown'}, not one of "
@@ -194,7 +204,7 @@ def load_images(paths: Sequence[str], resolution: int, *, min_side: float = 0.0,
   for p in paths:
     try:
       arrays.append(load_image(p, resolution, min_side=min_side, max_aspect=max_aspect))
-      records.append(ImageRecord(path=os.path.abspath(p), sha256=sha256_file(p)))
+      records.append(ImageRecord(path=paths_lib.abspath(p), sha256=sha256_file(p)))
     except DataError as e:
       errors.append(str(e))
   if errors:

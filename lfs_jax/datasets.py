@@ -27,6 +27,7 @@ import re
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from lfs_jax import data as data_lib
+from lfs_jax import paths
 from lfs_jax.errors import ConfigError
 
 PLACEHOLDER = "{}"
@@ -111,27 +112,26 @@ def bundled_root() -> str:
 # Shared helpers
 
 def _read_text(path: str, what: str) -> str:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise DatasetError(f"{what} {path} is missing")
   try:
-    with open(path, encoding="utf-8-sig") as f:
-      return f.read()
+    return paths.read_text(path, "utf-8-sig")
   except (OSError, UnicodeDecodeError) as e:
     raise DatasetError(f"cannot read {what} {path}: {e}") from None
 
 
 def _list_images(folder: str, concept: str) -> Tuple[str, ...]:
   """Sorted absolute paths of the photos directly inside `folder`."""
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise DatasetError(f"image folder {folder} of concept {concept!r} does not exist")
   found = []
-  for n in sorted(os.listdir(folder)):
+  for n in paths.listdir(folder):
     full = os.path.join(folder, n)
-    if n.startswith(".") or not os.path.isfile(full):
+    if n.startswith(".") or not paths.isfile(full):
       continue
     ext = os.path.splitext(n)[1].lower()
     if ext in data_lib.ALLOWED_EXTENSIONS:
-      found.append(os.path.abspath(full))
+      found.append(paths.abspath(full))
     elif ext in _REFUSED_IMAGE_EXTENSIONS:
       raise DatasetError(
           f"{full}: {ext} images are not supported (allowed: "
@@ -255,9 +255,9 @@ def read_dreambooth(root: str) -> Dict[str, ConceptSpec]:
     {subject: ConceptSpec} in the table's order; dog*/cat* subjects (class "dog" or
     "cat") get the 25 live-subject prompts, the others the 25 object prompts.
   """
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise DatasetError(f"DreamBooth folder {root} does not exist")
-  if not os.path.isfile(os.path.join(root, DREAMBOOTH_FILE)) and os.path.isfile(
+  if not paths.isfile(os.path.join(root, DREAMBOOTH_FILE)) and paths.isfile(
       os.path.join(root, "dataset", DREAMBOOTH_FILE)):
     root = os.path.join(root, "dataset")
   classes, obj, live = _parse_dreambooth(os.path.join(root, DREAMBOOTH_FILE))
@@ -290,15 +290,15 @@ def read_folders(root: str, classes: Optional[Mapping[str, str]] = None
   Returns:
     {concept: ConceptSpec}, sorted by name.
   """
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise DatasetError(f"concept folder {root} does not exist")
-  names = sorted(n for n in os.listdir(root)
-                 if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+  names = sorted(n for n in paths.listdir(root)
+                 if not n.startswith(".") and paths.isdir(os.path.join(root, n)))
   if not names:
     raise DatasetError(f"{root} holds no concept folders (expected root/<concept>/*.jpg)")
   classes = dict(classes or {})
   table_path = os.path.join(root, "classes.txt")
-  table = _read_class_table(table_path) if os.path.isfile(table_path) else {}
+  table = _read_class_table(table_path) if paths.isfile(table_path) else {}
   for n, source in [(n, "the classes argument") for n in classes] + [
       (n, table_path) for n in table]:
     if n not in names:
@@ -306,13 +306,13 @@ def read_folders(root: str, classes: Optional[Mapping[str, str]] = None
                          "does not exist")
   root_prompts_path = os.path.join(root, "prompts.txt")
   root_prompts = (_read_prompt_file(root_prompts_path)
-                  if os.path.isfile(root_prompts_path) else DEFAULT_PROMPTS)
+                  if paths.isfile(root_prompts_path) else DEFAULT_PROMPTS)
 
   out = {}
   for n in names:
     folder = os.path.join(root, n)
     own_path = os.path.join(folder, "class.txt")
-    own = _read_text(own_path, "class file").strip() if os.path.isfile(own_path) else None
+    own = _read_text(own_path, "class file").strip() if paths.isfile(own_path) else None
     if own is not None and (not own or "\n" in own):
       raise DatasetError(f"{own_path} must hold one class word on one line, got {own!r}")
     if n in classes:
@@ -327,7 +327,7 @@ def read_folders(root: str, classes: Optional[Mapping[str, str]] = None
           f"concept {n!r} ({folder}) has no class word: pass classes={{{n!r}: ...}}, "
           f"write {own_path} or add '{n},<class>' to {table_path}")
     prompts_path = os.path.join(folder, "prompts.txt")
-    prompts = (_read_prompt_file(prompts_path) if os.path.isfile(prompts_path)
+    prompts = (_read_prompt_file(prompts_path) if paths.isfile(prompts_path)
                else root_prompts)
     out[n] = ConceptSpec(name=n, class_word=cls, images=_list_images(folder, n),
                          prompts=prompts)
@@ -385,7 +385,7 @@ def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
   Returns:
     {instance dir basename: ConceptSpec} in the file's order.
   """
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     raise DatasetError(f"CustomConcept101 folder {root} does not exist")
   path = os.path.join(root, "dataset.json")
   try:
@@ -402,11 +402,11 @@ def read_customconcept101(root: str) -> Dict[str, ConceptSpec]:
     missing = [k for k in _CC101_KEYS if not isinstance(e.get(k), str) or not e[k].strip()]
     if missing:
       raise DatasetError(f"{path}: entry {i} lacks {', '.join(missing)}")
-    folder = os.path.normpath(os.path.join(root, e["instance_data_dir"]))
+    folder = paths.normpath(os.path.join(root, e["instance_data_dir"]))
     name = os.path.basename(folder)
     if name in out:
       raise DatasetError(f"{path}: entry {i} repeats concept {name!r}")
-    prompt_path = os.path.normpath(os.path.join(root, e["prompt_filename"]))
+    prompt_path = paths.normpath(os.path.join(root, e["prompt_filename"]))
     if prompt_path not in prompt_cache:
       prompt_cache[prompt_path] = _read_prompt_file(prompt_path)
     class_word, train_prompts = _cc101_instance(path, i, e)
@@ -526,7 +526,7 @@ def session_specs(data_cfg, seed: int = 0) -> List[List[ConceptSpec]]:
   if not root:
     raise ConfigError(f"data.format={name!r} needs --config.data.root=/path/to/dataset")
   found = fmt.read(root, data_cfg)
-  if root and not os.path.isdir(root):
+  if root and not paths.isdir(root):
     raise ConfigError(f"data.root {root!r} does not exist")
   n = data_cfg.heldout
   if not isinstance(n, int) or isinstance(n, bool) or n < 0:

@@ -36,6 +36,7 @@ Import is the inverse, into a NEW run directory whose session 1 is the delta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,6 +50,7 @@ from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import delta as delta_lib
 from lfs_jax import lora_format
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax import tiny
 from lfs_jax.models import unet
@@ -158,7 +160,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return safetensors_io.load_file(path)
   except safetensors_io.SafetensorsError:
-    with open(path, "rb") as f:
+    with paths.open_read(path) as f:
       magic = f.read(2)
     if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
       raise files.PickleRefusedError(
@@ -177,7 +179,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
 def _base_description(model_cfg, seed: int) -> Tuple[str, str]:
   """(where the base model is, its folder) for the README."""
   if model_cfg.source == "local":
-    path = os.path.abspath(model_cfg.path)
+    path = paths.abspath(model_cfg.path)
     variant = f" (weights variant `{model_cfg.variant}`)" if model_cfg.variant else ""
     return f"the diffusers Stable Diffusion folder `{path}`{variant}", path
   return (f"lfs_jax's tiny random model with seed {seed}; write it as a diffusers folder "
@@ -199,17 +201,32 @@ def _token_filename(token: str) -> str:
   return f"{token}.safetensors"
 
 
-def _prepare_out(out_dir: str) -> str:
-  """A fresh temporary folder next to `out_dir` (renamed into place when complete)."""
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+@contextlib.contextmanager
+def _staged(out_dir: str):
+  """Yields the folder to write `out_dir`'s files into; nothing half-written is left.
+
+  A local `out_dir` is written as a temporary folder beside it, renamed into place
+  when complete. A URL (a bucket has no rename) is written in place, each file one
+  object write, and deleted again if the writing fails; callers write the file that
+  marks it complete (README.md, config.json) last.
+  """
+  if paths.exists(out_dir) and (not paths.isdir(out_dir) or paths.listdir(out_dir)):
     raise InteropError(f"{out_dir} already exists and is not an empty folder; choose a new one")
+  if paths.is_url(out_dir):
+    try:
+      yield out_dir
+    except BaseException:
+      paths.rmtree(out_dir)
+      raise
+    return
   tmp = f"{os.path.abspath(out_dir).rstrip(os.sep)}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  return tmp
-
-
-def _finish(tmp: str, out_dir: str) -> None:
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if os.path.isdir(out_dir):
     os.rmdir(out_dir)  # empty (checked before anything was written)
   os.replace(tmp, out_dir)
@@ -256,23 +273,19 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
                        f"{len(registry.concepts)} concepts {registry.tokens}")
   names = {c.token: _token_filename(c.token) for c in registry.concepts}
 
-  tmp = _prepare_out(out_dir)
-  try:
+  with _staged(out_dir) as tmp:
     safetensors_io.save_file(tensors, os.path.join(tmp, weights_name), metadata={"format": "pt"})
     for c, row in zip(registry.concepts, rows):
       safetensors_io.save_file({c.token: row}, os.path.join(tmp, names[c.token]),
                                metadata={"format": "pt"})
-    with open(os.path.join(tmp, CONCEPTS_NAME), "w") as f:
-      json.dump([{"token": c.token, "class_word": c.class_word, "name": c.name,
-                  "session": c.session, "prompts": list(c.prompts)}
-                 for c in registry.concepts], f, indent=2)
-    with open(os.path.join(tmp, README_NAME), "w") as f:
-      f.write(_readme(cfg, workdir, session, registry, os.path.abspath(out_dir), weights_name))
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _finish(tmp, out_dir)
-  return {"session": session, "out_dir": os.path.abspath(out_dir), "tokens": registry.tokens,
+    paths.write_text(os.path.join(tmp, CONCEPTS_NAME), json.dumps(
+        [{"token": c.token, "class_word": c.class_word, "name": c.name,
+          "session": c.session, "prompts": list(c.prompts)} for c in registry.concepts],
+        indent=2))
+    paths.write_text(os.path.join(tmp, README_NAME),  # last: an export with it is complete
+                     _readme(cfg, workdir, session, registry, paths.abspath(out_dir),
+                             weights_name))
+  return {"session": session, "out_dir": paths.abspath(out_dir), "tokens": registry.tokens,
           "files": [weights_name] + list(names.values())}
 
 
@@ -298,7 +311,7 @@ def _readme(cfg, workdir: str, session: int, registry, out_dir: str, weights_nam
             "                          _pipeline=pipe)")
   return f"""# {kind} delta exported by lfs_jax
 
-Session {session} of the lfs_jax run `{os.path.abspath(workdir)}`: UNet selection
+Session {session} of the lfs_jax run `{paths.abspath(workdir)}`: UNet selection
 `{cfg.train.selection}` and {len(tokens)} modifier token(s).
 
 Base model it needs: {base}.
@@ -338,10 +351,10 @@ def _read_tokens(from_dir: str) -> Dict[str, Tuple[np.ndarray, str]]:
   """{token: ([D] float32, file name)} from the other *.safetensors / *.bin files."""
   out: Dict[str, Tuple[np.ndarray, str]] = {}
   stems = {n.rsplit(".", 1)[0] for n in (WEIGHTS_NAME, lora_format.WEIGHTS_NAME)}
-  for name in sorted(os.listdir(from_dir)):
+  for name in paths.listdir(from_dir):
     path = os.path.join(from_dir, name)
     if (name.rsplit(".", 1)[0] in stems or not name.endswith((".safetensors", ".bin"))
-        or not os.path.isfile(path)):
+        or not paths.isfile(path)):
       continue
     state = _read_safetensors(path)
     if len(state) != 1:
@@ -365,13 +378,12 @@ def _read_concepts(from_dir: str, tokens: List[str]) -> List[Dict[str, Any]]:
   """The tokens' class words (and names, prompts) from `from_dir/concepts.json`, in its order."""
   path = os.path.join(from_dir, CONCEPTS_NAME)
   example = json.dumps([{"token": t, "class_word": "dog"} for t in tokens])
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise InteropError(
         f"{from_dir} has no {CONCEPTS_NAME}: lfs_jax needs each token's class word (for "
         f"its prompts and the distillation). Write {path} like\n  {example}")
   try:
-    with open(path) as f:
-      entries = json.load(f)
+    entries = json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise InteropError(f"{path} is not valid JSON ({e})") from None
   if not isinstance(entries, list) or not all(
@@ -448,22 +460,22 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
     {"workdir", "session": 1, "tokens", "from_export", "from_base"} (leaf counts; for
     LoRA, adapted layers).
   """
-  if not os.path.isdir(from_dir):
+  if not paths.isdir(from_dir):
     raise InteropError(f"--from folder {from_dir!r} does not exist")
   selection = delta_lib.from_config(cfg.train)
   lora = isinstance(selection, delta_lib.LoRA)
   name = lora_format.WEIGHTS_NAME if lora else WEIGHTS_NAME
   weights = os.path.join(from_dir, name)
-  if not os.path.isfile(weights):
+  if not paths.isfile(weights):
     alt = os.path.join(from_dir, name.replace(".safetensors", ".bin"))
-    if not os.path.isfile(alt):
+    if not paths.isfile(alt):
       other = WEIGHTS_NAME if lora else lora_format.WEIGHTS_NAME
       hint = (f"; it holds {other}, which a run with train.selection="
               f"{'crossattn_kv|crossattn|attn' if lora else 'lora'} imports"
-              if os.path.isfile(os.path.join(from_dir, other)) else "")
+              if paths.isfile(os.path.join(from_dir, other)) else "")
       raise InteropError(f"{from_dir} has no {name} (nor a .bin of that name){hint}")
     weights = alt
-  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+  if paths.exists(workdir) and (not paths.isdir(workdir) or paths.listdir(workdir)):
     raise InteropError(f"{workdir} is not empty: an import starts a new run directory")
   if lora:
     try:
@@ -508,19 +520,14 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
   config["data"]["sessions"] = ""
   meta = runs.session_meta(
       1, registry, config, steps=0, metrics={}, seconds=0.0,
-      imported={"from": os.path.abspath(from_dir), "weights": os.path.basename(weights),
+      imported={"from": paths.abspath(from_dir), "weights": os.path.basename(weights),
                 "tokens": {t: tokens[t][1] for t in registry.tokens}})
   optimizer = step_lib.make_optimizer(cfg.train)
   opt_state = optimizer.init({"unet": delta_unet, "tokens": rows})
-  tmp = _prepare_out(workdir)
-  try:
+  with _staged(workdir) as tmp:
     checkpoint.save_session(tmp, 1, delta={"unet": delta_unet, "tokens": rows}, bank={},
                             opt_state=opt_state, meta=meta)
-    runs.write_config(tmp, config)
     registry.save(os.path.join(tmp, runs.CONCEPTS))
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _finish(tmp, workdir)
-  return {"workdir": os.path.abspath(workdir), "session": 1, "tokens": registry.tokens,
+    runs.write_config(tmp, config)  # last: a folder with config.json is a run
+  return {"workdir": paths.abspath(workdir), "session": 1, "tokens": registry.tokens,
           "from_export": len(imported), "from_base": n_total - len(imported)}

@@ -28,6 +28,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from lfs_jax import paths
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
 
@@ -66,7 +68,7 @@ def _train():
   for r in results:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in r.items()))
-  print(f"run directory: {os.path.abspath(_workdir())}")
+  print(f"run directory: {paths.abspath(_workdir())}")
   return 0
 
 
@@ -74,10 +76,10 @@ def _sample():
   from lfs_jax import sample  # pylint: disable=g-import-not-at-top
 
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  run, paths = sample.sample_run(_workdir(), _PROMPT.value, session=_SESSION.value,
-                                 overrides=overrides)
-  print(f"session {run.session}: {len(paths)} files in "
-        f"{os.path.dirname(os.path.abspath(paths[0])) if paths else '-'}")
+  run, written = sample.sample_run(_workdir(), _PROMPT.value, session=_SESSION.value,
+                                   overrides=overrides)
+  print(f"session {run.session}: {len(written)} files in "
+        f"{os.path.dirname(paths.abspath(written[0])) if written else '-'}")
   return 0
 
 
@@ -113,7 +115,7 @@ def _evaluate():
     print(f"{v}: " + " ".join(f"{k}={x:.4f}" if x is not None else f"{k}=-"
                               for k, x in pairs))
   print(f"{got['computed']} cells computed, {got['reused']} reused; results in "
-        f"{os.path.abspath(got['out_dir'])} (see report.md)")
+        f"{paths.abspath(got['out_dir'])} (see report.md)")
   return 0
 
 
@@ -121,10 +123,28 @@ def _compare():
   from lfs_jax.evaluate import compare  # pylint: disable=g-import-not-at-top
 
   got = compare.compare(_WORKDIRS.value, out_dir=_OUT.value, sub=_CONFIG.value.eval.out)
-  print(f"{len(got['rows'])} rows in {os.path.abspath(got['files'][0])}")
+  print(f"{len(got['rows'])} rows in {paths.abspath(got['files'][0])}")
   if got["differences"]:
     print(f"note: evaluated under different settings: {', '.join(got['differences'])}")
   return 0
+
+
+def _check_storage() -> None:
+  """The URLs a mode reads or writes answer (backend, credentials, bucket) before any
+  work; training checks its own (`session.check_storage`). Local paths: nothing."""
+  mode, workdirs = _MODE.value, _WORKDIRS.value
+  if mode in ("sample", "evaluate", "export", "compare"):
+    for w in workdirs:
+      paths.check(w, "--workdir")
+  if mode == "import":
+    paths.check(_workdir(), "--workdir", must_exist=False)
+    paths.check(_FROM.value, "--from")
+    if _CONFIG.value.model.source == "local" and _CONFIG.value.model.path:
+      paths.check(_CONFIG.value.model.path, "model.path")
+  if _CLIP.value:
+    paths.check(_CLIP.value, "--clip")
+  if _OUT.value:
+    paths.check(_OUT.value, "--out", must_exist=False)
 
 
 def main(argv):
@@ -165,6 +185,7 @@ def main(argv):
 
     # Before any other JAX call: joins a multi-host job (TPU pod, Slurm, explicit).
     parallel.initialize(_CONFIG.value.distributed)
+    _check_storage()
     return modes[_MODE.value]()
   except (ConfigError, ValueError, FileNotFoundError, CheckpointError, WorkdirLocked) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
 from lfs_jax import config_base
 from lfs_jax import delta as delta_lib
+from lfs_jax import paths
 from lfs_jax.errors import ConfigError
 
 CONFIG = "config.json"
@@ -97,7 +98,7 @@ def jsonable(obj):
 def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
   """The run's config.json as a dict, or None where the directory holds no run yet."""
   path = os.path.join(workdir, CONFIG)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return None
   return checkpoint.read_json(path, "the run's config")  # a damaged one is named
 

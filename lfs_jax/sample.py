@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax import data as data_lib
 from lfs_jax import icgen
 from lfs_jax import parallel
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax.diffusion import sampler as sampler_lib
 from lfs_jax.errors import ConfigError
@@ -262,17 +264,19 @@ def _slugs(prompts: Sequence[str]) -> Dict[str, str]:
   return out
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """A uint8 [H, W, 3] image as PNG file content."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
 def _save_png(path: str, image: np.ndarray) -> None:
-  tmp = f"{path}.tmp"
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  paths.write_bytes(path, png_bytes(image))
 
 
 def _save_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def grid(images: np.ndarray) -> np.ndarray:
@@ -301,22 +305,22 @@ def write_outputs(run: runs.RunModel, images: np.ndarray, records: Sequence[Mapp
   if jax.process_index() != 0:
     return []
   out_dir = out_dir or os.path.join(run.workdir, "samples", f"session_{run.session}")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   slugs = _slugs([r["prompt"] for r in records])
   config = json.loads(json.dumps(run.cfg.to_dict(), default=list))
-  paths = []
+  written = []
   for image, rec in zip(images, records):
     stem = os.path.join(out_dir, f"{slugs[rec['prompt']]}_seed{rec['seed']}")
     _save_png(stem + ".png", image)
-    _save_json(stem + ".json", {**rec, "workdir": os.path.abspath(run.workdir),
+    _save_json(stem + ".json", {**rec, "workdir": paths.abspath(run.workdir),
                                 "config": config})
-    paths += [stem + ".png", stem + ".json"]
+    written += [stem + ".png", stem + ".json"]
   for prompt, s in slugs.items():
     mine = np.stack([im for im, r in zip(images, records) if r["prompt"] == prompt])
     path = os.path.join(out_dir, f"{s}_grid.png")
     _save_png(path, grid(mine))
-    paths.append(path)
-  return paths
+    written.append(path)
+  return written
 
 
 def sample_run(workdir: str, prompts: Sequence[str], *, session: Optional[int] = None,

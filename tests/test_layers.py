@@ -15,7 +15,7 @@ ROOT = os.path.dirname(lfs_jax.__file__)
 # Lowest first. A module may import its own layer and the layers below it; the first
 # matching prefix names a module's layer.
 LAYERS = (
-    ("lfs_jax.errors", "lfs_jax.config_base", "lfs_jax.console"),
+    ("lfs_jax.errors", "lfs_jax.config_base", "lfs_jax.console", "lfs_jax.paths"),
     ("lfs_jax.parallel",),
     ("lfs_jax.models", "lfs_jax.diffusion"),
     ("lfs_jax.weights",),

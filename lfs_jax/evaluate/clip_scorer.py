@@ -13,7 +13,6 @@ Every call pads to `batch_size`, so each tower compiles once per process.
 from __future__ import annotations
 
 import collections
-import os
 from typing import Dict, Sequence, Union
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import paths
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import encoders
 from lfs_jax.evaluate import metrics
@@ -76,7 +76,7 @@ class ClipScorer:
       raise EvalError(
           "no CLIP model: pass --clip=DIR (or --config.eval.clip=DIR), a local Hugging "
           "Face CLIPModel folder such as a copy of openai/clip-vit-base-patch32")
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise EvalError(f"CLIP folder {folder!r} does not exist (--clip / eval.clip)")
     if batch_size < 1:
       raise EvalError(f"eval.batch_size={batch_size}: must be >= 1")

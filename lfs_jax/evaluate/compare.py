@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 
 from lfs_jax import checkpoint
+from lfs_jax import paths as paths_lib
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import report
 
@@ -48,16 +49,15 @@ def load_metrics(workdir: str, sub: str = "metrics") -> Dict[str, Any]:
     EvalError: the run was not evaluated (names the file and the command to run).
   """
   path = os.path.join(workdir, sub, "metrics.json")
-  if not os.path.isfile(path):
+  if not paths_lib.isfile(path):
     raise EvalError(f"{path} does not exist: evaluate the run first with "
                     f"--mode=evaluate --workdir={workdir} --clip=DIR")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths_lib.read_text(path))
 
 
 def run_names(workdirs: Sequence[str]) -> List[str]:
   """Short distinct names: the folder names, with their parents where two clash."""
-  paths = [os.path.abspath(w).rstrip(os.sep) for w in workdirs]
+  paths = [paths_lib.abspath(w).rstrip(os.sep) for w in workdirs]
   names = [os.path.basename(p) for p in paths]
   if len(set(names)) < len(names):
     names = [os.path.join(os.path.basename(os.path.dirname(p)), n) for p, n in zip(paths, names)]
@@ -111,7 +111,7 @@ def compare(workdirs: Sequence[str], *, out_dir: Optional[str] = None,
   result = {"out_dir": out_dir, "files": files, "rows": rows, "differences": diff}
   if jax.process_index() != 0:
     return result
-  os.makedirs(out_dir, exist_ok=True)
+  paths_lib.makedirs(out_dir)
 
   ms = metric_names(runs)
   header = ["run", "method", "variant", "sessions", *(report.HEADERS[k] for k in ms),

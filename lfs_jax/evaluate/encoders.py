@@ -9,13 +9,13 @@ Every call pads to `batch_size`, so each encoder compiles once per process.
 from __future__ import annotations
 
 import collections
-import os
 from typing import Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfs_jax import paths
 from lfs_jax.errors import EvalError
 from lfs_jax.weights import preprocess as preprocess_lib
 from lfs_jax.weights import loaders
@@ -73,7 +73,7 @@ class DinoEncoder:
           "no DINO model: pass --config.eval.dino=DIR, a local Hugging Face ViTModel or "
           "Dinov2Model folder such as a safetensors copy of facebook/dino-vits16 (or use "
           "--config.eval.image_encoders=clip)")
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise EvalError(f"DINO folder {folder!r} does not exist (eval.dino)")
     if batch_size < 1:
       raise EvalError(f"eval.batch_size={batch_size}: must be >= 1")

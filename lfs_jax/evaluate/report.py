@@ -17,9 +17,10 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 from lfs_jax import checkpoint
+from lfs_jax import paths
+from lfs_jax import sample as sample_lib
 from lfs_jax.evaluate import metrics
 
 TEXT_METRICS = ("ta", "clipscore")
@@ -95,7 +96,7 @@ def summarize(cells: Sequence[Mapping[str, Any]], registry, sessions: Sequence[i
   learned = [c.session for c in registry.concepts]
   ia_metrics = list(ia_metrics)
   all_metrics = [*TEXT_METRICS, *ia_metrics]
-  out = {"workdir": os.path.abspath(workdir), "method": method, "settings": dict(settings),
+  out = {"workdir": paths.abspath(workdir), "method": method, "settings": dict(settings),
          "sessions": list(sessions), "metrics": all_metrics, "ia_metrics": ia_metrics,
          "protocol": protocol,
          "concepts": [{"name": c.name, "token": c.token, "class_word": c.class_word,
@@ -229,10 +230,7 @@ def csv_text(summary: Mapping[str, Any]) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  paths.write_text(path, text)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -241,10 +239,8 @@ def save_png(path: str, image: np.ndarray) -> None:
 
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp"
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  paths.makedirs(os.path.dirname(path))
+  paths.write_bytes(path, sample_lib.png_bytes(image))
 
 
 def plot(path: str, panels: Sequence[Dict[str, Any]], ylabel: str, sharey: bool = True
@@ -264,9 +260,9 @@ def plot(path: str, panels: Sequence[Dict[str, Any]], ylabel: str, sharey: bool 
     if panel["lines"]:
       ax.legend(fontsize="small")
   axes[0].set_ylabel(ylabel)
-  tmp = f"{path}.tmp.png"
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def plot_name(metric: str) -> str:
@@ -292,13 +288,13 @@ def forgetting_panels(summary: Mapping[str, Any], metric: str = "ia"
 def write_all(out_dir: str, summary: Mapping[str, Any]) -> List[str]:
   """Writes metrics.json, metrics.csv, report.md and a forgetting plot per IA metric;
   returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   grids = [c["grid"] for c in summary["cells"] if c.get("grid")]
-  paths = [os.path.join(out_dir, n) for n in ("metrics.json", "metrics.csv", "report.md")]
-  checkpoint.write_json_atomic(paths[0], summary)
-  write_text(paths[1], csv_text(summary))
-  write_text(paths[2], markdown(summary, grids))
+  written = [os.path.join(out_dir, n) for n in ("metrics.json", "metrics.csv", "report.md")]
+  checkpoint.write_json_atomic(written[0], summary)
+  write_text(written[1], csv_text(summary))
+  write_text(written[2], markdown(summary, grids))
   for m in summary["ia_metrics"]:
-    paths.append(os.path.join(out_dir, plot_name(m)))
-    plot(paths[-1], forgetting_panels(summary, m), HEADERS[m])
-  return paths
+    written.append(os.path.join(out_dir, plot_name(m)))
+    plot(written[-1], forgetting_panels(summary, m), HEADERS[m])
+  return written

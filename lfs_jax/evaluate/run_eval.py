@@ -31,6 +31,7 @@ from lfs_jax import data as data_lib
 from lfs_jax import datasets
 from lfs_jax import icgen
 from lfs_jax import lock as lock_lib
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax import sample as sample_lib
 from lfs_jax.errors import ConfigError, EvalError
@@ -113,13 +114,13 @@ class Cell(NamedTuple):
 def fingerprint(cfg, settings: EvalSettings) -> Dict[str, Any]:
   """What a cell's numbers depend on besides the run itself (batch sizes do not count)."""
   s = cfg.sample
-  return {"clip": os.path.abspath(settings.clip), "num_prompts": settings.num_prompts,
+  return {"clip": paths.abspath(settings.clip), "num_prompts": settings.num_prompts,
           "num_images": settings.num_images, "keep_token": settings.keep_token,
           "sample.sampler": s.sampler, "sample.steps": s.steps,
           "sample.guidance": float(s.guidance), "sample.eta": float(s.eta),
           "sample.seed": s.seed, "icgen.strength": float(cfg.icgen.strength),
           "icgen.select": cfg.icgen.select, "image_encoders": settings.image_encoders,
-          "dino": os.path.abspath(settings.dino) if settings.dino else "",
+          "dino": paths.abspath(settings.dino) if settings.dino else "",
           "references": settings.references}
 
 
@@ -128,10 +129,9 @@ class CellStore:
 
   def __init__(self, path: str, settings: Dict[str, Any]):
     self.path, self.settings, self.cells = path, settings, {}
-    if os.path.isfile(path):
+    if paths.isfile(path):
       try:
-        with open(path) as f:
-          stored = json.load(f)
+        stored = json.loads(paths.read_text(path))
         old, cells = {**_FINGERPRINT_DEFAULTS, **stored["settings"]}, stored["cells"]
       except (ValueError, KeyError, TypeError) as e:
         raise EvalError(
@@ -151,7 +151,7 @@ class CellStore:
 
   def put(self, key: str, record: Dict[str, Any]) -> None:
     self.cells[key] = record
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    paths.makedirs(os.path.dirname(self.path))
     checkpoint.write_json_atomic(self.path, {"version": _CELLS_VERSION,
                                              "settings": self.settings, "cells": self.cells})
 
@@ -188,7 +188,7 @@ def reference_photos(concept: concepts_lib.Concept, which: str = "train"
   out = []
   for rec in records:
     where = f"reference photo {rec.path} of concept {concept.name!r} ({concept.token})"
-    if not os.path.isfile(rec.path):
+    if not paths.isfile(rec.path):
       raise EvalError(f"{where} is missing; IA compares against the photos the run "
                       "learned from: put it back at that path")
     if data_lib.sha256_file(rec.path) != rec.sha256:

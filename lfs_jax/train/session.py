@@ -39,6 +39,7 @@ from lfs_jax import data as data_lib
 from lfs_jax import delta as delta_lib
 from lfs_jax import lock as lock_lib
 from lfs_jax import parallel
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.errors import ConfigError
@@ -260,10 +261,11 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   session_classes = [list(dict.fromkeys(c.class_word for c in registry.in_session(k)))
                      for k in range(first, first + len(sessions))]
 
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   parallel.barrier("lfs_jax: run checked")  # every process looked before process 0 writes
   if not exists:
     runs.write_config(workdir, cfg.to_dict())
+  _check_shared(workdir)
   prior_images = {}
   if spec.prior_weight > 0:  # the base, before any session: generated once, then cached
     prior_images = prior_lib.class_images(cfg, workdir, pipe, sum(session_classes, []))
@@ -282,6 +284,34 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
       prior_images=prior_images,
       max_prior=max((sum(len(prior_images[w]) for w in ws) for ws in session_classes),
                     default=0) if prior_images else 0)
+
+
+def check_storage(cfg, workdir: str) -> None:
+  """The URLs a training run reads or writes answer, before anything is loaded or written.
+
+  Raises:
+    paths.StorageError: naming the path, its setting and why (no backend for the
+      scheme, no credentials, no such bucket or folder).
+  """
+  paths.check(workdir, "--workdir", must_exist=False)
+  if cfg.model.source == "local" and cfg.model.path:
+    paths.check(cfg.model.path, "model.path")
+  if cfg.data.root:
+    paths.check(cfg.data.root, "data.root")
+
+
+def _check_shared(workdir: str) -> None:
+  """Every process sees the config.json that process 0 wrote: one workdir for all."""
+  if jax.process_count() == 1:
+    return
+  parallel.barrier("lfs_jax: config written")
+  missing = runs.stored_config(workdir) is None
+  if parallel.agree_any(missing):
+    raise ConfigError(
+        f"--workdir={workdir}: process {jax.process_index()} "
+        f"{'does not see' if missing else 'sees, but another process does not see,'} "
+        "the config.json that process 0 wrote there. Every process must name the same "
+        "folder on storage every host sees (a shared filesystem or a bucket URL)")
 
 
 def base_delta(run: Run) -> Dict[str, Any]:
@@ -308,6 +338,7 @@ def run(cfg, workdir: str, *, resume: bool = False,
   Raises:
     Preempted: SIGTERM arrived; progress was saved (main exits 0).
   """
+  check_storage(cfg, workdir)  # a bad bucket URL stops here, before anything is read
   lock = lock_lib.acquire(workdir, "training run")  # a double submit stops here
   stop = {"flag": False}  # set by SIGTERM from the start: loading the base can take minutes
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))

@@ -3,6 +3,10 @@
 An event file is a TFRecord stream of `Event` protos; scalars and images need a few
 small messages (Event, Summary, Summary.Value, Summary.Image), so we encode them by
 hand instead of depending on TensorFlow.
+
+A URL log folder (`gs://...`) cannot be appended to: the writer keeps the file's
+records and uploads the whole file at each flush (`lfs_jax.paths.write_bytes`, one
+object write), which a reading TensorBoard sees as a file that grew.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 import socket
 import struct
 import time
+
+from lfs_jax import paths
 
 _CRC_TABLE = []
 for _i in range(256):
@@ -75,15 +81,22 @@ class SummaryWriter:
   """Appends scalar and image summaries to one events file in `logdir`."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    paths.makedirs(logdir)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._f = open(os.path.join(logdir, name), "ab")
+    self._path = paths.join(logdir, name)
+    self._url = paths.is_url(logdir)
+    self._records = bytearray()  # a URL's whole file, uploaded at each flush
+    self._f = None if self._url else open(self._path, "ab")
     self._write(_event(0, file_version="brain.Event:2"))
 
   def _write(self, record: bytes) -> None:
     header = struct.pack("<Q", len(record))
-    self._f.write(header + struct.pack("<I", _masked_crc(header)))
-    self._f.write(record + struct.pack("<I", _masked_crc(record)))
+    data = (header + struct.pack("<I", _masked_crc(header))
+            + record + struct.pack("<I", _masked_crc(record)))
+    if self._url:
+      self._records += data
+    else:
+      self._f.write(data)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     self._write(_event(step, value=_scalar_value(tag, float(value))))
@@ -93,7 +106,13 @@ class SummaryWriter:
     self._write(_event(step, value=_image_value(tag, png, int(height), int(width))))
 
   def flush(self) -> None:
-    self._f.flush()
+    if self._url:
+      paths.write_bytes(self._path, bytes(self._records))
+    else:
+      self._f.flush()
 
   def close(self) -> None:
-    self._f.close()
+    if self._url:
+      self.flush()
+    else:
+      self._f.close()

@@ -1,6 +1,7 @@
 """Finding and reading the weight files of one diffusers / transformers component folder.
 
-Handles `config.json`, single-file and sharded (`*.safetensors.index.json`)
+Folders may be URLs (`gs://...`, read through `lfs_jax.paths`). Handles
+`config.json`, single-file and sharded (`*.safetensors.index.json`)
 safetensors, and the `fp16` variant naming of both libraries. Pickle formats are
 refused: unpickling runs arbitrary code, and a safetensors copy is one call away.
 """
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from lfs_jax import paths
 from lfs_jax.weights import safetensors_io
 
 # Basenames used by diffusers (models) and transformers (text encoders).
@@ -31,15 +33,14 @@ class PickleRefusedError(ValueError):
 
 def read_config(folder: str) -> dict:
   """Reads `folder/config.json` with errors that name the file."""
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise WeightsNotFoundError(f"model folder {folder!r} does not exist")
   path = os.path.join(folder, "config.json")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise WeightsNotFoundError(
         f"{path} is missing: a diffusers/transformers component folder needs its config.json")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e})") from None
 
@@ -65,9 +66,9 @@ def weight_files(folder: str, variant: Optional[str] = None) -> List[str]:
     variant: e.g. "fp16" for `*.fp16.safetensors`; None takes the plain files, or
       the only variant present when there are no plain files.
   """
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise WeightsNotFoundError(f"model folder {folder!r} does not exist")
-  names = sorted(os.listdir(folder))
+  names = paths.listdir(folder)
 
   def candidates(var):
     tag = f".{var}" if var else ""
@@ -100,8 +101,7 @@ def weight_files(folder: str, variant: Optional[str] = None) -> List[str]:
 
 def _shards_from_index(index_path: str) -> List[str]:
   try:
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
+    weight_map = json.loads(paths.read_text(index_path)).get("weight_map")
   except (json.JSONDecodeError, AttributeError) as e:
     raise ValueError(f"{index_path} is not a valid safetensors index ({e})") from None
   if not isinstance(weight_map, dict) or not weight_map:
@@ -109,7 +109,7 @@ def _shards_from_index(index_path: str) -> List[str]:
   folder = os.path.dirname(index_path)
   shards = sorted(set(weight_map.values()))
   for s in shards:
-    if not os.path.isfile(os.path.join(folder, s)):
+    if not paths.isfile(os.path.join(folder, s)):
       raise WeightsNotFoundError(f"shard {s} listed in {index_path} is missing")
   return [os.path.join(folder, s) for s in shards]
 
@@ -127,8 +127,8 @@ def read_state(folder: str, variant: Optional[str] = None) -> Dict[str, np.ndarr
 
 def component_folder(path: str, component: str) -> str:
   """`path/component` for a whole-model folder, else `path` itself."""
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise WeightsNotFoundError(f"model folder {path!r} does not exist")
   sub = os.path.join(path, component)
-  return sub if os.path.isdir(sub) else path
+  return sub if paths.isdir(sub) else path
 

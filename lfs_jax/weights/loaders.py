@@ -1,4 +1,6 @@
-"""Entry points: a local diffusers Stable Diffusion folder -> Flax modules and params.
+"""Entry points: a diffusers Stable Diffusion folder -> Flax modules and params.
+
+A folder may be a URL (`gs://...`): files are read through `lfs_jax.paths`.
 
 Each loader takes either the whole model folder (with unet/, vae/, text_encoder/,
 tokenizer/, scheduler/) or the one component folder. Loading is all-or-nothing:
@@ -15,8 +17,13 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
+from lfs_jax import paths
 from lfs_jax.models import clip, clip_vision, dino, unet, vae
 from lfs_jax.weights import convert, files, preprocess
+
+# What CLIPTokenizer.from_pretrained may read from a tokenizer folder.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
 
 _EXPECTED_CLASS = {
     "unet": ("UNet2DConditionModel",),
@@ -151,7 +158,7 @@ def load_dino(path: str, *, dtype=jnp.float32, attention: str = "xla",
     WeightsMismatchError: naming the first tensor that does not fit.
   """
 
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise files.WeightsNotFoundError(f"DINO folder {path!r} does not exist")
   cfg = dino.DinoConfig.from_transformers(files.read_config(path))
   processor = preprocess.PreprocessConfig.from_folder(
@@ -183,10 +190,13 @@ def load_tokenizer(path: str):
 
   folder = files.component_folder(path, "tokenizer")
   for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(os.path.join(folder, name)):
+    if not paths.isfile(os.path.join(folder, name)):
       raise files.WeightsNotFoundError(
           f"tokenizer file {name} is missing in {folder}")
-  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+  # transformers reads a local folder only: a URL's tokenizer files are copied to a
+  # temporary one (a few MB) and read from there.
+  with paths.local_folder(folder, TOKENIZER_FILES) as local:
+    return CLIPTokenizer.from_pretrained(local, local_files_only=True)
 
 
 def load_scheduler_config(path: str):
@@ -195,10 +205,9 @@ def load_scheduler_config(path: str):
 
   folder = files.component_folder(path, "scheduler")
   cfg_path = os.path.join(folder, "scheduler_config.json")
-  if not os.path.isfile(cfg_path):
+  if not paths.isfile(cfg_path):
     raise files.WeightsNotFoundError(f"{cfg_path} is missing")
-  with open(cfg_path) as f:
-    return schedule.SchedulerConfig.from_diffusers(json.load(f))
+  return schedule.SchedulerConfig.from_diffusers(json.loads(paths.read_text(cfg_path)))
 
 
 class Pipeline(NamedTuple):
@@ -216,10 +225,10 @@ class Pipeline(NamedTuple):
 def load_pipeline(path: str, *, dtype=jnp.float32, attention: str = "xla",
                   variant: Optional[str] = None, on_host: bool = False) -> Pipeline:
   """Loads a whole diffusers Stable Diffusion folder (see the loaders above)."""
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise files.WeightsNotFoundError(f"model folder {path!r} does not exist")
   for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-    if not os.path.isdir(os.path.join(path, sub)):
+    if not paths.isdir(os.path.join(path, sub)):
       raise files.WeightsNotFoundError(
           f"{path} is not a Stable Diffusion folder: {sub}/ is missing")
   scheduler = load_scheduler_config(path)

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from lfs_jax import paths
 from lfs_jax.errors import UnsupportedConfigError
 from lfs_jax.weights.files import WeightsNotFoundError
 
@@ -207,14 +208,13 @@ class PreprocessConfig:
       UnsupportedConfigError, ValueError: a bad or unsupported file (names it).
     """
     path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise WeightsNotFoundError(
           f"{path} is missing: the model folder {folder} needs the "
           f"preprocessor_config.json of its image processor ({default_type}: image "
           "size, crop, mean and std), as save_pretrained writes it")
     try:
-      with open(path) as f:
-        return cls.from_transformers(json.load(f), default_type)
+      return cls.from_transformers(json.loads(paths.read_text(path)), default_type)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON ({e})") from None
     except UnsupportedConfigError as e:

@@ -3,18 +3,20 @@
 The format is tiny (an 8-byte little-endian header length, a JSON header, raw
 little-endian data), so we parse it here: the `safetensors` package's numpy backend
 cannot represent bfloat16, and parsing ourselves lets a truncated download be named
-precisely instead of failing deep inside a memory map.
+precisely instead of failing deep inside a memory map. A URL (`gs://...`) is read
+through `lfs_jax.paths` by ranges, tensor by tensor, without a local copy.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
-import os
 from typing import Dict, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from lfs_jax import paths
 
 _DTYPES = {
     "F64": np.dtype("<f8"),
@@ -37,8 +39,8 @@ class SafetensorsError(ValueError):
 
 def _read_raw_header(path: str) -> Dict[str, dict]:
   """The header of a safetensors file as stored (with "__metadata__" if any)."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  size = paths.size(path)
+  with paths.open_read(path) as f:
     prefix = f.read(8)
     if len(prefix) < 8:
       raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -62,7 +64,12 @@ def read_metadata(path: str) -> Dict[str, str]:
 
 def read_header(path: str) -> Dict[str, dict]:
   """Returns the header {name: {dtype, shape, data_offsets}} of a safetensors file."""
-  size = os.path.getsize(path)
+  return _checked_header(path)[0]
+
+
+def _checked_header(path: str):
+  """(the header without metadata, its length in bytes), checked against the file size."""
+  size = paths.size(path)
   header = _read_raw_header(path)
   n = header.pop("__header_bytes__")
   header.pop("__metadata__", None)
@@ -74,7 +81,7 @@ def read_header(path: str) -> Dict[str, dict]:
   for name, h in header.items():
     if h["dtype"] not in _DTYPES:
       raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {h['dtype']}")
-  return header
+  return header, n
 
 
 def load_file(path: str, names: Iterable[str] | None = None) -> Dict[str, np.ndarray]:
@@ -84,29 +91,37 @@ def load_file(path: str, names: Iterable[str] | None = None) -> Dict[str, np.nda
     path: the .safetensors file.
     names: the tensors to read; all when None.
   """
-  header = read_header(path)
+  header, n = _checked_header(path)
   wanted = header.keys() if names is None else names
   out = {}
+  if paths.is_url(path):
+    # Ranged reads in file order (the backend reads ahead), one tensor at a time.
+    with paths.open_read(path) as f:
+      for name in sorted(wanted, key=lambda k: header[k]["data_offsets"][0]):
+        start, stop = header[name]["data_offsets"]
+        f.seek(8 + n + start)
+        out[name] = _array(path, name, header[name], f.read(stop - start))
+    return {name: out[name] for name in wanted}
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-    n = int.from_bytes(mm[:8], "little")
     for name in wanted:
-      h = header[name]
-      start, stop = h["data_offsets"]
-      dtype = _DTYPES[h["dtype"]]
-      buf = mm[8 + n + start: 8 + n + stop]
-      arr = np.frombuffer(buf, dtype=dtype)
-      expected = int(np.prod(h["shape"], dtype=np.int64))
-      if arr.size != expected:
-        raise SafetensorsError(
-            f"{path}: tensor {name!r} holds {arr.size} values, its shape "
-            f"{h['shape']} needs {expected}")
-      out[name] = arr.reshape(h["shape"])
+      start, stop = header[name]["data_offsets"]
+      out[name] = _array(path, name, header[name], mm[8 + n + start: 8 + n + stop])
   return out
+
+
+def _array(path: str, name: str, h: dict, buf: bytes) -> np.ndarray:
+  arr = np.frombuffer(buf, dtype=_DTYPES[h["dtype"]])
+  expected = int(np.prod(h["shape"], dtype=np.int64))
+  if arr.size != expected:
+    raise SafetensorsError(
+        f"{path}: tensor {name!r} holds {arr.size} values, its shape "
+        f"{h['shape']} needs {expected}")
+  return arr.reshape(h["shape"])
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str,
               metadata: Mapping[str, str] | None = None) -> None:
-  """Writes numpy arrays as a safetensors file, atomically (tmp file + rename)."""
+  """Writes numpy arrays as a safetensors file, atomically (`paths.write_bytes`)."""
   header = {}
   offset = 0
   arrays = {}
@@ -126,10 +141,5 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     header["__metadata__"] = dict(metadata)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for name in sorted(arrays):
-      f.write(arrays[name].tobytes())
-  os.replace(tmp, path)
+  paths.write_bytes(path, b"".join(
+      [len(blob).to_bytes(8, "little"), blob] + [arrays[name].tobytes() for name in sorted(arrays)]))
