@@ -9,9 +9,14 @@
 # distributed.cluster=auto (the default) each one calls jax.distributed.initialize(),
 # which finds the other hosts from the TPU metadata, and the mesh spans all chips.
 # Needs on every host: this repository at REPO_DIR with lfs_jax installed
-# (pip install -e . 'jax[tpu]'), the model and photos at the same paths, and
-# WORKDIR on storage that every host sees (NFS, Filestore, gcsfuse): Orbax writes the
-# checkpoints from all hosts, process 0 writes config.json, concepts.json and logs.
+# (pip install -e '.[gcs]' 'jax[tpu]'), the model and photos at the same paths, and
+# WORKDIR on storage that every host sees (a gs:// bucket URL, or NFS, Filestore,
+# gcsfuse): Orbax writes the checkpoints from all hosts, process 0 writes
+# config.json, concepts.json and logs. With buckets (README, "Buckets (GCS) on a pod"):
+#
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/runs/sd15 \
+#     launch/tpu_pod.sh --config.model.path=gs://my-bucket/models/sd15 \
+#       --config.data.root=gs://my-bucket/concepts --config.data.sessions="teddy;mug"
 # CONFIG defaults to configs/sd15.py. The mesh: FSDP chips per fsdp group (default 1:
 # pure data parallel, each chip a whole copy of the frozen base) and FROZEN=fsdp to
 # split the frozen base over them (SD 2.x at 768 px on 16 GB chips, say);

@@ -46,9 +46,12 @@ def sha256_file(path: str) -> str:
   """Hex SHA-256 of a file's bytes, read in chunks."""
   h = hashlib.sha256()
   try:
-    with paths_lib.open_read(path) as f:
-      for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-        h.update(chunk)
+    if paths_lib.is_url(path):  # a photo: one request for the whole object
+      h.update(paths_lib.read_bytes(path))
+    else:
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+          h.update(chunk)
   except paths_lib.StorageError as e:
     raise DataError(f"cannot read {path}: {e}") from None
   except OSError as e:

@@ -160,8 +160,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
   try:
     return safetensors_io.load_file(path)
   except safetensors_io.SafetensorsError:
-    with paths.open_read(path) as f:
-      magic = f.read(2)
+    magic = paths.read_range(path, 0, 2)
     if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
       raise files.PickleRefusedError(
           f"{path} is a pickle (torch.save) file; lfs_jax never unpickles (it can run "

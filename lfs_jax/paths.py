@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator, List, Sequence
+from typing import Iterator, List, Sequence
 
 from lfs_jax.errors import ConfigError
 
@@ -129,11 +129,11 @@ def _storage_error(path: str, setting: str, e: BaseException) -> StorageError:
         f"{where}: no storage backend for {proto}:// ({_describe(e)}). lfs_jax reads URLs "
         "through fsspec: gs:// needs gcsfs (pip install gcsfs), s3:// needs s3fs; or use a "
         "local path")
+  if isinstance(e, FileNotFoundError):
+    return StorageError(f"{where}: {e}")
   if _is_credentials(e):
     return StorageError(f"{where}: access refused or no credentials ({_describe(e)}); "
                         f"{_ADC}")
-  if isinstance(e, FileNotFoundError):
-    return StorageError(f"{where}: {e}")
   return StorageError(f"{where}: cannot reach the storage ({_describe(e)}); check the URL, "
                       f"the network and the credentials ({_ADC})")
 
@@ -229,16 +229,20 @@ def makedirs(path: str) -> None:
     _call(path, "makedirs", exist_ok=True)
 
 
-def open_read(path: str) -> IO[bytes]:
-  """A seekable binary reader (a URL reads ranges on demand, never the whole object)."""
-  return _call(path, "open", "rb") if is_url(path) else open(path, "rb")
-
-
 def read_bytes(path: str) -> bytes:
   if is_url(path):
     return _call(path, "cat_file")
   with open(path, "rb") as f:
     return f.read()
+
+
+def read_range(path: str, start: int, end: int) -> bytes:
+  """Bytes [start, end) of a file (fewer at its end); a URL reads only that range."""
+  if is_url(path):
+    return _call(path, "cat_file", start=start, end=end)
+  with open(path, "rb") as f:
+    f.seek(start)
+    return f.read(end - start)
 
 
 def read_text(path: str, encoding: str = "utf-8") -> str:

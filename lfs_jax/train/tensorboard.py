@@ -85,6 +85,10 @@ class SummaryWriter:
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
     self._path = paths.join(logdir, name)
     self._url = paths.is_url(logdir)
+    n = 0
+    while self._url and paths.exists(self._path):  # never replace an earlier writer's file
+      n += 1
+      self._path = paths.join(logdir, f"{name}.{n}")
     self._records = bytearray()  # a URL's whole file, uploaded at each flush
     self._f = None if self._url else open(self._path, "ab")
     self._write(_event(0, file_version="brain.Event:2"))

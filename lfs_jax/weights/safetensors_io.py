@@ -40,19 +40,18 @@ class SafetensorsError(ValueError):
 def _read_raw_header(path: str) -> Dict[str, dict]:
   """The header of a safetensors file as stored (with "__metadata__" if any)."""
   size = paths.size(path)
-  with paths.open_read(path) as f:
-    prefix = f.read(8)
-    if len(prefix) < 8:
-      raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
-    n = int.from_bytes(prefix, "little")
-    if n <= 0 or 8 + n > size:
-      raise SafetensorsError(
-          f"{path}: truncated or not a safetensors file (header of {n} bytes, "
-          f"file of {size} bytes)")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+  prefix = paths.read_range(path, 0, 8)
+  if len(prefix) < 8:
+    raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
+  n = int.from_bytes(prefix, "little")
+  if n <= 0 or 8 + n > size:
+    raise SafetensorsError(
+        f"{path}: truncated or not a safetensors file (header of {n} bytes, "
+        f"file of {size} bytes)")
+  try:
+    header = json.loads(paths.read_range(path, 8, 8 + n))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
   header["__header_bytes__"] = n
   return header
 
@@ -95,13 +94,14 @@ def load_file(path: str, names: Iterable[str] | None = None) -> Dict[str, np.nda
   wanted = header.keys() if names is None else names
   out = {}
   if paths.is_url(path):
-    # Ranged reads in file order (the backend reads ahead), one tensor at a time.
-    with paths.open_read(path) as f:
-      for name in sorted(wanted, key=lambda k: header[k]["data_offsets"][0]):
-        start, stop = header[name]["data_offsets"]
-        f.seek(8 + n + start)
-        out[name] = _array(path, name, header[name], f.read(stop - start))
-    return {name: out[name] for name in wanted}
+    # One ranged read of the data (one request, not one per tensor); the arrays are
+    # views of it, so it is held once, never written to a local file.
+    end = max((header[k]["data_offsets"][1] for k in wanted), default=0)
+    data = memoryview(paths.read_range(path, 8 + n, 8 + n + end))
+    for name in wanted:
+      start, stop = header[name]["data_offsets"]
+      out[name] = _array(path, name, header[name], data[start:stop])
+    return out
   with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
     for name in wanted:
       start, stop = header[name]["data_offsets"]

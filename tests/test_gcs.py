@@ -1,0 +1,276 @@
+"""Bucket URLs (gs://) everywhere, on a local GCS emulator started by the test.
+
+`gcp-storage-emulator` serves the GCS JSON API in this process on 127.0.0.1 (a free
+port); STORAGE_EMULATOR_HOST points gcsfs and google-cloud-storage at it,
+TENSORSTORE_GCS_HTTP_URL points Orbax's TensorStore there. Nothing reaches the
+internet. The emulator ignores generation preconditions, so the lock's race-free
+create is not tested here, only its read-before-create and lease expiry.
+"""
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lfs_jax import checkpoint
+from lfs_jax import datasets
+from lfs_jax import interop
+from lfs_jax import lock
+from lfs_jax import paths
+from lfs_jax import sample
+from lfs_jax import tiny
+from lfs_jax.evaluate import run_eval
+from lfs_jax.train import loop
+from lfs_jax.train import session
+from lfs_jax.weights import safetensors_io
+from conftest import TINY_RUN
+from test_evaluate import clip_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
+
+pytestmark = pytest.mark.xdist_group("gcs")  # one emulator and one model upload a module
+
+BUCKET = "bkt"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  """The emulator's base URL, with the environment that points every client at it."""
+  from gcp_storage_emulator.server import create_server
+
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are normal
+  port = _free_port()
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  with pytest.MonkeyPatch.context() as m:
+    m.setenv("STORAGE_EMULATOR_HOST", url)
+    m.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+    # gcsfs would ask the emulator for the bucket's type over gRPC, which it does not
+    # serve (two minutes of retries); read when gcsfs is imported.
+    m.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    m.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    yield url
+  server.stop()
+
+
+def _upload(local: str, url: str) -> None:
+  for root, _, names in os.walk(local):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), local)
+      with open(os.path.join(root, n), "rb") as f:
+        paths.write_bytes(paths.join(url, *rel.split(os.sep)), f.read())
+
+
+@pytest.fixture(scope="module")
+def bucket(emulator, tmp_path_factory, clip_dir):  # noqa: F811
+  """gs://bkt with the tiny model (model/), the bundled photos (photos/) and CLIP (clip/)."""
+  model = str(tmp_path_factory.mktemp("model"))
+  tiny.save_folder(tiny.random_params(0), model)
+  _upload(model, f"gs://{BUCKET}/model")
+  for name in ("dog", "cat"):
+    _upload(os.path.join(datasets.bundled_root(), name), f"gs://{BUCKET}/photos/{name}")
+  _upload(clip_dir, f"gs://{BUCKET}/clip")
+  return f"gs://{BUCKET}"
+
+
+def test_safetensors_through_a_url_equal_the_local_file(emulator, tmp_path):
+  rng = np.random.default_rng(0)
+  tensors = {f"w{i}": rng.normal(size=(i + 1, 3)).astype(np.float32) for i in range(5)}
+  tensors["b"] = np.arange(7, dtype=np.int64)
+  url, local = f"gs://{BUCKET}/st/w.safetensors", str(tmp_path / "w.safetensors")
+  safetensors_io.save_file(tensors, url, metadata={"format": "pt"})
+  safetensors_io.save_file(tensors, local, metadata={"format": "pt"})
+  data = paths.read_bytes(url)
+  assert data == open(local, "rb").read()
+  got = safetensors_io.load_file(url)
+  assert sorted(got) == sorted(tensors)
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(got[k], v)
+  assert safetensors_io.read_metadata(url) == {"format": "pt"}
+  # A truncated object is named, as a truncated file is.
+  paths.write_bytes(f"gs://{BUCKET}/st/cut.safetensors", data[:len(data) - 8])
+  with pytest.raises(safetensors_io.SafetensorsError, match="cut.safetensors: truncated"):
+    safetensors_io.load_file(f"gs://{BUCKET}/st/cut.safetensors")
+
+
+def _config(tiny_config, bucket, **overrides):
+  return tiny_config(**{**TINY_RUN, "model__source": "local", "model__path": f"{bucket}/model",
+                        "data__root": f"{bucket}/photos", "data__classes": "dog=dog,cat=cat",
+                        "train__steps": 4,
+                        "train__progress_every": 2, **overrides})
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports(
+    bucket, tiny_config, tmp_path, monkeypatch, capsys):
+  import sys; _T0 = time.time()
+  monkeypatch.chdir(tmp_path)  # a URL mistaken for a local path would land here
+  cfg = _config(tiny_config, bucket)
+  workdir = f"{bucket}/run"
+
+  # SIGTERM in session 2 (the real handler): progress of step 2 saved, Preempted.
+  real_log = loop.log
+
+  def log(pending, done, k, writer):
+    if (k, done) == (2, 2):
+      signal.raise_signal(signal.SIGTERM)
+    return real_log(pending, done, k, writer)
+  with monkeypatch.context() as m:
+    m.setattr(loop, "log", log)
+    with pytest.raises(loop.Preempted, match="session 2 stopped at step 2"):
+      session.run(cfg, workdir)
+  print('T0', time.time() - _T0, file=sys.__stderr__)
+  assert checkpoint.finished_sessions(workdir) == [1]
+  assert paths.isdir(f"{workdir}/progress/2")
+  # A second job on the same run while this one holds it is refused, naming the holder.
+  with lock.acquire(workdir, "training run"):
+    with pytest.raises(lock.WorkdirLocked, match=f"pid {os.getpid()} on host"):
+      session.run(cfg, workdir, resume=True)
+  print('T1', time.time() - _T0, file=sys.__stderr__)
+  capsys.readouterr()
+
+  session.run(cfg, workdir, resume=True)
+  print('T2', time.time() - _T0, file=sys.__stderr__)
+  assert "session 2: resumed at step 2" in capsys.readouterr().out
+  assert checkpoint.finished_sessions(workdir) == [1, 2]
+  assert not paths.exists(f"{workdir}/progress") and not paths.exists(f"{workdir}/lock")
+  stored = json.loads(paths.read_text(f"{workdir}/config.json"))
+  assert stored["model"]["path"] == f"{bucket}/model"
+  registry = json.loads(paths.read_text(f"{workdir}/concepts.json"))
+  assert [r["path"] for r in registry[0]["images"]] == [
+      f"{bucket}/photos/dog/0{i}.jpg" for i in range(3)]
+
+  # TensorBoard reads the scalars of both sessions from the uploaded events file.
+  print('T3', time.time() - _T0, file=sys.__stderr__)
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+
+  tags = set()
+  for name in paths.listdir(f"{workdir}/logs"):  # a file per session and restart
+    local = tmp_path.parent / f"{tmp_path.name}_{name}"
+    local.write_bytes(paths.read_bytes(f"{workdir}/logs/{name}"))
+    tags |= {v.tag for e in event_file_loader.EventFileLoader(str(local)).Load()
+             for v in e.summary.value}
+  assert {"session_1/loss", "session_2/loss"} <= tags
+
+  print('T4', time.time() - _T0, file=sys.__stderr__)
+  run, written = sample.sample_run(workdir, ["a <c1> dog"], progress=False)
+  assert run.session == 2 and written and all(w.startswith(f"{workdir}/samples/") for w in written)
+  png = Image.open(io.BytesIO(paths.read_bytes(written[0])))
+  png.load()  # a whole PNG, decoded
+  assert (png.format, png.mode) == ("PNG", "RGB")
+
+  print('T5', time.time() - _T0, file=sys.__stderr__)
+  got = run_eval.evaluate(workdir, clip=f"{bucket}/clip", progress=False,
+                          overrides={"eval.variants": "icgen", "eval.grid": 0})
+  assert got["computed"] == 3  # two concepts after session 2, one after session 1
+  for name in ("metrics.json", "report.md", "cells.json"):
+    assert paths.isfile(f"{workdir}/metrics/{name}"), name
+  assert not paths.exists(f"{workdir}/metrics/lock")
+
+  print('T6', time.time() - _T0, file=sys.__stderr__)
+  out = f"{bucket}/export"
+  exported = interop.export_session(workdir, out)
+  assert sorted(paths.listdir(out)) == sorted(
+      exported["files"] + ["README.md", "concepts.json"])
+  print('T7', time.time() - _T0, file=sys.__stderr__)
+  imported = interop.import_delta(out, f"{bucket}/imported", cfg)
+  assert imported["tokens"] == ["<c1>", "<c2>"]
+  assert checkpoint.finished_sessions(f"{bucket}/imported") == [1]
+  print('T8', time.time() - _T0, file=sys.__stderr__)
+  assert os.listdir(tmp_path) == []  # nothing was written to the local disk
+
+
+def test_a_bucket_lock_of_a_killed_job_expires_and_is_taken_over(emulator, monkeypatch, capsys):
+  folder = f"gs://{BUCKET}/leased"
+  first = lock.acquire(folder, "training run")
+  with pytest.raises(lock.WorkdirLocked, match=r"last heard from \d+ s ago.*lease"):
+    lock.acquire(folder, "training run")
+  first._stop.set()  # the holder dies hard: no more renewals, no release
+  first._thread.join()
+  monkeypatch.setattr(lock, "LEASE_S", 0.0)
+  second = lock.acquire(folder, "training run")
+  assert "not renewed for" in capsys.readouterr().err
+  second.release()
+  assert not paths.exists(f"{folder}/lock")
+
+
+def test_the_lease_is_renewed_while_held(emulator, monkeypatch):
+  monkeypatch.setattr(lock, "LEASE_RENEW_S", 0.05)
+  url = f"gs://{BUCKET}/renewed/lock"
+  held = lock.acquire(f"gs://{BUCKET}/renewed", "training run")
+  since = json.loads(paths.read_text(url))["renewed"]
+  time.sleep(0.5)
+  assert json.loads(paths.read_text(url))["renewed"] > since
+  held.release()
+
+
+# ---------------------------------------------------------------- bad input, before training
+
+@pytest.fixture()
+def no_training(monkeypatch):
+  """Fails the test if a run gets as far as loading its base model."""
+  def load_base(*a, **kw):
+    raise AssertionError("the run started loading the base model")
+  monkeypatch.setattr(session.base_lib, "load_base", load_base)
+
+
+def test_a_missing_bucket_is_named_with_its_setting(emulator, tiny_config, no_training):
+  bucket = f"gs://{BUCKET}"
+  cfg = _config(tiny_config, bucket)
+  with pytest.raises(paths.StorageError,
+                     match=r"--workdir=gs://no-such-bucket/run: bucket 'no-such-bucket' "
+                           "does not exist"):
+    session.run(cfg, "gs://no-such-bucket/run")
+  cfg = _config(tiny_config, bucket, model__path=f"{bucket}/no_model")
+  with pytest.raises(paths.StorageError, match=f"model.path={bucket}/no_model: no file"):
+    session.run(cfg, f"{bucket}/never")
+  cfg = _config(tiny_config, bucket, model__path=paths.join(datasets.bundled_root(), "dog"),
+                data__root=f"{bucket}/no_photos")
+  with pytest.raises(paths.StorageError, match=f"data.root={bucket}/no_photos: no file"):
+    session.run(cfg, f"{bucket}/never")
+  assert not paths.exists(f"{bucket}/never")
+
+
+def test_missing_credentials_are_named_with_the_setting(emulator, tiny_config, tmp_path,
+                                                        monkeypatch, no_training):
+  bucket = f"gs://{BUCKET}"
+  monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # a real bucket: credentials from ADC
+  monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+  cfg = tiny_config(data__root=f"{bucket}/photos")
+  with pytest.raises(paths.StorageError,
+                     match="--workdir=gs://bkt/run2: access refused or no credentials.*"
+                           "missing.json was not found.*GOOGLE_APPLICATION_CREDENTIALS"):
+    session.run(cfg, f"{bucket}/run2")
+
+
+def test_a_scheme_without_a_backend_is_named_with_the_setting(tiny_config, tmp_path,
+                                                              no_training):
+  cfg = tiny_config(data__root="nosuch://bucket/photos")
+  with pytest.raises(paths.StorageError, match="data.root=nosuch://bucket/photos: no storage "
+                                               "backend for nosuch://"):
+    session.run(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_processes_that_do_not_see_process_0s_config_are_refused(monkeypatch, tmp_path):
+  """Two processes must name one shared workdir (faked: process 1 sees no config.json)."""
+  monkeypatch.setattr(session.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(session.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(session.parallel, "barrier", lambda name: None)
+  monkeypatch.setattr(session.parallel, "agree_any", bool)
+  with pytest.raises(session.ConfigError, match="process 1 does not see the config.json"):
+    session._check_shared(str(tmp_path))  # pylint: disable=protected-access
+  (tmp_path / "config.json").write_text("{}")
+  session._check_shared(str(tmp_path))  # pylint: disable=protected-access
