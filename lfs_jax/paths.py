@@ -183,7 +183,10 @@ def check(path: str, setting: str, *, must_exist: bool = True) -> None:
     if scheme(path) in _OBJECT_STORES:
       bucket = p.split("/", 1)[0]
       try:
-        fs.info(bucket)  # refused access raises here; a missing bucket FileNotFoundError
+        # Listing needs only storage.objects.list (reading the bucket's own metadata
+        # needs buckets.get, which object-level roles lack). Refused access raises
+        # here; a missing bucket is a FileNotFoundError.
+        fs.ls(bucket, detail=False)
       except FileNotFoundError:
         raise FileNotFoundError(f"bucket {bucket!r} does not exist, or these credentials "
                                 "may not see it") from None
