@@ -14,6 +14,7 @@ temporary name and renamed when complete, so an interrupted generation is redone
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax import sample as sample_lib
 from lfs_jax.errors import ConfigError
@@ -77,7 +79,7 @@ def _read(path: str, rec: Dict[str, Any]) -> np.ndarray:
 
   images = []
   for i in range(rec["count"]):
-    with Image.open(os.path.join(path, f"{i}.png")) as im:
+    with Image.open(io.BytesIO(paths.read_bytes(os.path.join(path, f"{i}.png")))) as im:
       images.append(np.asarray(im.convert("RGB")))
   out = np.stack(images)
   side = rec["resolution"]
@@ -100,6 +102,11 @@ def _generate(cfg, workdir: str, pipe, rec: Dict[str, Any]) -> np.ndarray:
 def _write(path: str, images: np.ndarray, rec: Dict[str, Any]) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
+  if paths.is_url(path):  # a bucket has no rename: class.json, written last, marks it done
+    for i, img in enumerate(images):
+      paths.write_bytes(os.path.join(path, f"{i}.png"), sample_lib.png_bytes(img))
+    paths.write_text(os.path.join(path, CLASS_JSON), json.dumps(rec, indent=2))
+    return
   tmp = path + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier attempt
   os.makedirs(tmp)
@@ -120,15 +127,14 @@ def class_images(cfg, workdir: str, pipe, classes: Sequence[str]) -> Dict[str, n
   out = {}
   for word in dict.fromkeys(classes):
     rec, path = record(cfg, word), folder(workdir, word)
-    if os.path.exists(os.path.join(path, CLASS_JSON)):
-      with open(os.path.join(path, CLASS_JSON)) as f:
-        _check(json.load(f), rec, path)
+    if paths.exists(os.path.join(path, CLASS_JSON)):
+      _check(json.loads(paths.read_text(os.path.join(path, CLASS_JSON))), rec, path)
       out[word] = _read(path, rec)
       print(f"prior: {rec['count']} class images of {rec['prompt']!r} read from {path}")
       continue
     print(f"prior: generating {rec['count']} class images of {rec['prompt']!r} with the base")
     out[word] = _generate(cfg, workdir, pipe, rec)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
+      paths.makedirs(os.path.dirname(path))
       _write(path, out[word], rec)
   return out

@@ -39,7 +39,6 @@ never renders one that exists, so a run ends with no hole and nothing twice.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -55,6 +54,7 @@ from lfs_jax import concepts as concepts_lib
 from lfs_jax import datasets
 from lfs_jax import icgen
 from lfs_jax import parallel
+from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax import sample as sample_lib
 from lfs_jax.errors import ConfigError
@@ -162,19 +162,6 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str]) -> np.ndarray:
   return np.asarray(canvas)
 
 
-def _png(image: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 class Moment(NamedTuple):
   """The model to validate: a session's delta at its end or at one of its steps."""
   session: int
@@ -205,7 +192,7 @@ class Validator:
   def missing(self, session: int, step: Optional[int] = None) -> bool:
     """No finished grid for this moment (agreed by every process)."""
     return parallel.agree_any(
-        not os.path.isfile(os.path.join(self.folder, name(session, step) + ".png")))
+        not paths.isfile(os.path.join(self.folder, name(session, step) + ".png")))
 
   def render(self, moment: Moment, frozen_unet, stop) -> Optional[str]:
     """Samples the moment's grid and writes it; None if SIGTERM stopped it (nothing written).
@@ -292,16 +279,17 @@ class Validator:
           "sample": dataclasses.asdict(self.sample),
           # Tile (r, c) is grid[r*H:(r+1)*H, label_width + c*W: label_width + (c+1)*W].
           "tile": list(images.shape[1:3]), "label_width": grid.shape[1] - k * images.shape[2]}
-      os.makedirs(self.folder, exist_ok=True)
+      paths.makedirs(self.folder)
       checkpoint.write_json_atomic(stem + ".json", runs.jsonable(index))
-      _write_bytes(stem + ".png", _png(grid))  # last: its presence marks the grid done
+      # last: its presence marks the grid done
+      paths.write_bytes(stem + ".png", sample_lib.png_bytes(grid))
       if self.writer is not None:
         small = _scaled(grid, images.shape[1])
         if moment.step is None:
-          self.writer.image("validation/sessions", _png(small), small.shape[0],
+          self.writer.image("validation/sessions", sample_lib.png_bytes(small), small.shape[0],
                             small.shape[1], moment.session)
         else:
-          self.writer.image(f"validation/session_{moment.session}", _png(small),
+          self.writer.image(f"validation/session_{moment.session}", sample_lib.png_bytes(small),
                             small.shape[0], small.shape[1], moment.step)
         self.writer.flush()
       where = "" if moment.step is None else f" step {moment.step}"
