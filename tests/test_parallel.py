@@ -178,7 +178,7 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
   # (and of the optimizer state): the checkpoints gather them.
   procs = _start_two(work, compile_cache, "--config.data.sessions=dog;cat",
                      "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp",
-                     "--config.mesh.trainable=fsdp")
+                     "--config.mesh.trainable=fsdp", "--config.validation.seeds=1")
   try:  # meanwhile, the same run in this process, 2 of its devices, replicated base
     session.run(tiny_config(train__steps=2, data__sessions="dog;cat", mesh__data=-1), ref,
                 devices=jax.devices()[:2])
@@ -188,8 +188,11 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
   assert sorted(os.listdir(work / "sessions")) == ["1", "2"]
   assert sorted(p.name for p in work.rglob("config.json*")) == ["config.json"]
   assert json.loads((work / "config.json").read_text())["distributed"]["num_processes"] == 2
-  # Only process 0 logs: TensorBoard event files (one a session) of a single process id.
+  # Only process 0 logs: TensorBoard event files (one a run) of a single process id.
   assert len({p.name.rsplit(".", 1)[-1] for p in (work / "logs").iterdir()}) == 1
+  # The validation grids (on by default) sampled by both processes, written by one.
+  assert sorted(p.name for p in (work / "samples" / "validation").iterdir()) == [
+      "session_001.json", "session_001.png", "session_002.json", "session_002.png"]
 
   # The one-process run over 2 devices has the same deltas.
   for k in (1, 2):
@@ -202,7 +205,8 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
   # --resume with one more session (and the base replicated now: a machine setting):
   # the two processes train session 3 only.
   outs = _wait_two(_start_two(work, compile_cache, "--resume",
-                             "--config.data.sessions=dog;cat;dog2"))
+                             "--config.data.sessions=dog;cat;dog2",
+                             "--config.validation.every_session=False"))
   assert all("session=3" in o and "session=1" not in o for o in outs)
   assert checkpoint.finished_sessions(str(work)) == [1, 2, 3]
   registry = concepts_lib.Registry.load(str(work / "concepts.json"))

@@ -145,13 +145,18 @@ def _traces_after_renders(monkeypatch):
 @pytest.mark.slow  # a run resumed (CI runs it)
 def test_resume_renders_the_missing_grids_with_each_sessions_weights(tiny_run, tiny_config,
                                                                      monkeypatch, capsys):
-  """A finished run without grids (trained with validation off) gets one per session on
-  --resume, from the checkpoints, without training; the tiles are what `--mode=sample`
-  draws with that session; prompts and seeds change between grids, nothing recompiles."""
+  """A finished run without grids (trained with validation off; a kill left session 1's
+  half written) gets one per session on --resume, from the checkpoints, without
+  training; the tiles are what `--mode=sample` draws with that session; prompts and
+  seeds change between grids, nothing recompiles."""
   workdir = tiny_run("validation_resume")
+  folder = os.path.join(workdir, validation.FOLDER)
+  # What a hard kill inside session 1's grid can leave: its index, half a PNG.
+  os.makedirs(folder)
+  open(os.path.join(folder, "session_001.json"), "w").write("{}")
+  open(os.path.join(folder, "session_001.png.tmp"), "wb").write(b"\x89PNG half")
   snaps = _traces_after_renders(monkeypatch)
   assert session.run(tiny_config(**_ON), workdir, resume=True) == []  # nothing trained
-  folder = os.path.join(workdir, validation.FOLDER)
   assert sorted(os.listdir(folder)) == ["session_001.json", "session_001.png",
                                         "session_002.json", "session_002.png"]
   # Session 2's grid has other prompts (a second concept and class) than session 1's.
@@ -159,6 +164,8 @@ def test_resume_renders_the_missing_grids_with_each_sessions_weights(tiny_run, t
   out = capsys.readouterr().out
   for k, n in ((1, 3), (2, 6)):
     assert f"validation session {k}: {n} images in " in out
+    index = json.loads(open(os.path.join(folder, f"session_{k:03d}.json")).read())
+    assert (index["session"], index["images"]) == (k, n)
 
   tiles, index = _tiles(workdir, "session_002")
   assert [(r["prompt"], r["variant"]) for r in index["rows"]] == [

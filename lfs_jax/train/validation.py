@@ -18,7 +18,8 @@ program (prompts and seeds are arrays: one compile a run, never the train step's
 Nothing here touches the train state or the run's random keys, so training with or
 without validation gives the same bits.
 
-Files (process 0), each written whole (tmp + rename), the JSON index before its PNG:
+Files (process 0), each written whole (tmp + rename); the JSON index and the
+TensorBoard image before the PNG, whose presence marks the grid done:
 
   <workdir>/samples/validation/session_<kkk>.png               after session k
   <workdir>/samples/validation/session_<kkk>_step_<ssssss>.png inside it, after step s
@@ -281,9 +282,7 @@ class Validator:
           "tile": list(images.shape[1:3]), "label_width": grid.shape[1] - k * images.shape[2]}
       paths.makedirs(self.folder)
       checkpoint.write_json_atomic(stem + ".json", runs.jsonable(index))
-      # last: its presence marks the grid done
-      paths.write_bytes(stem + ".png", sample_lib.png_bytes(grid))
-      if self.writer is not None:
+      if self.writer is not None:  # a kill before the PNG: drawn again, TensorBoard shows the last
         small = _scaled(grid, images.shape[1])
         if moment.step is None:
           self.writer.image("validation/sessions", sample_lib.png_bytes(small), small.shape[0],
@@ -292,6 +291,8 @@ class Validator:
           self.writer.image(f"validation/session_{moment.session}", sample_lib.png_bytes(small),
                             small.shape[0], small.shape[1], moment.step)
         self.writer.flush()
+      # last: its presence marks the grid done
+      paths.write_bytes(stem + ".png", sample_lib.png_bytes(grid))
       where = "" if moment.step is None else f" step {moment.step}"
       tqdm.tqdm.write(f"validation session {moment.session}{where}: {len(images)} images in "
                       f"{seconds:.1f} s -> {stem}.png")
