@@ -33,7 +33,7 @@ from lfs_jax import delta as delta_lib
 from lfs_jax.diffusion import sampler
 from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.models import clip, unet, vae
-from lfs_jax.train import kd, losses
+from lfs_jax.train import kd, losses, programs
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights import convert
 
@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="noises in the DFKD cache of lfs_cached; 0: 64 (full) or 4 (tiny)")
   p.add_argument("--compile-cache", default="~/.cache/lfs_jax/bench_xla",
                  help='persistent XLA compilation cache folder ("" leaves jax as it is)')
+  p.add_argument("--store-program", action="store_true",
+                 help="train steps: trace through lfs_jax's program store (train/programs.py) "
+                      "in <compile-cache>/programs, as a training run does: a second run "
+                      "reads the traced step back (lower_s is then that read)")
   p.add_argument("--compile-only", action="store_true",
                  help="lower and compile on abstract inputs, time nothing (e.g. a warm-cache run)")
   p.add_argument("--cpu-full-opt", action="store_true",
@@ -373,8 +377,12 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
                   f"point(s), built once per session in {_fmt(build_s)} s "
                   f"(+{cache_c.compile_s:.1f} s compile)")
 
-  compiled = aot(step_fn, state, frozen, teacher, data, schedule, rng,
-                 options=s.train_compiler_options, mesh=mesh)
+  if args.store_program:
+    compiled, extra["program"] = _stored(s, step_fn, mesh, spec, models,
+                                         (state, frozen, teacher, data, schedule, rng))
+  else:
+    compiled = aot(step_fn, state, frozen, teacher, data, schedule, rng,
+                   options=s.train_compiler_options, mesh=mesh)
   ms = ms_pipe = None
   if not s.abstract_only:
     box = {"state": state}
@@ -396,6 +404,20 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
               + (cache_note or "; fresh teacher forward every step"))
   return _record(s, workload, compiled, xla_flops(compiled.fn), ms, ms_pipe, b, notes,
                  **extra)
+
+
+def _stored(s: Setup, step_fn, mesh, spec, models, args):
+  """`step.compile_step` through the program store beside --compile-cache (as
+  session.py): (Compiled, how the program was had)."""
+  folder = programs.folder_for(s.args.compile_cache)
+  if folder is None:
+    raise SystemExit("--store-program needs a local --compile-cache folder")
+  static = repr((models, spec, s.cfg.train.to_dict()))
+  exe, seconds, cached, info = step_lib.compile_step(
+      step_fn, mesh, *args, store=programs.Store(folder, static),
+      compiler_options=s.train_compiler_options)
+  persistent = jax.config.jax_compilation_cache_dir is not None
+  return Compiled(exe, info.trace_s, seconds, cached if persistent else None), info.program
 
 
 def sample_workload(s: Setup, workload: str) -> Dict[str, Any]:

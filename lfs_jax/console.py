@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from typing import List, Optional, Tuple
 
 # Python loggers of the libraries whose INFO lines would drown the progress bars.
 _LIBRARIES = ("absl", "jax", "orbax", "tensorstore", "transformers", "diffusers", "PIL",
@@ -55,3 +57,28 @@ def add_verbosity(parser) -> None:
   """The --verbosity option of an argparse command."""
   parser.add_argument("--verbosity", type=int, default=0,
                       help="1: show the libraries' INFO logs (default 0: warnings only)")
+
+
+class Clock:
+  """Wall-clock phases of a command from its start, summed up in one line.
+
+  `mark(name)` closes the phase `name` now; `mark(name, seconds)` records a phase
+  measured elsewhere (e.g. tracing inside a compile) and moves the clock by that
+  much, so the next mark gets the rest.
+  """
+
+  def __init__(self, start: Optional[float] = None):
+    self.start = time.perf_counter() if start is None else start
+    self._last = self.start
+    self.phases: List[Tuple[str, float, str]] = []
+
+  def mark(self, name: str, seconds: Optional[float] = None, note: str = "") -> None:
+    if seconds is None:
+      seconds = time.perf_counter() - self._last
+    self._last += seconds
+    self.phases.append((name, seconds, note))
+
+  def line(self, what: str) -> str:
+    """`what: 41.3 s = imports 3.2 + base load 5.1 + tracing 12.3 (...) + ...`."""
+    parts = [f"{name} {s:.1f}" + (f" ({note})" if note else "") for name, s, note in self.phases]
+    return f"{what}: {self._last - self.start:.1f} s = " + " + ".join(parts)

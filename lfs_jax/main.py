@@ -21,8 +21,12 @@ Modes:
                    (compare.md, .csv, .json, .png; default DIR: A/metrics/compare/).
 """
 
-import os
-import sys
+import time
+
+_START = time.perf_counter()  # the restart phases count from here (session.run's clock)
+
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
@@ -58,10 +62,13 @@ def _workdir() -> str:
 
 
 def _train():
+  from lfs_jax import console  # pylint: disable=g-import-not-at-top
   from lfs_jax.train import session  # pylint: disable=g-import-not-at-top
 
+  clock = console.Clock(_START)
+  clock.mark("imports")
   try:
-    results = session.run(_CONFIG.value, _workdir(), resume=_RESUME.value)
+    results = session.run(_CONFIG.value, _workdir(), resume=_RESUME.value, clock=clock)
   except session.Preempted as e:
     print(f"preempted: {e}; continue with --resume", file=sys.stderr)
     return 0

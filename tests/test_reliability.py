@@ -93,10 +93,10 @@ class _Faults:
     real_jit = step_lib.jit_train_step
     m.setattr(step_lib, "jit_train_step", jit_train_step)
 
-    def compile_step(fn, *a):
+    def compile_step(fn, *a, **kw):
       self._hit("compile")
       if "exe" not in compiled:
-        compiled["exe"] = real_compile(fn, *a)[0]
+        compiled["exe"] = real_compile(fn, *a, **kw)[0]
       exe = compiled["exe"]
 
       def step(state, *rest):
@@ -314,8 +314,8 @@ def test_sigterm_inside_session_2_of_a_fresh_main_exits_0_and_resumes(tmp_path, 
       "import os, runpy, signal, sys\n"
       "from lfs_jax.train import step\n"
       "real = step.compile_step\n"
-      "def compile_step(*a):\n"
-      "  fn, *rest = real(*a)\n"
+      "def compile_step(*a, **kw):\n"
+      "  fn, *rest = real(*a, **kw)\n"
       "  def at(state, *b):\n"
       "    if int(state.step) == 2:\n"
       "      os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -38,9 +38,16 @@ def test_two_session_run_end_to_end(tmp_path, tiny_config, monkeypatch, capsys):
   run = str(tmp_path / "run")
   results = session.run(tiny_config(), run)
   assert [r["session"] for r in results] == [1, 2]
-  # Compiled ahead of the first step, once for the whole run (sessions are padded).
-  assert len(traces) == 1
-  assert capsys.readouterr().out.count("train step compiled in") == 1
+  # Compiled ahead of the first step, once for the whole run (sessions are padded):
+  # traced once, or read back from the program store (an earlier test's run).
+  out = capsys.readouterr().out
+  assert out.count("train step compiled in") == 1
+  assert len(traces) + out.count("program read back") == 1
+  # The start's phases, once, in order, up to the first step.
+  assert out.count("start to the first step: ") == 1
+  line = next(l for l in out.splitlines() if l.startswith("start to the first step: "))
+  assert [p.split(" ")[0] for p in line.split(" = ")[1].split(" + ")] == [
+      "base", "inputs", "tracing", "compile", "first"], line
   assert all(np.isfinite(r["loss"]) and r["kd"] >= 0 for r in results)
   assert checkpoint.finished_sessions(run) == [1, 2]
   assert not os.path.exists(os.path.join(run, "progress"))
@@ -138,7 +145,7 @@ def _kill():
 
 @pytest.mark.slow  # a whole loop (CI runs it)
 def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_config,
-                                                             monkeypatch):
+                                                             monkeypatch, capsys):
   cfg = tiny_config(data__sessions="dog", train__steps=6, train__progress_every=2)
   full = str(tmp_path / "full")
   session.run(cfg, full)
@@ -152,8 +159,16 @@ def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_conf
       session.run(cfg, killed)
   assert checkpoint.finished_sessions(killed) == []
   assert checkpoint.progress_meta(killed) == {"session": 1}
+  capsys.readouterr()
   session.run(cfg, killed, resume=True)
   _assert_trees_equal(checkpoint.restore_session(killed, 1)["delta"], want)
+  # The restart read the step's program back (stored by the first run) and says how
+  # long each phase took up to its first step.
+  line = [l for l in capsys.readouterr().out.splitlines()
+          if l.startswith("restart to the first step: ")]
+  assert len(line) == 1 and "tracing " in line[0] and "(read back)" in line[0], line
+  assert [p.split(" ")[0] for p in line[0].split(" = ")[1].split(" + ")] == [
+      "base", "inputs", "tracing", "compile", "resume", "first"], line
 
   # SIGTERM (preemption) during step 3: saves step 3 and stops cleanly.
   term = str(tmp_path / "term")

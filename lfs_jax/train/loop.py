@@ -59,7 +59,7 @@ def log(pending, done: int, session: int, writer) -> Dict[str, float]:
 
 
 def steps(run, su, state, session: int, stop, *, writer: Optional[SummaryWriter] = None,
-          validate: Optional[Callable] = None):
+          validate: Optional[Callable] = None, first_step: Optional[Callable] = None):
   """Runs session `session` from `state.step` to `train.steps`.
 
   Args:
@@ -71,6 +71,7 @@ def steps(run, su, state, session: int, stop, *, writer: Optional[SummaryWriter]
     validate: `validate(state, step) -> stopped`, called after every step but the
       last and at a resumed start (validation grids; train/validation.py); it only
       reads the state. True: SIGTERM stopped it, so progress is saved at this step.
+    first_step: called once the first step has finished (its outputs ready), or None.
 
   Returns:
     (final state, the last metric window's values).
@@ -92,6 +93,9 @@ def steps(run, su, state, session: int, stop, *, writer: Optional[SummaryWriter]
     state, metrics = su.step_fn(state, su.frozen, su.teacher, su.data, run.schedule,
                                 su.train_key)
     pending.append(metrics)
+    if first_step is not None and s == first:
+      jax.block_until_ready(metrics)
+      first_step()
     done = s + 1
     if done % cfg.train.log_every == 0 or done == total:
       last = log(pending, done, session, writer)

@@ -23,6 +23,7 @@ trained here; data.sessions lists the sessions after it (numbered from 2).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import time
@@ -35,6 +36,7 @@ import numpy as np
 from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import console
 from lfs_jax import data as data_lib
 from lfs_jax import delta as delta_lib
 from lfs_jax import lock as lock_lib
@@ -48,12 +50,17 @@ from lfs_jax.train import kd as kd_lib
 from lfs_jax.train import loop
 from lfs_jax.train import losses
 from lfs_jax.train import prior as prior_lib
+from lfs_jax.train import programs
 from lfs_jax.train import step as step_lib
 from lfs_jax.train import validation as validation_lib
 from lfs_jax.train.tensorboard import SummaryWriter
 from lfs_jax.train.loop import Preempted  # pylint: disable=unused-import  (main catches it here)
 
 _TRAIN, _KD_CACHE = 1, 2  # purposes folded into the run key
+# Config fields that never reach the train step's program (programs.py's key omits
+# them, so changing them on --resume still finds the stored program).
+_NOT_IN_STEP = ("compile_cache", "train.log_every", "train.progress_every", "checkpoint.",
+                "distributed.", "sample.", "icgen.", "eval.", "validation.")
 
 
 class Run(NamedTuple):
@@ -122,8 +129,29 @@ def _jit(run: Run, frozen, teacher, trainable) -> Trainer:
   return Trainer(step_fn, sh, base)
 
 
+def program_store(cfg, models, spec) -> Optional[programs.Store]:
+  """Where the traced step is kept (beside the compile cache; None without one), and
+  what it closes over: the modules, the loss spec and the config fields it may read."""
+  folder = programs.folder_for(cfg.compile_cache)
+  if folder is None:
+    return None
+  flat = {}
+  stack = [("", cfg.to_dict())]
+  while stack:
+    prefix, d = stack.pop()
+    for k, v in d.items():
+      if isinstance(v, dict):
+        stack.append((f"{prefix}{k}.", v))
+      elif not f"{prefix}{k}".startswith(_NOT_IN_STEP):
+        flat[f"{prefix}{k}"] = v
+  static = json.dumps({"models": repr(models), "spec": repr(spec),
+                       "config": flat}, sort_keys=True, default=repr)
+  return programs.Store(folder, static)
+
+
 def setup_session(run: Run, session: int, prev_delta,
-                  trainer: Optional[Trainer] = None) -> SessionSetup:
+                  trainer: Optional[Trainer] = None,
+                  clock: Optional[console.Clock] = None) -> SessionSetup:
   """Session `session`'s inputs and fresh train state on the mesh.
 
   Args:
@@ -133,6 +161,7 @@ def setup_session(run: Run, session: int, prev_delta,
     trainer: the run's compiled step; None at the first session of a run, which
       jits and compiles it ahead of the first step with the real shapes and
       shardings (SessionSetup.trainer carries it to the next sessions).
+    clock: the start's phases; inputs, tracing and compile are marked on it.
   """
   cfg, spec = run.cfg, run.spec
   inp = inputs_lib.session_inputs(run, session, prev_delta)
@@ -161,26 +190,42 @@ def setup_session(run: Run, session: int, prev_delta,
   train_key = parallel.put(jax.random.fold_in(jax.random.fold_in(root, _TRAIN), session),
                            sh.rng)
   if first:
-    compiled, seconds, cached = step_lib.compile_step(
-        trainer.step_fn, run.mesh, state, frozen, teacher, data, run.schedule, train_key)
+    if clock is not None:
+      clock.mark("inputs")
+    compiled, seconds, cached, *info = step_lib.compile_step(
+        trainer.step_fn, run.mesh, state, frozen, teacher, data, run.schedule, train_key,
+        store=program_store(run.cfg, run.models, run.spec))
     trainer = trainer._replace(step_fn=compiled)
+    info = info[0] if info else None
+    if clock is not None and info is not None:
+      clock.mark("tracing", info.trace_s, "read back" if info.program == "stored" else "")
+    if clock is not None:
+      clock.mark("compile", note="persistent cache" if cached else "")
     if jax.process_index() == 0:
-      print(f"train step compiled in {seconds:.1f} s" + (
-          " (from the persistent compilation cache)" if cached else ""))
+      how = []
+      if info is not None:
+        how.append({"stored": "program read back"}.get(info.program, info.program)
+                   + f" in {info.trace_s:.1f} s")
+      if cached:
+        how.append("from the persistent compilation cache")
+      print(f"train step compiled in {seconds:.1f} s" + (f" ({'; '.join(how)})" if how else ""))
   return SessionSetup(inp.registry, run.models, spec, frozen, teacher, data, state,
                       train_key, inp.token_table, inp.new_rows, inp.bank, trainer)
 
 
 def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer], *,
-                   resume: bool, stop, writer=None, validator=None, banks=None):
+                   resume: bool, stop, writer=None, validator=None, banks=None,
+                   clock: Optional[console.Clock] = None):
   """Trains and saves one session; returns (its final metrics, the run's Trainer).
 
   `validator` (None: off) renders the grids inside the session, `banks` holds the
   context banks of the sessions before it, `writer` the run's TensorBoard events.
+  `clock`: the process's start, given to its first session, which prints the phases
+  from the start to its first step.
   """
   # SIGTERM while loading the base or saving the last session: stop before any work.
   loop.stop_if_asked(stop, f"session {session} not started")
-  su = setup_session(run, session, prev_delta, trainer)
+  su = setup_session(run, session, prev_delta, trainer, clock)
   state = su.state
   if resume:
     got = loop.latest_progress(run, su, state)
@@ -188,9 +233,19 @@ def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer
       state = got["state"]
       print(f"session {session}: resumed at step {int(state.step)}")
   loop.stop_if_asked(stop, f"session {session} stopped before step {int(state.step) + 1}")
+  first_step = None
+  if clock is not None:
+    if resume:
+      clock.mark("resume")
+
+    def first_step():
+      clock.mark("first step")
+      if jax.process_index() == 0:
+        print(clock.line("restart to the first step" if resume else "start to the first step"))
   t0 = time.time()
   hook = validation_lib.make_step_hook(validator, su, session, banks or {}, stop)
-  state, last = loop.steps(run, su, state, session, stop, writer=writer, validate=hook)
+  state, last = loop.steps(run, su, state, session, stop, writer=writer, validate=hook,
+                           first_step=first_step)
   _save(run, su, state, session, last, time.time() - t0)
   return {"session": session, **last}, su.trainer
 
@@ -322,8 +377,8 @@ def base_delta(run: Run) -> Dict[str, Any]:
           "tokens": np.zeros((0, d), np.float32)}
 
 
-def run(cfg, workdir: str, *, resume: bool = False,
-        devices: Optional[list] = None) -> List[Dict[str, Any]]:
+def run(cfg, workdir: str, *, resume: bool = False, devices: Optional[list] = None,
+        clock: Optional[console.Clock] = None) -> List[Dict[str, Any]]:
   """Trains every session of `cfg` not yet finished in `workdir`.
 
   Args:
@@ -331,6 +386,8 @@ def run(cfg, workdir: str, *, resume: bool = False,
     workdir: the run directory (created).
     resume: continue a run directory that already has a config.json.
     devices: the devices of the mesh (all by default).
+    clock: the command's start (main.py marks its imports); default: now. The phases
+      from it to the first step trained are printed in one line.
 
   Returns:
     The final metrics of each session trained now.
@@ -344,7 +401,9 @@ def run(cfg, workdir: str, *, resume: bool = False,
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
   writer = None
   try:
+    clock = clock or console.Clock()
     the_run = prepare(cfg, workdir, resume=resume, devices=devices)
+    clock.mark("base load")
     if jax.process_index() == 0:  # one events file a run: TensorBoard follows the newest
       writer = SummaryWriter(os.path.join(workdir, "logs"))
     validator = (validation_lib.Validator(the_run, writer)
@@ -356,7 +415,8 @@ def run(cfg, workdir: str, *, resume: bool = False,
     for k in range(1, the_run.first + len(the_run.sessions)):
       if k not in done:  # an imported session (k < the_run.first) is always done
         got, trainer = _train_session(the_run, k, prev_delta, trainer, resume=resume, stop=stop,
-                                      writer=writer, validator=validator, banks=banks)
+                                      writer=writer, validator=validator, banks=banks,
+                                      clock=clock if trainer is None else None)
         results.append(got)
       stored = checkpoint.restore_session(workdir, k)
       prev_delta = stored["delta"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import flax
 import jax
@@ -13,6 +13,7 @@ import optax
 
 from lfs_jax import parallel
 from lfs_jax.train import losses
+from lfs_jax.train import programs
 
 # The mesh moved to lfs_jax.parallel; kept here for callers of the old name.
 make_mesh = parallel.make_mesh
@@ -100,7 +101,16 @@ def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
-def compile_step(fn, mesh, *args) -> Tuple[jax.stages.Compiled, float, bool]:
+class CompileInfo(NamedTuple):
+  """How `compile_step` got the executable."""
+  trace_s: float      # tracing + lowering, or reading the stored program
+  compile_s: float    # XLA compile (or the persistent cache's copy)
+  program: str        # "traced", "traced, stored", "stored" (read back) or why not stored
+
+
+def compile_step(fn, mesh, *args, store: Optional[programs.Store] = None,
+                 compiler_options: Optional[dict] = None
+                 ) -> Tuple[jax.stages.Compiled, float, bool, CompileInfo]:
   """Compiles the jitted step ahead of time for exactly these (placed) arguments.
 
   The executable accepts only these shapes, dtypes and shardings: a session that
@@ -109,9 +119,14 @@ def compile_step(fn, mesh, *args) -> Tuple[jax.stages.Compiled, float, bool]:
   traced under `mesh` (`jax.set_mesh`), which kernels without a partitioning rule
   of their own (splash attention) read to split their work over it.
 
+  With a `store` (train/programs.py) the traced program is kept on disk by
+  jax.export and read back by a later start whose key matches, which then skips
+  tracing; the program compiled is the stored one either way. `compiler_options`
+  go to XLA (the benchmark's CPU optimization level).
+
   Returns:
     (executable, seconds spent lowering and compiling, whether XLA's persistent
-    compilation cache supplied the executable).
+    compilation cache supplied the executable, CompileInfo).
   """
   hits = []
 
@@ -122,10 +137,41 @@ def compile_step(fn, mesh, *args) -> Tuple[jax.stages.Compiled, float, bool]:
   jax.monitoring.register_event_listener(listener)
   try:
     t0 = time.perf_counter()
+    use, program = _stored_program(fn, mesh, args, store)
     with jax.set_mesh(mesh):
-      lowered = fn.lower(*args)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - t0
+      try:
+        lowered = use.lower(*args)
+      except Exception as e:  # pylint: disable=broad-except
+        if program != "stored":
+          raise
+        print(f"the stored train step program does not fit ({type(e).__name__}: "
+              f"{str(e)[:200]}); tracing the step again")
+        use, program = _stored_program(fn, mesh, args, store, reuse=False)
+        lowered = use.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile(compiler_options)
+    t2 = time.perf_counter()
   finally:
     jax.monitoring.unregister_event_listener(listener)
-  return compiled, seconds, bool(hits)
+  return compiled, t2 - t0, bool(hits), CompileInfo(t1 - t0, t2 - t1, program)
+
+
+def _stored_program(fn, mesh, args, store, reuse: bool = True):
+  """(the jitted function to lower, how the program was had): see compile_step."""
+  if store is None:
+    return fn, "traced"
+  description = programs.describe(store.static, args, mesh)
+  key = programs.key(description)
+  exported = programs.load(store.folder, key) if reuse else None
+  if exported is not None:
+    return programs.as_jit(exported, mesh, args), "stored"
+  try:
+    blob = programs.export_step(fn, mesh, args)
+  except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel export refuses
+    return fn, f"traced (not storable: {type(e).__name__}: {str(e)[:200]})"
+  how = "traced, stored"
+  try:
+    programs.save(store.folder, key, blob, description)
+  except OSError as e:
+    how = f"traced (not stored: {e})"
+  return programs.as_jit(jax.export.deserialize(blob), mesh, args), how
