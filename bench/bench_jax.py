@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="train steps: trace through lfs_jax's program store (train/programs.py) "
                       "in <compile-cache>/programs, as a training run does: a second run "
                       "reads the traced step back (lower_s is then that read)")
+  p.add_argument("--lower-only", action="store_true",
+                 help="with --compile-only: trace and lower, no compile (lower_s is the "
+                      "tracing time; compile_s null)")
   p.add_argument("--compile-only", action="store_true",
                  help="lower and compile on abstract inputs, time nothing (e.g. a warm-cache run)")
   p.add_argument("--cpu-full-opt", action="store_true",
@@ -204,8 +207,10 @@ class Compiled:
   cache_warm: Optional[bool]  # None: no persistent cache folder set
 
 
-def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None) -> Compiled:
-  """Lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs), timed.
+def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None,
+        lower_only: bool = False) -> Compiled:
+  """Lowers and compiles `jitted` for `args` (arrays or ShapeDtypeStructs), timed
+  (`lower_only`: lowers only; `fn` is then the Lowered, compile_s None).
 
   A train step is traced under its mesh, as train.step.compile_step does (kernels
   without a partitioning rule of their own read it).
@@ -217,6 +222,8 @@ def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None) -> C
   with context:
     lowered = jitted.lower(*args)
   t1 = time.perf_counter()
+  if lower_only:
+    return Compiled(lowered, t1 - t0, None, None)
   compiled = lowered.compile(options)
   t2 = time.perf_counter()
   persistent = jax.config.jax_compilation_cache_dir is not None
@@ -375,14 +382,14 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
                  cache_compile_s=cache_c.compile_s)
     cache_note = (f"; targets from a cache of {cache_size} teacher trajectories x {kd_points} "
                   f"point(s), built once per session in {_fmt(build_s)} s "
-                  f"(+{cache_c.compile_s:.1f} s compile)")
+                  f"(+{_fmt(cache_c.compile_s)} s compile)")
 
   if args.store_program:
     compiled, extra["program"] = _stored(s, step_fn, mesh, spec, models,
                                          (state, frozen, teacher, data, schedule, rng))
   else:
     compiled = aot(step_fn, state, frozen, teacher, data, schedule, rng,
-                   options=s.train_compiler_options, mesh=mesh)
+                   options=s.train_compiler_options, mesh=mesh, lower_only=args.lower_only)
   ms = ms_pipe = None
   if not s.abstract_only:
     box = {"state": state}
@@ -433,7 +440,7 @@ def sample_workload(s: Setup, workload: str) -> Dict[str, Any]:
           np.zeros((b,), bool), np.float32(7.5), np.float32(1.0), np.float32(0.0))
   args = place(s, args)
   fn = jax.jit(functools.partial(sampler.sample, unet=s.unet, spec=spec))
-  compiled = aot(fn, *args)
+  compiled = aot(fn, *args, lower_only=s.args.lower_only)
   flops, note = xla_flops(compiled.fn), ""
   # XLA's cost analysis counts a while loop's body once: add the other steps' UNet calls.
   x_cfg = jax.ShapeDtypeStruct((2 * b, h, h, 4), jnp.float32)
@@ -462,7 +469,7 @@ def vae_workload(s: Setup, workload: str) -> Dict[str, Any]:
                    rs.standard_normal((b, h, h, 4)).astype(np.float32)))
   fn = jax.jit(functools.partial(sampler.decode, vae=s.vae,
                                  scaling_factor=float(s.size.vae["scaling_factor"])))
-  compiled = aot(fn, *args)
+  compiled = aot(fn, *args, lower_only=s.args.lower_only)
   ms = ms_pipe = None
   if not s.abstract_only:
     ms, ms_pipe = time_calls(lambda: compiled.fn(*args), s.size.warmup, s.size.iters)
@@ -482,6 +489,8 @@ def _fmt(x) -> str:
 def run(argv=None) -> List[Dict[str, Any]]:
   """Runs the chosen workloads in this process; prints and returns their records."""
   args = parse_args(argv)
+  if args.lower_only and (not args.compile_only or args.store_program):
+    raise SystemExit("--lower-only goes with --compile-only and without --store-program")
   console.setup(args.verbosity)
   names = [w.strip() for w in args.workloads.split(",") if w.strip()]
   bad = [w for w in names if w not in RUNNERS]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lfs_jax.errors import UnsupportedConfigError
+from lfs_jax.models import layers
 from lfs_jax.models.attention import dot_product_attention
 
 # Torch buffers in the checkpoint that are not parameters (passed as `ignore=`).
@@ -200,7 +201,7 @@ class CLIPAttention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, l, _ = x.shape
     head_dim = self.hidden_size // self.num_heads
-    dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype)
+    dense = functools.partial(layers.Dense, self.hidden_size, dtype=self.dtype)
     q, k, v = (dense(name=n)(x).reshape(b, l, self.num_heads, head_dim)
                for n in ("q_proj", "k_proj", "v_proj"))
     out = dot_product_attention(q, k, v, implementation=self.attention,
@@ -218,9 +219,9 @@ class CLIPMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
+    x = layers.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
     x = ACTIVATIONS[self.hidden_act](x)
-    return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
+    return layers.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -234,10 +235,10 @@ class CLIPEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    h = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm1")(x)
+    h = layers.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm1")(x)
     x = x + CLIPAttention(c.hidden_size, c.num_attention_heads, self.causal,
                           dtype=self.dtype, attention=self.attention, name="self_attn")(h)
-    h = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm2")(x)
+    h = layers.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layer_norm2")(x)
     return x + CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act,
                        dtype=self.dtype, name="mlp")(h)
 
@@ -271,14 +272,14 @@ class CLIPTextEmbeddings(nn.Module):
                extra_embeddings: Optional[jax.Array] = None) -> jax.Array:
     c = self.config
     init = nn.initializers.normal(0.02)
-    table = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init,
+    table = layers.Embed(c.vocab_size, c.hidden_size, embedding_init=init,
                      name="token_embedding").embedding
     if extra_embeddings is not None:
       if extra_embeddings.ndim != 2 or extra_embeddings.shape[1] != c.hidden_size:
         raise ValueError(
             f"extra_embeddings must be [N, {c.hidden_size}], got {extra_embeddings.shape}")
       table = jnp.concatenate([table, extra_embeddings.astype(table.dtype)], axis=0)
-    positions = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
+    positions = layers.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
                          name="position_embedding").embedding
     # Out-of-range ids give NaN rows (jnp.take's "fill" mode), never a silent clamp.
     tokens = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
@@ -313,7 +314,7 @@ class CLIPTextTransformer(nn.Module):
     x = CLIPEncoder(c, causal=True, dtype=self.dtype, attention=self.attention,
                     name="encoder")(x, num_layers=hidden_layer % (n + 1))
     if final_layer_norm:
-      x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
+      x = layers.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                        name="final_layer_norm")(x)
     return x
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lfs_jax.errors import UnsupportedConfigError
+from lfs_jax.models import layers
 from lfs_jax.models.unet_blocks import (BlockOptions, DownBlock, MidBlock, TimestepEmbedding,
                                         UpBlock, timestep_embedding)
 
@@ -239,7 +240,7 @@ class UNet2DConditionModel(nn.Module):
     temb = TimestepEmbedding(cfg.time_embedding_dim or 4 * ch0, self.dtype,
                              name="time_embedding")(temb)
 
-    x = nn.Conv(ch0, (cfg.conv_in_kernel,) * 2, padding=(cfg.conv_in_kernel - 1) // 2,
+    x = layers.Conv(ch0, (cfg.conv_in_kernel,) * 2, padding=(cfg.conv_in_kernel - 1) // 2,
                 dtype=self.dtype, name="conv_in")(x)
     skips = [x]
     n = len(cfg.block_out_channels)
@@ -264,9 +265,9 @@ class UNet2DConditionModel(nn.Module):
                   rev(cfg.transformer_layers)[i], not final, opts,
                   name=f"up_blocks_{i}")(x, res, temb, context, size)
 
-    x = nn.GroupNorm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps,
+    x = layers.GroupNorm(num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps,
                      use_fast_variance=False, dtype=self.dtype, name="conv_norm_out")(x)
-    return nn.Conv(cfg.out_channels, (cfg.conv_out_kernel,) * 2,
+    return layers.Conv(cfg.out_channels, (cfg.conv_out_kernel,) * 2,
                    padding=(cfg.conv_out_kernel - 1) // 2, dtype=self.dtype,
                    name="conv_out")(nn.silu(x))
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfs_jax.models import layers
 from lfs_jax.models.attention import dot_product_attention
 
 # Gradient checkpointing of the resnet and transformer blocks (config model.remat):
@@ -73,17 +74,17 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
   return emb
 
 
-def _group_norm(opts: BlockOptions, name: str, eps: Optional[float] = None) -> nn.GroupNorm:
+def _group_norm(opts: BlockOptions, name: str, eps: Optional[float] = None) -> layers.GroupNorm:
   # Two-pass variance: E[x^2] - E[x]^2 loses digits against torch's GroupNorm.
-  return nn.GroupNorm(num_groups=opts.norm_num_groups,
+  return layers.GroupNorm(num_groups=opts.norm_num_groups,
                       epsilon=opts.norm_eps if eps is None else eps,
                       use_fast_variance=False, dtype=opts.dtype, name=name)
 
 
 def _conv(features: int, kernel: int, opts: BlockOptions, name: str, stride: int = 1,
-          padding: Optional[int] = None) -> nn.Conv:
+          padding: Optional[int] = None) -> layers.Conv:
   p = (kernel - 1) // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+  return layers.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((p, p), (p, p)), dtype=opts.dtype, name=name)
 
 
@@ -94,8 +95,8 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Dense(self.time_dim, dtype=self.dtype, name="linear_1")(x)
-    return nn.Dense(self.time_dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+    x = layers.Dense(self.time_dim, dtype=self.dtype, name="linear_1")(x)
+    return layers.Dense(self.time_dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
 class ResnetBlock2D(nn.Module):
@@ -108,7 +109,7 @@ class ResnetBlock2D(nn.Module):
   def __call__(self, x, temb):
     o = self.opts
     h = _conv(self.out_channels, 3, o, "conv1")(nn.silu(_group_norm(o, "norm1")(x)))
-    t = nn.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(nn.silu(temb))
+    t = layers.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
     h = _conv(self.out_channels, 3, o, "conv2")(nn.silu(_group_norm(o, "norm2")(h)))
     if x.shape[-1] != self.out_channels:
@@ -130,7 +131,7 @@ class Attention(nn.Module):
     o = self.opts
     context = x if context is None else context
     inner = self.heads * self.head_dim
-    dense = lambda n, bias: nn.Dense(inner, use_bias=bias, dtype=o.dtype, name=n)
+    dense = lambda n, bias: layers.Dense(inner, use_bias=bias, dtype=o.dtype, name=n)
     b = x.shape[0]
     q = dense("to_q", False)(x).reshape(b, -1, self.heads, self.head_dim)
     k = dense("to_k", False)(context).reshape(b, -1, self.heads, self.head_dim)
@@ -138,7 +139,7 @@ class Attention(nn.Module):
     out = dot_product_attention(q, k, v, implementation=o.attention,
                                 upcast=o.upcast_attention)
     out = out.reshape(b, -1, inner)
-    return nn.Dense(x.shape[-1], dtype=o.dtype, name="to_out_0")(out)
+    return layers.Dense(x.shape[-1], dtype=o.dtype, name="to_out_0")(out)
 
 
 class GEGLU(nn.Module):
@@ -148,7 +149,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    h, gate = jnp.split(layers.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
     return h * nn.gelu(gate, approximate=False)
 
 
@@ -161,7 +162,7 @@ class FeedForward(nn.Module):
   def __call__(self, x):
     dim = x.shape[-1]
     h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
-    return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
+    return layers.Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -173,7 +174,7 @@ class BasicTransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     o = self.opts
-    ln = lambda n: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=o.dtype, name=n)
+    ln = lambda n: layers.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=o.dtype, name=n)
     x = x + Attention(self.heads, self.head_dim, o, name="attn1")(ln("norm1")(x))
     x = x + Attention(self.heads, self.head_dim, o, name="attn2")(ln("norm2")(x), context)
     return x + FeedForward(dtype=o.dtype, name="ff")(ln("norm3")(x))
@@ -194,14 +195,14 @@ class Transformer2DModel(nn.Module):
     head_dim = c // self.heads
     h = _group_norm(o, "norm", eps=1e-6)(x)
     if o.use_linear_projection:
-      h = nn.Dense(c, dtype=o.dtype, name="proj_in")(h.reshape(b, hh * ww, c))
+      h = layers.Dense(c, dtype=o.dtype, name="proj_in")(h.reshape(b, hh * ww, c))
     else:
       h = _conv(c, 1, o, "proj_in")(h).reshape(b, hh * ww, c)
     block = _remat(BasicTransformerBlock, o.remat)
     for k in range(self.num_layers):
       h = block(self.heads, head_dim, o, name=f"transformer_blocks_{k}")(h, context)
     if o.use_linear_projection:
-      h = nn.Dense(c, dtype=o.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
+      h = layers.Dense(c, dtype=o.dtype, name="proj_out")(h).reshape(b, hh, ww, c)
     else:
       h = _conv(c, 1, o, "proj_out")(h.reshape(b, hh, ww, c))
     return h + x

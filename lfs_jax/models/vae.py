@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lfs_jax.errors import UnsupportedConfigError
+from lfs_jax.models import layers
 from lfs_jax.models.attention import dot_product_attention
 
 _EPS = 1e-6  # every GroupNorm in diffusers' VAE encoder/decoder
@@ -129,17 +130,17 @@ _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out
 
 
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
+          padding: Any = None) -> layers.Conv:
   pad = kernel // 2 if padding is None else padding
   if isinstance(pad, int):
     pad = ((pad, pad), (pad, pad))
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
+  return layers.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
                  dtype=dtype, name=name)
 
 
-def _group_norm(groups: int, dtype, name: str) -> nn.GroupNorm:
+def _group_norm(groups: int, dtype, name: str) -> layers.GroupNorm:
   # Two-pass variance: the one-pass E[x^2] - E[x]^2 loses digits against torch.
-  return nn.GroupNorm(num_groups=groups, epsilon=_EPS, use_fast_variance=False,
+  return layers.GroupNorm(num_groups=groups, epsilon=_EPS, use_fast_variance=False,
                       dtype=dtype, name=name)
 
 
@@ -172,11 +173,11 @@ class AttentionBlock(nn.Module):
   def __call__(self, x):
     b, hh, ww, c = x.shape
     h = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hh * ww, c)
-    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hh * ww, 1, c)
+    q, k, v = (layers.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hh * ww, 1, c)
                for n in ("to_q", "to_k", "to_v"))
     # upcast: diffusers builds this attention with upcast_softmax=True.
     o = dot_product_attention(q, k, v, implementation=self.attention, upcast=True)
-    o = nn.Dense(c, dtype=self.dtype, name="to_out_0")(o.reshape(b, hh * ww, c))
+    o = layers.Dense(c, dtype=self.dtype, name="to_out_0")(o.reshape(b, hh * ww, c))
     return x + o.reshape(b, hh, ww, c)
 
 
