@@ -204,12 +204,13 @@ def _sigterm_in_generate(monkeypatch, calls):
 
 @pytest.mark.slow  # a training run (CI runs it)
 def test_grids_inside_and_after_a_session_leave_training_bit_identical(
-    tiny_run, tiny_config, tmp_path, monkeypatch):
+    tiny_run, tiny_config, tmp_path, monkeypatch, capsys):
   """validation.every_steps=1: a grid after step 1 (from the live train state, which
   the next step then takes as its donated input) and one after the session, stopped
   by a SIGTERM inside it: the run stops with the session saved and nothing of that
   grid written. Session 1 equals the shared run's (trained without validation) bit
-  for bit, optimizer state included; the train step is traced once."""
+  for bit, optimizer state included; the train step is traced once (or read back from
+  the program store, train/programs.py: the shared run stored it)."""
   cfg = tiny_config(**_ON, validation__every_steps=1)
   workdir = str(tmp_path / "run")
   traces, real_step = [], step_lib.train_step
@@ -220,7 +221,8 @@ def test_grids_inside_and_after_a_session_leave_training_bit_identical(
   calls = _sigterm_in_generate(monkeypatch, {3})
   with pytest.raises(session.Preempted, match="session 1 saved, its validation grid stopped"):
     session.run(cfg, workdir)
-  assert calls["n"] == 3 and len(traces) == 1
+  assert calls["n"] == 3
+  assert len(traces) + capsys.readouterr().out.count("program read back") == 1
   assert sorted(os.listdir(folder)) == ["session_001_step_000001.json",
                                         "session_001_step_000001.png"]
   assert checkpoint.finished_sessions(workdir) == [1]
