@@ -255,7 +255,7 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
   All prompts go to the sampler in one list, so its batches are full; ICGen (if
   on) only touches the prompts that name a concept.
   """
-  from lfs_jax.mini import ceiling, oracle  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
   m = cfg.mini
   strength = float(cfg.icgen.strength) if icgen else 1.0
@@ -275,7 +275,7 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
     spec = design(cfg, c.name)
     sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
     ref_feats, _ = oracle.predict(oracle_params, refs[c.name])
-    right = ceiling.concept_right({k: v[sl] for k, v in pred.items()}, spec)
+    right = oracle.concept_right({k: v[sl] for k, v in pred.items()}, spec)
     out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats.T).mean()),
                                "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
     if photos is not None:

@@ -25,25 +25,11 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from lfs_jax.mini import world
+from lfs_jax.mini import oracle, world
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mini_base")
 # Fresh renders, a seed no benchmark photo set uses (the benchmark's photos use cfg.seed).
 SEED = 123
-
-
-def head_hits(pred: Mapping[str, np.ndarray], c: world.Concept) -> Dict[str, np.ndarray]:
-  """Per sample, whether each of the four concept heads reads the concept's value."""
-  return {"shape": pred["shape"] == world.SHAPES.index(c.shape),
-          "colour": pred["colour"] == world.COLOURS.index(c.colour),
-          "pattern": pred["pattern"] == world.PATTERNS.index(c.pattern),
-          "colour2": pred["colour2"] == world.BACKGROUNDS.index(c.colour2)}
-
-
-def concept_right(pred: Mapping[str, np.ndarray], c: world.Concept) -> np.ndarray:
-  """[N] bool: shape, colour, pattern and second colour all right (strict accuracy)."""
-  hits = head_hits(pred, c)
-  return hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
 
 
 def reconstruct(vae_model, vae_params, images: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -66,7 +52,6 @@ def reconstruct(vae_model, vae_params, images: np.ndarray, batch: int = 256) -> 
 def vae_ceiling(vae_model, vae_params, oracle_params, n: int = 64, seed: int = SEED
                 ) -> Dict[str, Dict[str, float]]:
   """{concept: {renders, reconstructions, shape, colour, pattern, colour2, mse}}."""
-  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
   out = {}
   for c in world.CONCEPTS:
@@ -74,9 +59,9 @@ def vae_ceiling(vae_model, vae_params, oracle_params, n: int = 64, seed: int = S
     rec = reconstruct(vae_model, vae_params, imgs)
     _, p = oracle.predict(oracle_params, imgs)
     _, pr = oracle.predict(oracle_params, rec)
-    row = {"renders": float(concept_right(p, c).mean()),
-           "reconstructions": float(concept_right(pr, c).mean())}
-    row.update({k: float(v.mean()) for k, v in head_hits(pr, c).items()})
+    row = {"renders": float(oracle.concept_right(p, c).mean()),
+           "reconstructions": float(oracle.concept_right(pr, c).mean())}
+    row.update({k: float(v.mean()) for k, v in oracle.head_hits(pr, c).items()})
     row["mse"] = float(np.mean((rec.astype(np.float64) - imgs) ** 2) / 127.5 ** 2)
     out[c.name] = row
   return out
@@ -97,7 +82,7 @@ def reachability(cfg, oracle_params, n: int = 32) -> Dict[str, Dict[str, float]]
   prompts (it trains "a <ck> star"); cfg is a benchmark config (its model.path and
   sampler are used).
   """
-  from lfs_jax.mini import bench, oracle  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
 
   prompts = [named_design(c) for c in world.CONCEPTS]
   imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
@@ -106,8 +91,8 @@ def reachability(cfg, oracle_params, n: int = 32) -> Dict[str, Dict[str, float]]
   out = {}
   for k, (c, prompt) in enumerate(zip(world.CONCEPTS, prompts)):
     p = {h: v[k * n:(k + 1) * n] for h, v in pred.items()}
-    row = {"prompt": prompt, "named": float(concept_right(p, c).mean())}
-    row.update({h: float(v.mean()) for h, v in head_hits(p, c).items()})
+    row = {"prompt": prompt, "named": float(oracle.concept_right(p, c).mean())}
+    row.update({h: float(v.mean()) for h, v in oracle.head_hits(p, c).items()})
     out[c.name] = row
   return out
 
@@ -139,7 +124,6 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.images < 1:
     raise SystemExit(f"--images must be >= 1, got {args.images}")
-  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
   from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
 
   oracle_params = oracle.load(args.oracle) if args.oracle else oracle.load()

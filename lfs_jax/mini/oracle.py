@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,21 @@ from lfs_jax import console
 from lfs_jax import mini
 from lfs_jax.mini import world
 from lfs_jax.weights import convert, safetensors_io
+
+
+def head_hits(pred: Mapping[str, np.ndarray], c: world.Concept) -> Dict[str, np.ndarray]:
+  """Per sample, whether each of the four concept heads reads the concept's value."""
+  return {"shape": pred["shape"] == world.SHAPES.index(c.shape),
+          "colour": pred["colour"] == world.COLOURS.index(c.colour),
+          "pattern": pred["pattern"] == world.PATTERNS.index(c.pattern),
+          "colour2": pred["colour2"] == world.BACKGROUNDS.index(c.colour2)}
+
+
+def concept_right(pred: Mapping[str, np.ndarray], c: world.Concept) -> np.ndarray:
+  """[N] bool: shape, colour, pattern and second colour all right (strict accuracy)."""
+  hits = head_hits(pred, c)
+  return hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
+
 
 HEADS = {
     "shape": world.SHAPES,
