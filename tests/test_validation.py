@@ -294,3 +294,28 @@ def test_step_hook_renders_only_missing_grids_of_its_steps(monkeypatch):
   assert rendered == [(1, 4)]  # 2 exists, 6 is the session's end (its own grid)
   off = dataclasses.replace(settings, every_steps=0)
   assert validation.make_step_hook(types.SimpleNamespace(settings=off), su, 1, {}, {}) is None
+
+
+def test_a_grid_goes_whole_to_a_bucket_url(tiny_config, capsys):
+  """The workdir may be a URL (lfs_jax.paths): the grid and its index land there (an
+  in-memory fsspec store here), and `missing` reads them back."""
+  from lfs_jax import paths
+  validator = object.__new__(validation.Validator)  # no run needed to write
+  validator.folder, validator.writer = "memory://bucket/run/samples/validation", None
+  validator.sample = sample.SampleSettings.from_config(tiny_config())
+  rows = [validation.Row("photo of a dog", "class", None)]
+  images = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), np.uint8)
+  record = {"icgen": False, "context_photo": None, "start_step": 0}
+  moment = validation.Moment(3, None, None, np.zeros((0, 4), np.float32),
+                             concepts.Registry(), {})
+  assert validator.missing(3)
+  path = validator._write(moment, rows, [0, 1], images, [record] * 2, 0.5)  # pylint: disable=protected-access
+  assert path == "memory://bucket/run/samples/validation/session_003.png"
+  assert not validator.missing(3)
+  grid = np.asarray(Image.open(io.BytesIO(paths.read_bytes(path))))
+  index = json.loads(paths.read_text(path[:-4] + ".json"))
+  left = index["label_width"]
+  np.testing.assert_array_equal(grid[:, left:left + 8], images[0])
+  np.testing.assert_array_equal(grid[:, left + 8:], images[1])
+  assert "validation session 3: 2 images in 0.5 s" in capsys.readouterr().out
+  paths.rmtree("memory://bucket/run")
