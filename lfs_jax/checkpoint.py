@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -51,12 +52,11 @@ def _reading(what: str, path: str, recover: str):
   Nothing is repaired or deleted: the message names the damaged folder and the
   command that recovers, and the user decides.
   """
-  hook = sys.excepthook
-  sys.excepthook = _without_closed_loop(hook)
+  hooks = _quiet_closed_loop()
   try:
     yield
   except CheckpointError:
-    sys.excepthook = hook
+    _restore_hooks(hooks)
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Orbax raises ValueError, FileNotFoundError, JSONDecodeError or a bare Exception
@@ -64,16 +64,40 @@ def _reading(what: str, path: str, recover: str):
     # reads still in flight land on Orbax's closed event loop, now or a bit later.
     raise CheckpointError(f"{what} is damaged and cannot be trusted: {path} "
                           f"({_first_line(e)}). Nothing was changed. {recover}") from None
-  sys.excepthook = hook
+  _restore_hooks(hooks)
 
 
-def _without_closed_loop(hook):
-  """sys.excepthook minus the "Event loop is closed" reports of TensorStore reads that
-  finish after a failed Orbax restore closed its loop (noise after a clear error)."""
+def _closed_loop(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_loop():
+  """Silences the "Event loop is closed" reports of TensorStore reads that finish after
+  a failed Orbax restore closed its loop (noise after a clear error). They arrive on
+  the main thread (sys.excepthook), on Orbax's threads (threading.excepthook) or at
+  interpreter exit (sys.unraisablehook); each hook passes every other report on.
+  Returns the hooks it replaced."""
+  old = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+
   def excepthook(kind, value, tb):
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-      hook(kind, value, tb)
-  return excepthook
+    if not _closed_loop(value):
+      old[0](kind, value, tb)
+
+  def thread_hook(args):
+    if not _closed_loop(args.exc_value):
+      old[1](args)
+
+  def unraisable_hook(args):
+    if not _closed_loop(args.exc_value):
+      old[2](args)
+
+  sys.excepthook, threading.excepthook, sys.unraisablehook = (
+      excepthook, thread_hook, unraisable_hook)
+  return old
+
+
+def _restore_hooks(old) -> None:
+  sys.excepthook, threading.excepthook, sys.unraisablehook = old
 
 
 def _out_of_space(e: BaseException) -> bool:
