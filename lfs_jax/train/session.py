@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 
 from lfs_jax import base as base_lib
 from lfs_jax import checkpoint
@@ -241,7 +242,9 @@ def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer
     def first_step():
       clock.mark("first step")
       if jax.process_index() == 0:
-        print(clock.line("restart to the first step" if resume else "start to the first step"))
+        # Above the progress bar, not into it (the bar is on stderr, the line on stdout).
+        tqdm.tqdm.write(clock.line("restart to the first step" if resume
+                                   else "start to the first step"))
   t0 = time.time()
   hook = validation_lib.make_step_hook(validator, su, session, banks or {}, stop)
   state, last = loop.steps(run, su, state, session, stop, writer=writer, validate=hook,
