@@ -71,6 +71,38 @@ def test_learning_rate_scales_only_with_a_regulariser():
   np.testing.assert_allclose(_first_update(True, 1.0), [-lr, lr, -lr], rtol=1e-3)
 
 
+def test_token_rows_learn_at_their_own_rate():
+  cfg = config_base.get_config().train
+  cfg.weight_decay = 0.0
+  tree = {"unet": {"k": jnp.zeros((2,))}, "tokens": jnp.zeros((1, 3))}
+  grads = {"unet": {"k": jnp.array([0.3, -0.1])}, "tokens": jnp.array([[0.5, -0.2, 0.1]])}
+
+  def first_step(scale):
+    cfg.token_lr_scale = scale
+    opt = step_lib.make_optimizer(cfg)
+    u, _ = opt.update(grads, opt.init(tree), tree)
+    return jax.tree.map(np.asarray, optax.apply_updates(tree, u)), opt.init(tree)
+
+  lr = 1e-5 * 2  # config_base: 1e-5 x batch 2; Adam's first step is lr against the sign
+  moved, _ = first_step(10.0)
+  np.testing.assert_allclose(moved["tokens"], [[-10 * lr, 10 * lr, -10 * lr]], rtol=1e-3)
+  np.testing.assert_allclose(moved["unet"]["k"], [-lr, lr], rtol=1e-3)
+  moved, state = first_step(1.0)
+  np.testing.assert_allclose(moved["tokens"], [[-lr, lr, -lr]], rtol=1e-3)
+  # At 1.0 the optimizer state is today's (clip, AdamW): older checkpoints restore.
+  today = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)).init(tree)
+  assert jax.tree.structure(state) == jax.tree.structure(today)
+
+
+@pytest.mark.parametrize("scale,train_tokens", [(-1.0, True), (float("nan"), True),
+                                                (10.0, False)])
+def test_bad_token_lr_scale_is_named(scale, train_tokens):
+  cfg = config_base.get_config().train
+  cfg.token_lr_scale, cfg.train_tokens = scale, train_tokens
+  with pytest.raises(ValueError, match=r"train\.token_lr_scale"):
+    losses.check_token_lr(cfg)
+
+
 def test_sd_configs_take_custom_diffusions_recipe_and_the_default_keeps_ours():
   sd = config_base.use_local_sd(config_base.get_config(), 512)
   assert (sd.train.loss_reduction, sd.train.regulariser_lr_scale, sd.concepts.initializer,
@@ -103,6 +135,7 @@ def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
     ({"data__rescale_cues": True, "data__rescale": False}, "data.rescale_cues"),
     ({"train__regulariser_lr_scale": 0.0}, "train.regulariser_lr_scale"),
     ({"concepts__initializer": " "}, "concepts.initializer"),
+    ({"train__token_lr_scale": 0.0}, "train.token_lr_scale"),
 ])
 def test_bad_recipe_fields_are_named(tmp_path, tiny_config, overrides, needle):
   with pytest.raises(ValueError, match=needle.replace(".", r"\.")):

@@ -8,6 +8,7 @@ the static `LossSpec` come in as arguments, never closed-over weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -73,6 +74,7 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
   if not cfg.train.regulariser_lr_scale > 0:
     raise ConfigError(f"train.regulariser_lr_scale must be > 0, got "
                       f"{cfg.train.regulariser_lr_scale}")
+  check_token_lr(cfg.train)
   if cfg.data.rescale_cues and not cfg.data.rescale:
     raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
                       "needs data.rescale=True")
@@ -96,6 +98,16 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
       kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
       loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues),
       prior_weight=float(cfg.prior.weight))
+
+
+def check_token_lr(train_cfg) -> None:
+  """train.token_lr_scale, validated before anything trains."""
+  scale = train_cfg.token_lr_scale
+  if not (math.isfinite(scale) and scale > 0):
+    raise ConfigError(f"train.token_lr_scale must be a finite number > 0, got {scale!r}")
+  if scale != 1.0 and not train_cfg.train_tokens:
+    raise ConfigError(f"train.token_lr_scale={scale} scales the modifier tokens' rows, which "
+                      "train.train_tokens=False does not learn")
 
 
 def check_prior(cfg) -> None:

@@ -30,14 +30,25 @@ def make_optimizer(train_cfg, regularised: bool = False) -> optax.GradientTransf
   """AdamW with Custom Diffusion's defaults: lr 1e-5 x batch, wd 1e-2, clip 1.0.
 
   `regularised`: a regulariser adds rows to every batch (DFKD), so the rate is also
-  multiplied by train.regulariser_lr_scale (Custom Diffusion doubles it).
+  multiplied by train.regulariser_lr_scale (Custom Diffusion doubles it). The
+  modifier tokens' embedding rows train at that rate x train.token_lr_scale.
   """
   lr = train_cfg.learning_rate * (train_cfg.batch_size if train_cfg.scale_lr else 1)
   lr *= train_cfg.regulariser_lr_scale if regularised else 1.0
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(lr, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,
-                  weight_decay=train_cfg.weight_decay))
+  parts = [optax.clip_by_global_norm(train_cfg.grad_clip),
+           optax.adamw(lr, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps,
+                       weight_decay=train_cfg.weight_decay)]
+  if train_cfg.token_lr_scale != 1.0:
+    # AdamW's update (Adam step and decoupled decay) is linear in lr, so scaling the
+    # tokens' final update is AdamW at lr x scale on them; at 1.0 the chain (and its
+    # state, which checkpoints hold) stays as it always was.
+    parts.append(optax.masked(optax.scale(train_cfg.token_lr_scale), _tokens_only))
+  return optax.chain(*parts)
+
+
+def _tokens_only(tree):
+  """The mask of the trainable tree's "tokens" subtree (the modifier tokens' rows)."""
+  return {k: jax.tree.map(lambda _: k == "tokens", v) for k, v in tree.items()}
 
 
 def init_state(trainable, optimizer) -> TrainState:
