@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -83,9 +83,9 @@ def labels(scenes: Sequence[world.Scene]) -> Dict[str, np.ndarray]:
   return {k: np.asarray(v, np.int32) for k, v in out.items()}
 
 
-def training_scenes(seed: int, n: int):
-  """Every caption split, half patterned, plus the benchmark's concepts."""
-  items = world.scenes(seed, n, split="all", patterns=True)
+def training_scenes(seed: int, n: int, pattern_share: float = 0.5):
+  """Every caption split, `pattern_share` of them patterned, plus the benchmark's concepts."""
+  items = world.scenes(seed, n, split="all", patterns=True, pattern_share=pattern_share)
   for c in world.CONCEPTS:
     items += world.concept_scenes(c, max(1, n // 50), seed + 100)
   return items
@@ -105,14 +105,34 @@ def _augment(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
 
 
 def train(out: str, *, seed: int = 0, images: int = 16000, steps: int = 4000,
-          batch: int = 64) -> Dict[str, float]:
+          batch: int = 64, lr: float = 2e-3, pattern_share: float = 0.5,
+          init_from: Optional[str] = None, eval_seed: Optional[int] = None
+          ) -> Dict[str, float]:
+  """Trains (or, with `init_from`, continues) an oracle and saves it to `out`.
+
+  Returns the accuracy per head on 1,000 fresh renders of `eval_seed` (default
+  seed + 1000); the record in config.json keeps the command, the starting oracle's
+  own record and the pattern head's confusion matrix.
+  """
+  if not 0.0 <= pattern_share <= 1.0:
+    raise ValueError(f"--pattern_share must be in [0, 1], got {pattern_share}")
+  if steps < 1 or images < 1 or batch < 1 or not lr > 0:
+    raise ValueError(f"--steps, --images, --batch and --lr must be positive, got "
+                     f"{steps}, {images}, {batch}, {lr}")
   started = time.time()
-  scenes = training_scenes(seed, images)
+  model = Oracle()
+  if init_from:
+    params = load(init_from)  # before rendering: a bad folder fails at once
+    with open(os.path.join(init_from, "config.json")) as f:
+      start_record = {k: v for k, v in json.load(f).items() if k not in ("heads",)}
+  else:
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    start_record = None
+  scenes = training_scenes(seed, images, pattern_share)
   x_all = world.render_all(scenes).astype(np.float32) / 127.5 - 1
   y_all = labels(scenes)
-  model = Oracle()
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
-  opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, 0.02))
+  print(f"oracle: {len(scenes)} renders in {time.time() - started:.0f}s", flush=True)
+  opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.02))
   opt_state = opt.init(params)
 
   def loss_fn(p, x, y):
@@ -134,11 +154,18 @@ def train(out: str, *, seed: int = 0, images: int = 16000, steps: int = 4000,
     if (i + 1) % max(1, steps // 10) == 0:
       print(f"oracle step {i + 1}/{steps}  loss {float(loss):.4f}  "
             f"{time.time() - started:.0f}s", flush=True)
-  fresh = world.scenes(seed + 1000, 1000, split="all", patterns=True)
-  acc = accuracy(params, world.render_all(fresh), labels(fresh))
+  eval_seed = seed + 1000 if eval_seed is None else eval_seed
+  fresh = world.scenes(eval_seed, 1000, split="all", patterns=True)
+  images_fresh, y_fresh = world.render_all(fresh), labels(fresh)
+  acc = accuracy(params, images_fresh, y_fresh)
+  conf = confusion(params, images_fresh, y_fresh, "pattern")
+  print(format_confusion(conf, "pattern"), flush=True)
   save(params, out, {"command": "python -m lfs_jax.mini.oracle " + " ".join(sys.argv[1:]),
                      "seed": seed, "images": images, "steps": steps, "batch": batch,
-                     "fresh_accuracy": acc, "wall_s": round(time.time() - started, 1)})
+                     "lr": lr, "pattern_share": pattern_share, "init_from": start_record,
+                     "eval_seed": eval_seed, "fresh_accuracy": acc,
+                     "pattern_confusion": conf.tolist(),
+                     "wall_s": round(time.time() - started, 1)})
   return acc
 
 
@@ -165,6 +192,21 @@ def _predict(params, x):
 def accuracy(params, images: np.ndarray, y: Dict[str, np.ndarray]) -> Dict[str, float]:
   _, p = predict(params, images)
   return {k: float(np.mean(p[k] == y[k])) for k in HEADS}
+
+
+def confusion(params, images: np.ndarray, y: Dict[str, np.ndarray], head: str) -> np.ndarray:
+  """[true, predicted] counts of one head over `images`."""
+  _, p = predict(params, images)
+  n = len(HEADS[head])
+  return np.bincount(y[head] * n + p[head], minlength=n * n).reshape(n, n)
+
+
+def format_confusion(conf: np.ndarray, head: str) -> str:
+  """The matrix as text: rows true, columns predicted."""
+  names = [v[:6] for v in HEADS[head]]
+  lines = [f"{head} (rows true, columns predicted):", " " * 8 + "".join(f"{n:>7}" for n in names)]
+  lines += [f"{n:>8}" + "".join(f"{c:>7d}" for c in row) for n, row in zip(names, conf)]
+  return "\n".join(lines)
 
 
 def save(params, out: str, record: dict) -> None:
@@ -203,10 +245,19 @@ def main(argv=None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--images", type=int, default=16000)
   ap.add_argument("--steps", type=int, default=4000)
+  ap.add_argument("--lr", type=float, default=2e-3, help="Adam peak, cosine to 2 %%")
+  ap.add_argument("--pattern_share", type=float, default=0.5,
+                  help="share of the training renders that are patterned")
+  ap.add_argument("--init_from", default="",
+                  help="continue from this oracle folder (e.g. the shipped one)")
+  ap.add_argument("--eval_seed", type=int, default=None,
+                  help="seed of the 1,000 fresh renders scored at the end (seed + 1000)")
   console.add_verbosity(ap)
   args = ap.parse_args(argv)
   console.setup(args.verbosity)
-  acc = train(args.out, seed=args.seed, images=args.images, steps=args.steps)
+  acc = train(args.out, seed=args.seed, images=args.images, steps=args.steps, lr=args.lr,
+              pattern_share=args.pattern_share, init_from=args.init_from or None,
+              eval_seed=args.eval_seed)
   print("accuracy on fresh renders:", json.dumps(acc))
   return 0
 
