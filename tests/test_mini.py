@@ -92,7 +92,8 @@ def test_shipped_oracle_reads_fresh_renders():
 
   params = oracle.load()
   fresh = world.scenes(12345, 300, split="all", patterns=True)  # a seed never trained on
-  acc = oracle.accuracy(params, world.render_all(fresh), oracle.labels(fresh))
+  images, y = world.render_all(fresh), oracle.labels(fresh)
+  acc = oracle.accuracy(params, images, y)
   # Floors a little under what training measured on 1,000 fresh renders (shape 0.98,
   # colour 0.997, background 0.999, pattern 0.92, second colour 0.97; on these 300:
   # 0.98, 1.0, 1.0, 0.94, 0.97): the pattern head is the weakest (it still takes
@@ -100,6 +101,12 @@ def test_shipped_oracle_reads_fresh_renders():
   for head, floor in (("shape", 0.95), ("colour", 0.97), ("background", 0.97),
                       ("pattern", 0.90), ("colour2", 0.93)):
     assert acc[head] >= floor, (head, acc)
+  # The confusion matrix the oracle's record keeps: rows are the true labels.
+  conf = oracle.confusion(params, images, y, "pattern")
+  assert conf.shape == (len(world.PATTERNS),) * 2
+  np.testing.assert_array_equal(conf.sum(1),
+                                np.bincount(y["pattern"], minlength=len(world.PATTERNS)))
+  assert np.trace(conf) / len(fresh) == pytest.approx(acc["pattern"])
 
 
 def test_shipped_assets_fit_and_load_through_the_standard_loader():
