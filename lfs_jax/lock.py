@@ -127,8 +127,13 @@ class _GcsObject:
     blob = self._bucket.get_blob(self._name)
     if blob is None:
       return None
-    return (blob.download_as_bytes().decode("utf-8", "replace"),
-            time.time() - blob.updated.timestamp(), blob.generation)
+    # Read before the download, which resets the blob's properties from its response
+    # headers: a server that omits x-goog-generation (the emulator) left None, and a
+    # put under `if_generation_match=None` is unconditional. A record newer than this
+    # generation only makes our put fail (another job wrote): the safe side.
+    generation, updated = blob.generation, blob.updated.timestamp()
+    return (blob.download_as_bytes().decode("utf-8", "replace"), time.time() - updated,
+            generation)
 
   def put(self, record: str, generation: int) -> Optional[int]:
     """Writes if the object is still at `generation` (0: absent); its new generation,

@@ -3,16 +3,19 @@
 `gcp-storage-emulator` serves the GCS JSON API in this process on 127.0.0.1 (a free
 port); STORAGE_EMULATOR_HOST points gcsfs and google-cloud-storage at it,
 TENSORSTORE_GCS_HTTP_URL points Orbax's TensorStore there. Nothing reaches the
-internet. The emulator ignores generation preconditions, so the lock's race-free
-create is not tested here, only its read-before-create and lease expiry.
+internet. The emulator ignores generation preconditions by itself; the `preconditions`
+fixture makes it honour `ifGenerationMatch` as GCS does, so the bucket lock's races
+(two creates, two takeovers, a stalled holder) run through the real client.
 """
 
+import http
 import io
 import json
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -119,7 +122,6 @@ def _config(tiny_config, bucket, **overrides):
 @pytest.mark.slow
 def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports(
     bucket, tiny_config, tmp_path, monkeypatch, capsys):
-  import sys; _T0 = time.time()
   monkeypatch.chdir(tmp_path)  # a URL mistaken for a local path would land here
   cfg = _config(tiny_config, bucket)
   workdir = f"{bucket}/run"
@@ -136,18 +138,15 @@ def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports
     m.setattr(loop, "log", log)
     with pytest.raises(loop.Preempted, match="session 2 stopped at step 2"):
       session.run(cfg, workdir)
-  print('T0', time.time() - _T0, file=sys.__stderr__)
   assert checkpoint.finished_sessions(workdir) == [1]
   assert paths.isdir(f"{workdir}/progress/2")
   # A second job on the same run while this one holds it is refused, naming the holder.
   with lock.acquire(workdir, "training run"):
     with pytest.raises(lock.WorkdirLocked, match=f"pid {os.getpid()} on host"):
       session.run(cfg, workdir, resume=True)
-  print('T1', time.time() - _T0, file=sys.__stderr__)
   capsys.readouterr()
 
   session.run(cfg, workdir, resume=True)
-  print('T2', time.time() - _T0, file=sys.__stderr__)
   assert "session 2: resumed at step 2" in capsys.readouterr().out
   assert checkpoint.finished_sessions(workdir) == [1, 2]
   assert not paths.exists(f"{workdir}/progress") and not paths.exists(f"{workdir}/lock")
@@ -158,7 +157,6 @@ def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports
       f"{bucket}/photos/dog/0{i}.jpg" for i in range(3)]
 
   # TensorBoard reads the scalars of both sessions from the uploaded events file.
-  print('T3', time.time() - _T0, file=sys.__stderr__)
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
 
   tags = set()
@@ -169,14 +167,12 @@ def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports
              for v in e.summary.value}
   assert {"session_1/loss", "session_2/loss"} <= tags
 
-  print('T4', time.time() - _T0, file=sys.__stderr__)
   run, written = sample.sample_run(workdir, ["a <c1> dog"], progress=False)
   assert run.session == 2 and written and all(w.startswith(f"{workdir}/samples/") for w in written)
   png = Image.open(io.BytesIO(paths.read_bytes(written[0])))
   png.load()  # a whole PNG, decoded
   assert (png.format, png.mode) == ("PNG", "RGB")
 
-  print('T5', time.time() - _T0, file=sys.__stderr__)
   got = run_eval.evaluate(workdir, clip=f"{bucket}/clip", progress=False,
                           overrides={"eval.variants": "icgen", "eval.grid": 0})
   assert got["computed"] == 3  # two concepts after session 2, one after session 1
@@ -184,41 +180,174 @@ def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports
     assert paths.isfile(f"{workdir}/metrics/{name}"), name
   assert not paths.exists(f"{workdir}/metrics/lock")
 
-  print('T6', time.time() - _T0, file=sys.__stderr__)
   out = f"{bucket}/export"
   exported = interop.export_session(workdir, out)
   assert sorted(paths.listdir(out)) == sorted(
       exported["files"] + ["README.md", "concepts.json"])
-  print('T7', time.time() - _T0, file=sys.__stderr__)
   imported = interop.import_delta(out, f"{bucket}/imported", cfg)
   assert imported["tokens"] == ["<c1>", "<c2>"]
   assert checkpoint.finished_sessions(f"{bucket}/imported") == [1]
-  print('T8', time.time() - _T0, file=sys.__stderr__)
   assert os.listdir(tmp_path) == []  # nothing was written to the local disk
 
 
-def test_a_bucket_lock_of_a_killed_job_expires_and_is_taken_over(emulator, monkeypatch, capsys):
-  folder = f"gs://{BUCKET}/leased"
-  first = lock.acquire(folder, "training run")
-  with pytest.raises(lock.WorkdirLocked, match=r"last heard from \d+ s ago.*lease"):
-    lock.acquire(folder, "training run")
-  first._stop.set()  # the holder dies hard: no more renewals, no release
-  first._thread.join()
-  monkeypatch.setattr(lock, "LEASE_S", 0.0)
-  second = lock.acquire(folder, "training run")
-  assert "not renewed for" in capsys.readouterr().err
-  second.release()
+# ------------------------------------------- the lease under races (GCS preconditions)
+
+@pytest.fixture()
+def preconditions(emulator, monkeypatch):
+  """The emulator honours `ifGenerationMatch` on object inserts and deletes, as GCS
+  does (it ignores it by itself): a mismatch answers 412, generation 0 = "absent".
+
+  Its server handles one request at a time, so check-then-write here is atomic, as
+  GCS's own conditional write is. Returns the list of (method, object) refused.
+  """
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.exceptions import NotFound
+  from gcp_storage_emulator.handlers import objects
+
+  refused = []
+
+  def guarded(handler, method):
+    def run(request, response, storage, *args, **kwargs):
+      want = request.query.get("ifGenerationMatch")
+      if want:
+        if method == "DELETE":
+          name = request.params["object_id"]
+        elif "name" in request.query:
+          name = request.query["name"][0]
+        else:  # a multipart upload names its object in the metadata part
+          name = request.data["meta"]["name"]
+        try:
+          have = storage.get_file_obj(request.params["bucket_name"], name)["generation"]
+        except NotFound:
+          have = "0"
+        if str(have) != want[0]:
+          refused.append((method, name))
+          response.status = http.HTTPStatus.PRECONDITION_FAILED
+          response.json({"error": {"code": 412, "message": "Precondition Failed"}})
+          return None
+      return handler(request, response, storage, *args, **kwargs)
+    return run
+
+  for _, handlers in server.HANDLERS:
+    for method, handler in list(handlers.items()):
+      if handler is objects.insert or handler is objects.delete:
+        monkeypatch.setitem(handlers, method, guarded(handler, method))
+  monkeypatch.setattr(objects, "insert", guarded(objects.insert, "POST"))
+  return refused
+
+
+def _race(monkeypatch, n, contend):
+  """Runs `contend()` in n threads that each first read the lock object, then wait
+  for all others to have read it too: every one of them sees the same state, so only
+  the conditional write can tell them apart. Returns what each returned or raised."""
+  gate = threading.Barrier(n, timeout=60)
+  real_get = lock._GcsObject.get  # pylint: disable=protected-access
+
+  def get(self):
+    got = real_get(self)
+    gate.wait()
+    return got
+  monkeypatch.setattr(lock._GcsObject, "get", get)  # pylint: disable=protected-access
+  results = [None] * n
+
+  def one(i):
+    try:
+      results[i] = contend()
+    except lock.WorkdirLocked as e:
+      results[i] = e
+  threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  monkeypatch.setattr(lock._GcsObject, "get", real_get)  # pylint: disable=protected-access
+  return results
+
+
+def _generation(url: str) -> int:
+  from google.cloud import storage
+
+  bucket, name = url.split("://", 1)[1].split("/", 1)
+  return storage.Client().bucket(bucket).get_blob(name).generation
+
+
+def test_of_jobs_racing_for_a_bucket_lock_exactly_one_wins(preconditions, monkeypatch):
+  folder = f"gs://{BUCKET}/race"
+  got = _race(monkeypatch, 3, lambda: lock.acquire(folder, "training run"))
+  won = [g for g in got if isinstance(g, lock.Lease)]
+  lost = [g for g in got if isinstance(g, lock.WorkdirLocked)]
+  assert len(won) == 1 and len(lost) == 2, got
+  assert all("took the lock" in str(e) and "at the same moment" in str(e) for e in lost)
+  assert preconditions == [("POST", "race/lock")] * 2  # the creates that came second
+  # The object is the winner's, and it keeps renewing it under its generation.
+  assert _generation(f"{folder}/lock") == won[0]._generation  # pylint: disable=protected-access
+  won[0].release()
   assert not paths.exists(f"{folder}/lock")
 
 
-def test_the_lease_is_renewed_while_held(emulator, monkeypatch):
+def test_of_jobs_racing_to_take_over_an_expired_lease_exactly_one_wins(preconditions,
+                                                                       monkeypatch, capsys):
+  folder = f"gs://{BUCKET}/expired"
+  dead = lock.acquire(folder, "training run")
+  dead._stop.set()  # killed hard: no renewal, no release  # pylint: disable=protected-access
+  dead._thread.join()  # pylint: disable=protected-access
+  monkeypatch.setattr(lock, "LEASE_S", 0.0)
+  got = _race(monkeypatch, 2, lambda: lock.acquire(folder, "training run"))
+  won = [g for g in got if isinstance(g, lock.Lease)]
+  assert len(won) == 1 and isinstance([g for g in got if g not in won][0],
+                                      lock.WorkdirLocked), got
+  assert capsys.readouterr().err.count("not renewed for") == 2  # both saw it expired
+  assert _generation(f"{folder}/lock") == won[0]._generation  # pylint: disable=protected-access
+  won[0].release()
+
+
+def test_a_stalled_holder_loses_its_lease_and_leaves_the_new_holders_lock(
+    preconditions, monkeypatch, capsys):
+  """A job not heard from for LEASE_S is taken over; when it wakes up, its renewal
+  and its release are refused by the generation precondition: the new holder's lock
+  stays (without preconditions the old job's release would delete it)."""
+  folder, url = f"gs://{BUCKET}/stalled", f"gs://{BUCKET}/stalled/lock"
   monkeypatch.setattr(lock, "LEASE_RENEW_S", 0.05)
-  url = f"gs://{BUCKET}/renewed/lock"
-  held = lock.acquire(f"gs://{BUCKET}/renewed", "training run")
-  since = json.loads(paths.read_text(url))["renewed"]
-  time.sleep(0.5)
-  assert json.loads(paths.read_text(url))["renewed"] > since
-  held.release()
+  taken = threading.Event()
+  stalled = lock.acquire(folder, "training run")
+  real_put = stalled._store.put  # pylint: disable=protected-access
+
+  def put(record, generation):  # the holder stalls before its first renewal
+    taken.wait(timeout=60)
+    return real_put(record, generation)
+  stalled._store.put = put  # pylint: disable=protected-access
+  monkeypatch.setattr(lock, "LEASE_S", 0.0)
+  new = lock.acquire(folder, "training run")
+  taken.set()
+  stalled._thread.join(timeout=60)  # its renewal was refused: it stops renewing
+  assert not stalled._thread.is_alive()  # pylint: disable=protected-access
+  assert "another job took over this run's lock" in capsys.readouterr().err
+  stalled.release()
+  assert ("DELETE", "stalled/lock") in preconditions
+  assert _generation(url) == new._generation  # pylint: disable=protected-access
+  new.release()
+  assert not paths.exists(url)
+
+
+def test_a_renewed_lease_is_kept_and_a_dead_jobs_lease_expires(preconditions, monkeypatch,
+                                                               capsys):
+  """Renewal keeps the lease alive well past LEASE_S; once renewals stop (the job was
+  killed hard: no release) it expires and is taken over."""
+  folder = f"gs://{BUCKET}/kept"
+  monkeypatch.setattr(lock, "LEASE_RENEW_S", 0.05)
+  monkeypatch.setattr(lock, "LEASE_S", 1.0)
+  held = lock.acquire(folder, "training run")
+  time.sleep(2.5)
+  with pytest.raises(lock.WorkdirLocked,
+                     match=rf"pid {os.getpid()} on host .* last heard from [01] s ago.*lease"):
+    lock.acquire(folder, "training run")
+  held._stop.set()  # killed hard  # pylint: disable=protected-access
+  held._thread.join()  # pylint: disable=protected-access
+  time.sleep(1.2)
+  second = lock.acquire(folder, "training run")
+  assert "not renewed for 1 s; taking it over" in capsys.readouterr().err
+  second.release()
+  assert not paths.exists(f"{folder}/lock")
 
 
 # ---------------------------------------------------------------- bad input, before training
