@@ -131,11 +131,49 @@ def _storage_error(path: str, setting: str, e: BaseException) -> StorageError:
         "local path")
   if isinstance(e, FileNotFoundError):
     return StorageError(f"{where}: {e}")
+  if isinstance(e, ConnectionError):  # from _probe: the endpoint does not answer
+    return StorageError(f"{where}: the storage does not answer ({e}); check the URL's "
+                        "endpoint and the network")
   if _is_credentials(e):
     return StorageError(f"{where}: access refused or no credentials ({_describe(e)}); "
                         f"{_ADC}")
   return StorageError(f"{where}: cannot reach the storage ({_describe(e)}); check the URL, "
                       f"the network and the credentials ({_ADC})")
+
+
+CONNECT_S = 5.0  # the storage's endpoint must accept a connection within this long
+
+
+def _probe(endpoint: str) -> None:
+  """Raises ConnectionError unless `endpoint` (http[s]://host[:port]) accepts a TCP
+  connection within CONNECT_S (name lookup included).
+
+  gcsfs retries a refused or failed connection 6 times with backoff (~35 s) before it
+  raises, right for a blip in the middle of a run, not for a wrong address at start.
+  """
+  import socket  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+
+  u = urllib.parse.urlsplit(endpoint)
+  host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+  failed: List[BaseException] = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=CONNECT_S).close()
+    except OSError as e:
+      failed.append(e)
+  # A thread: socket timeouts do not bound the name lookup.
+  t = threading.Thread(target=connect, daemon=True, name="lfs_jax-probe")
+  t.start()
+  t.join(CONNECT_S)
+  if t.is_alive():
+    raise ConnectionError(f"{endpoint} did not answer within {CONNECT_S:.0f} s")
+  if failed:
+    why = getattr(failed[0], "strerror", None) or str(failed[0]) or type(failed[0]).__name__
+    via = " (STORAGE_EMULATOR_HOST)" if os.environ.get("STORAGE_EMULATOR_HOST") else ""
+    raise ConnectionError(f"cannot connect to {endpoint}{via}: {why}")
 
 
 def filesystem(path: str):
@@ -181,6 +219,11 @@ def check(path: str, setting: str, *, must_exist: bool = True) -> None:
 
     fs, p = fsspec.core.url_to_fs(path, **_options(scheme(path)))
     if scheme(path) in _OBJECT_STORES:
+      endpoint = getattr(fs, "_location", None)  # gcsfs: the JSON API's base URL
+      if isinstance(endpoint, str) and endpoint.startswith("http") and not any(
+          os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                      "http_proxy")):  # behind a proxy: no direct way
+        _probe(endpoint)
       bucket = p.split("/", 1)[0]
       try:
         # Listing needs only storage.objects.list (reading the bucket's own metadata

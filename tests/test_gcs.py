@@ -389,6 +389,21 @@ def test_missing_credentials_are_named_with_the_setting(emulator, tiny_config, t
     session.run(cfg, f"{bucket}/run2")
 
 
+def test_an_unreachable_storage_fails_at_once_naming_the_setting(tiny_config, monkeypatch,
+                                                                no_training):
+  """A refused connection (a wrong endpoint, the network down) is one error in
+  seconds, not after gcsfs's six retries with backoff (~35 s)."""
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")  # closed
+  cfg = tiny_config()
+  start = time.perf_counter()
+  with pytest.raises(paths.StorageError,
+                     match=r"--workdir=gs://bkt/run3: the storage does not answer \(cannot "
+                           r"connect to http://127.0.0.1:\d+ \(STORAGE_EMULATOR_HOST\): "
+                           "Connection refused"):
+    session.run(cfg, f"gs://{BUCKET}/run3")
+  assert time.perf_counter() - start < 4
+
+
 def test_a_scheme_without_a_backend_is_named_with_the_setting(tiny_config, tmp_path,
                                                               no_training):
   cfg = tiny_config(data__root="nosuch://bucket/photos")
@@ -396,6 +411,51 @@ def test_a_scheme_without_a_backend_is_named_with_the_setting(tiny_config, tmp_p
                                                "backend for nosuch://"):
     session.run(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
+
+def _cli(*argv: str) -> int:
+  """`python -m lfs_jax.main ARGV` in this process (its checks come before any model
+  is loaded, so a subprocess would only add its imports); the exit code."""
+  from absl import flags
+  from lfs_jax import main as cli
+
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(["lfs_jax.main", *argv])
+    return cli.main(["lfs_jax.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_sample_evaluate_export_import_check_their_urls_before_any_work(
+    emulator, tmp_path, monkeypatch, capsys):
+  """Each command's bad URL is one line naming the flag, before it loads anything."""
+  def no_work(*a, **kw):
+    raise AssertionError("the command started its work")
+  for module, name in ((sample, "sample_run"), (run_eval, "evaluate"),
+                       (interop, "export_session"), (interop, "import_delta")):
+    monkeypatch.setattr(module, name, no_work)
+  local = str(tmp_path)
+
+  def refused(*argv):
+    assert _cli(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+  assert "error: --workdir=gs://no-such-bucket/run: bucket 'no-such-bucket' does not exist" \
+      in refused("--mode=sample", "--workdir=gs://no-such-bucket/run", "--prompt=a <c1> dog")
+  assert refused("--mode=export", f"--workdir={local}", "--out=nosuch://b/out").startswith(
+      "error: --out=nosuch://b/out: no storage backend for nosuch://")
+  assert refused("--mode=import", f"--workdir=gs://{BUCKET}/imp",
+                 f"--from=gs://{BUCKET}/no_delta").startswith(
+      f"error: --from=gs://{BUCKET}/no_delta: no file or folder")
+  assert not paths.exists(f"gs://{BUCKET}/imp")
+  monkeypatch.delenv("STORAGE_EMULATOR_HOST")  # a real bucket: credentials from ADC
+  monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+  got = refused("--mode=evaluate", f"--workdir={local}", f"--clip=gs://{BUCKET}/clip")
+  assert got.startswith(f"error: --clip=gs://{BUCKET}/clip: access refused or no credentials")
+  assert "missing.json was not found" in got and "GOOGLE_APPLICATION_CREDENTIALS" in got
 
 
 def test_processes_that_do_not_see_process_0s_config_are_refused(monkeypatch, tmp_path):
