@@ -31,6 +31,7 @@ from lfs_jax import sample
 from lfs_jax import tiny
 from lfs_jax.evaluate import run_eval
 from lfs_jax.train import loop
+from lfs_jax.train import prepare as prepare_lib
 from lfs_jax.train import session
 from lfs_jax.weights import safetensors_io
 from conftest import TINY_RUN
@@ -357,7 +358,7 @@ def no_training(monkeypatch):
   """Fails the test if a run gets as far as loading its base model."""
   def load_base(*a, **kw):
     raise AssertionError("the run started loading the base model")
-  monkeypatch.setattr(session.base_lib, "load_base", load_base)
+  monkeypatch.setattr(prepare_lib.base_lib, "load_base", load_base)
 
 
 def test_a_missing_bucket_is_named_with_its_setting(emulator, tiny_config, no_training):
@@ -460,11 +461,11 @@ def test_sample_evaluate_export_import_check_their_urls_before_any_work(
 
 def test_processes_that_do_not_see_process_0s_config_are_refused(monkeypatch, tmp_path):
   """Two processes must name one shared workdir (faked: process 1 sees no config.json)."""
-  monkeypatch.setattr(session.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(session.jax, "process_index", lambda: 1)
-  monkeypatch.setattr(session.parallel, "barrier", lambda name: None)
-  monkeypatch.setattr(session.parallel, "agree_any", bool)
-  with pytest.raises(session.ConfigError, match="process 1 does not see the config.json"):
-    session._check_shared(str(tmp_path))  # pylint: disable=protected-access
+  monkeypatch.setattr(prepare_lib.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(prepare_lib.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(prepare_lib.parallel, "barrier", lambda name: None)
+  monkeypatch.setattr(prepare_lib.parallel, "agree_any", bool)
+  with pytest.raises(prepare_lib.ConfigError, match="process 1 does not see the config.json"):
+    prepare_lib._check_shared(str(tmp_path))  # pylint: disable=protected-access
   (tmp_path / "config.json").write_text("{}")
-  session._check_shared(str(tmp_path))  # pylint: disable=protected-access
+  prepare_lib._check_shared(str(tmp_path))  # pylint: disable=protected-access

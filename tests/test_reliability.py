@@ -35,6 +35,7 @@ from lfs_jax import sample
 from lfs_jax.errors import EvalError
 from lfs_jax.evaluate import run_eval
 from lfs_jax import tiny
+from lfs_jax.train import prepare as prepare_lib
 from lfs_jax.train import session
 from lfs_jax.train import step as step_lib
 from lfs_jax.weights.convert import flatten
@@ -69,7 +70,7 @@ class _Faults:
     self.session = None
     m = monkeypatch
     m.setattr(tiny, "random_params", _random_params)  # drawn once a module
-    self._wrap(m, session.base_lib, "load_base", "startup")
+    self._wrap(m, prepare_lib.base_lib, "load_base", "startup")
     self._wrap(m, checkpoint, "clear_progress", "cleanup")
     self._wrap(m, checkpoint, "restore_session", "between", lambda a: {"session": a[1]})
     real_prepare = session.prepare

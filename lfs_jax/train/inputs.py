@@ -52,7 +52,7 @@ def session_inputs(run, session: int, prev_delta) -> SessionInputs:
   """Latents, prompt ids, DFKD conditions and token rows of `session` (padded).
 
   Args:
-    run: the session.Run of the run.
+    run: the prepare.Run of the run.
     session: the run session number.
     prev_delta: session k-1's delta ({"tokens": [R', D]} is read here).
   """

@@ -63,7 +63,7 @@ def steps(run, su, state, session: int, stop, *, writer: Optional[SummaryWriter]
   """Runs session `session` from `state.step` to `train.steps`.
 
   Args:
-    run: the session.Run.
+    run: the prepare.Run.
     su: the session's session.SessionSetup (compiled step and its placed arguments).
     state: the train state to start from (fresh, or restored by --resume).
     stop: {"flag": bool}, set by the SIGTERM handler.
