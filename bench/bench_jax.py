@@ -393,7 +393,8 @@ def train_workload(s: Setup, workload: str) -> Dict[str, Any]:
                                          (state, frozen, teacher, data, schedule, rng))
   else:
     compiled = aot(step_fn, state, frozen, teacher, data, schedule, rng,
-                   options=s.train_compiler_options, mesh=mesh, lower_only=args.lower_only)
+                   options=step_lib.xla_options(mesh, s.train_compiler_options), mesh=mesh,
+                   lower_only=args.lower_only)
   ms = ms_pipe = None
   if not s.abstract_only:
     box = {"state": state}

@@ -98,3 +98,16 @@ def test_clock_line_sums_the_phases():
   clock.mark("imports", 1.0)
   clock.mark("tracing", 2.5, "read back")
   assert clock.line("restart") == "restart: 3.5 s = imports 1.0 + tracing 2.5 (read back)"
+
+
+def test_cpu_step_is_compiled_without_ynnpack_fusions():
+  # XLA:CPU reads a YNNPACK fusion back from the persistent cache by scanning the whole
+  # module (step.CPU_OPTIONS): the train step is compiled without them on a CPU.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  fn = jax.jit(lambda w, x: (w, {"loss": jnp.sum(jnp.tanh(x @ w) @ w)}))
+  w = x = jnp.ones((64, 64), jnp.float32)
+  exe, _, _, _ = step_lib.compile_step(fn, mesh, w, x)
+  assert "ynn_fusion" not in exe.as_text()
+  assert "ynn_fusion" in fn.lower(w, x).compile().as_text()  # XLA's default has them
+  assert step_lib.xla_options(mesh, {"xla_backend_optimization_level": 0}) == {
+      **step_lib.CPU_OPTIONS, "xla_backend_optimization_level": 0}

@@ -111,6 +111,21 @@ def jit_train_step(mesh, frozen, *, frozen_mode: str, models, spec, optimizer,
 
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
+# XLA options of the train step on a CPU (no effect on a GPU or TPU, which never get them).
+# YNNPACK's fusions off: XLA:CPU (jaxlib 0.10) finds each YNN fusion's instruction by
+# scanning the whole module when it loads an executable, so reading the SD-1.5 step back
+# from the persistent cache cost ~2,000 fusions x the module's ~70,000 instructions
+# (docs/benchmarks.md, "Restart time"). Without them its dots and reductions go to XLA's
+# own kernels; the tiny step runs no slower (the same page).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def xla_options(mesh, extra: Optional[dict] = None) -> Optional[dict]:
+  """The train step's XLA options on `mesh`: CPU_OPTIONS on a CPU, then `extra`."""
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  options = {**(CPU_OPTIONS if on_cpu else {}), **(extra or {})}
+  return options or None
+
 
 class CompileInfo(NamedTuple):
   """How `compile_step` got the executable."""
@@ -132,8 +147,9 @@ def compile_step(fn, mesh, *args, store: Optional[programs.Store] = None,
 
   With a `store` (train/programs.py) the traced program is kept on disk by
   jax.export and read back by a later start whose key matches, which then skips
-  tracing; the program compiled is the stored one either way. `compiler_options`
-  go to XLA (the benchmark's CPU optimization level).
+  tracing; the program compiled is the stored one either way. XLA gets
+  `xla_options(mesh, compiler_options)` (`compiler_options`: e.g. the benchmark's
+  CPU optimization level).
 
   Returns:
     (executable, seconds spent lowering and compiling, whether XLA's persistent
@@ -160,11 +176,21 @@ def compile_step(fn, mesh, *args, store: Optional[programs.Store] = None,
         use, program = _stored_program(fn, mesh, args, store, reuse=False)
         lowered = use.lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile(compiler_options)
+    compiled = _compile(lowered, xla_options(mesh, compiler_options), compiler_options)
     t2 = time.perf_counter()
   finally:
     jax.monitoring.unregister_event_listener(listener)
   return compiled, t2 - t0, bool(hits), CompileInfo(t1 - t0, t2 - t1, program)
+
+
+def _compile(lowered, options, fallback):
+  """`lowered.compile(options)`; `fallback` where this jaxlib lacks an option of ours."""
+  try:
+    return lowered.compile(options)
+  except jax.errors.JaxRuntimeError as e:
+    if options == fallback or "No such compile option" not in str(e):
+      raise
+    return lowered.compile(fallback)
 
 
 def _stored_program(fn, mesh, args, store, reuse: bool = True):
