@@ -256,8 +256,8 @@ class CLIPEncoder(nn.Module):
     """Runs the first `num_layers` layers (all by default) on x [B, L, D]."""
     n = self.config.num_hidden_layers if num_layers is None else num_layers
     for i in range(n):
-      x = CLIPEncoderLayer(self.config, self.causal, dtype=self.dtype,
-                           attention=self.attention, name=f"layers_{i}")(x)
+      x = layers.block(self, CLIPEncoderLayer,
+                       (self.config, self.causal, self.dtype, self.attention), f"layers_{i}", x)
     return x
 
 

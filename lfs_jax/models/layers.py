@@ -1,19 +1,41 @@
-"""Flax's Dense, Conv, GroupNorm, LayerNorm and Embed, read faster when applied.
+"""Flax's Dense, Conv, GroupNorm, LayerNorm and Embed, cheaper to trace when applied.
 
-In `apply`, Flax's `param` re-runs each parameter's initializer under
-`jax.eval_shape` to check the stored shape: ~900 small traces per UNet call, about
-a third of the CPU time of tracing the train step (docs/benchmarks.md, "Restart
-time"). These subclasses return a stored parameter as it is; `init` is Flax's own,
-so the parameter names, shapes and initial values are unchanged, as is the
-computation (the same `__call__`). Shapes are still checked where weights enter:
-the loaders compare every key and shape with `init`'s tree, and a wrong shape
-fails inside the matmul or convolution that reads it.
+Tracing the SD-1.5 train step is per-primitive work repeated for every UNet call (the
+teacher's, the student's under `linearize`): docs/benchmarks.md, "Restart time".
+These subclasses keep Flax's `init` (parameter names, shapes, initial values) and
+its formulas, and cut what tracing pays for:
+
+- `param` returns a stored parameter as it is. In `apply`, Flax's re-runs each
+  parameter's initializer under `jax.eval_shape` to check the stored shape (~900
+  small traces per UNet call). Shapes are still checked where weights enter: the
+  loaders compare every key and shape with `init`'s tree, and a wrong shape fails
+  inside the matmul or convolution that reads it.
+- GroupNorm and LayerNorm compute Flax's statistics and normalization (float32
+  statistics, two-pass or fast variance, x - mean times rsqrt(var + eps) * scale,
+  plus bias) in about half the primitives: lax reductions instead of `jnp.mean`'s
+  nested jit, the group mean broadcast instead of `jnp.repeat`ed per channel, the
+  centred input computed once. Same operations on the same values.
+- Dense adds its bias without Flax's reshape.
+- `block` runs a repeated block (a UNet resnet or transformer, a CLIP layer) as a
+  jitted function of its parameters, so that identical blocks are traced once.
+
+Only the settings lfs_jax uses are implemented (no masks, no named axes, no custom
+dot_general); any other raises, naming the field.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Optional, Sequence
+
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
+from flax.linen import dtypes as flax_dtypes
+from jax import lax
 
 
 class _StoredParams:
@@ -27,9 +49,99 @@ class _StoredParams:
     return meta.unbox(value) if unbox else value
 
 
+@functools.lru_cache(maxsize=None)  # one jitted apply per (block class, fields)
+def _block_apply(module_cls, fields: tuple):
+  def apply(params, *args):
+    return module_cls(*fields).apply({"params": params}, *args)
+  return jax.jit(apply)
+
+
+def block(parent: nn.Module, module_cls, fields: tuple, name: str, *args):
+  """`module_cls(*fields, name=name)(*args)` inside `parent`, traced once per shape.
+
+  When applying, the block runs as a jitted function of its parameters, cached per
+  (class, fields): JAX then traces a block once for every distinct shape of its
+  inputs and reuses that trace, and its linearization and lowering, for every other
+  block with the same shapes (SD-1.5's 16 UNet transformers have 4 distinct shapes,
+  CLIP's 12 layers one). This is what keeps tracing the train step cheap
+  (docs/benchmarks.md, "Restart time"); XLA inlines the calls, so the compiled
+  program computes the same thing.
+  `init` builds the block in place, so the parameter tree is unchanged. `fields`
+  (the class's positional fields) are the cache key: blocks meant to share a trace
+  must spell them alike (the same defaults written out).
+  """
+  if parent.is_initializing():
+    return module_cls(*fields, name=name)(*args)
+  return _block_apply(module_cls, tuple(fields))(parent.variables["params"][name], *args)
+
+
+def _refuse(module, **unsupported) -> None:
+  """Raises for a Flax setting these layers do not implement (value differs from default)."""
+  for field, default in unsupported.items():
+    if getattr(module, field) is not default and getattr(module, field) != default:
+      raise NotImplementedError(
+          f"lfs_jax.models.layers.{type(module).__name__}: {field}="
+          f"{getattr(module, field)!r} is not implemented; use flax.linen's layer")
+
+
+def _cast(x: jax.Array, dtype) -> jax.Array:
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+  """x * sigmoid(x), as `jax.nn.silu` computes it, without its nested jit."""
+  return x * lax.logistic(x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """torch's erf GELU, as `jax.nn.gelu(approximate=False)` computes it, without its copy."""
+  return 0.5 * x * lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))
+
+
+def _mean(x: jax.Array, axes: Sequence[int]) -> jax.Array:
+  """`jnp.mean` over axes (sum, then divide by the count), as one reduction."""
+  n = math.prod(x.shape[a] for a in axes)
+  return lax.div(lax.reduce_sum(x, tuple(axes)), np.array(n, x.dtype))
+
+
+def _normalize(x: jax.Array, axes: Sequence[int], kept: Sequence[int], fast: bool,
+               epsilon: float, scale, bias, feature_dims: Sequence[int], out_dtype):
+  """Flax's normalization of float32 `x` over `axes`: (x - mean) * (rsqrt(var + eps) *
+  scale) + bias, cast to out_dtype. `kept`: the dims of x that the statistics keep;
+  `feature_dims`: the dims of x that scale and bias (reshaped to match) span."""
+  mean = _mean(x, axes)
+  centred = x - lax.broadcast_in_dim(mean, x.shape, tuple(kept))
+  if fast:  # E[x^2] - E[x]^2, clipped at 0 (Flax's use_fast_variance)
+    var = jnp.maximum(0.0, _mean(lax.square(x), axes) - lax.square(mean))
+  else:
+    var = _mean(lax.square(centred), axes)
+  mul = lax.broadcast_in_dim(lax.rsqrt(var + epsilon), x.shape, tuple(kept))
+  if scale is not None:
+    mul = mul * lax.broadcast_in_dim(_cast(scale, x.dtype), x.shape, tuple(feature_dims))
+  y = centred * mul
+  if bias is not None:
+    y = y + lax.broadcast_in_dim(_cast(bias, x.dtype), x.shape, tuple(feature_dims))
+  return _cast(y, out_dtype)
+
+
 # Same class names as Flax's: an unnamed instance gets the same automatic name.
 class Dense(_StoredParams, nn.Dense):
-  pass
+  """Flax's Dense (`x @ kernel + bias` in `dtype`)."""
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    _refuse(self, precision=None, dot_general=None, dot_general_cls=None,
+            promote_dtype=flax_dtypes.promote_dtype)
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = flax_dtypes.canonicalize_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = lax.dot_general(_cast(jnp.asarray(inputs), dtype), _cast(kernel, dtype),
+                        (((inputs.ndim - 1,), (0,)), ((), ())))
+    if bias is not None:
+      y = y + lax.broadcast_in_dim(_cast(bias, dtype), y.shape, (y.ndim - 1,))
+    return y
 
 
 class Conv(_StoredParams, nn.Conv):
@@ -37,11 +149,53 @@ class Conv(_StoredParams, nn.Conv):
 
 
 class GroupNorm(_StoredParams, nn.GroupNorm):
-  pass
+  """Flax's GroupNorm over all but the batch axis, `num_groups` groups of channels."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    _refuse(self, group_size=None, reduction_axes=None, axis_name=None,
+            axis_index_groups=None, force_float32_reductions=True)
+    if mask is not None:
+      raise NotImplementedError("lfs_jax.models.layers.GroupNorm: mask is not implemented")
+    c, groups = x.shape[-1], self.num_groups
+    if not groups or groups <= 0 or c % groups:
+      raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels")
+    feature = (c,)
+    scale = (self.param("scale", self.scale_init, feature, self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feature, self.param_dtype)
+            if self.use_bias else None)
+    stats = jnp.promote_types(x.dtype if self.dtype is None else self.dtype, jnp.float32)
+    out = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    grouped = x.shape[:-1] + (groups, c // groups)
+    n = len(grouped)
+    xg = _cast(x.reshape(grouped), stats)
+    per_group = lambda p: None if p is None else p.reshape(grouped[-2:])
+    y = _normalize(xg, tuple(range(1, n - 2)) + (n - 1,), (0, n - 2),
+                   self.use_fast_variance, self.epsilon, per_group(scale), per_group(bias),
+                   (n - 2, n - 1), out)
+    return y.reshape(x.shape)
 
 
 class LayerNorm(_StoredParams, nn.LayerNorm):
-  pass
+  """Flax's LayerNorm over the last axis."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
+    _refuse(self, reduction_axes=-1, feature_axes=-1, axis_name=None,
+            axis_index_groups=None, force_float32_reductions=True)
+    if mask is not None:
+      raise NotImplementedError("lfs_jax.models.layers.LayerNorm: mask is not implemented")
+    feature = (x.shape[-1],)
+    scale = (self.param("scale", self.scale_init, feature, self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feature, self.param_dtype)
+            if self.use_bias else None)
+    stats = jnp.promote_types(x.dtype if self.dtype is None else self.dtype, jnp.float32)
+    out = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    n = x.ndim
+    return _normalize(_cast(x, stats), (n - 1,), tuple(range(n - 1)), self.use_fast_variance,
+                      self.epsilon, scale, bias, (n - 1,), out)
 
 
 class Embed(_StoredParams, nn.Embed):

@@ -269,7 +269,7 @@ class UNet2DConditionModel(nn.Module):
                      use_fast_variance=False, dtype=self.dtype, name="conv_norm_out")(x)
     return layers.Conv(cfg.out_channels, (cfg.conv_out_kernel,) * 2,
                    padding=(cfg.conv_out_kernel - 1) // 2, dtype=self.dtype,
-                   name="conv_out")(nn.silu(x))
+                   name="conv_out")(layers.silu(x))
 
 
 def abstract_params(config: UNetConfig, dtype=jnp.float32) -> dict:

@@ -96,7 +96,7 @@ class TimestepEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = layers.Dense(self.time_dim, dtype=self.dtype, name="linear_1")(x)
-    return layers.Dense(self.time_dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+    return layers.Dense(self.time_dim, dtype=self.dtype, name="linear_2")(layers.silu(x))
 
 
 class ResnetBlock2D(nn.Module):
@@ -108,10 +108,10 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x, temb):
     o = self.opts
-    h = _conv(self.out_channels, 3, o, "conv1")(nn.silu(_group_norm(o, "norm1")(x)))
-    t = layers.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(nn.silu(temb))
+    h = _conv(self.out_channels, 3, o, "conv1")(layers.silu(_group_norm(o, "norm1")(x)))
+    t = layers.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(layers.silu(temb))
     h = h + t[:, None, None, :]
-    h = _conv(self.out_channels, 3, o, "conv2")(nn.silu(_group_norm(o, "norm2")(h)))
+    h = _conv(self.out_channels, 3, o, "conv2")(layers.silu(_group_norm(o, "norm2")(h)))
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, o, "conv_shortcut")(x)
     out = x + h
@@ -150,7 +150,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     h, gate = jnp.split(layers.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-    return h * nn.gelu(gate, approximate=False)
+    return h * layers.gelu_exact(gate)
 
 
 class FeedForward(nn.Module):
@@ -257,10 +257,11 @@ class DownBlock(nn.Module):
     skips = []
     resnet = _remat(ResnetBlock2D, self.opts.remat)
     for j in range(self.num_layers):
-      x = resnet(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
+      x = layers.block(self, resnet, (self.out_channels, self.opts, 1.0), f"resnets_{j}", x, temb)
       if self.heads:
-        x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
-                               name=f"attentions_{j}")(x, context)
+        x = layers.block(self, Transformer2DModel,
+                         (self.heads, self.transformer_layers, self.opts), f"attentions_{j}",
+                         x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.opts, name="downsamplers_0")(x)
@@ -284,10 +285,11 @@ class UpBlock(nn.Module):
     resnet = _remat(ResnetBlock2D, self.opts.remat)
     for j in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = resnet(self.out_channels, self.opts, name=f"resnets_{j}")(x, temb)
+      x = layers.block(self, resnet, (self.out_channels, self.opts, 1.0), f"resnets_{j}", x, temb)
       if self.heads:
-        x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
-                               name=f"attentions_{j}")(x, context)
+        x = layers.block(self, Transformer2DModel,
+                         (self.heads, self.transformer_layers, self.opts), f"attentions_{j}",
+                         x, context)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, self.opts, name="upsamplers_0")(x, upsample_size)
     return x
@@ -304,7 +306,8 @@ class MidBlock(nn.Module):
   def __call__(self, x, temb, context):
     c = x.shape[-1]
     resnet = _remat(ResnetBlock2D, self.opts.remat)
-    x = resnet(c, self.opts, self.output_scale_factor, name="resnets_0")(x, temb)
-    x = Transformer2DModel(self.heads, self.transformer_layers, self.opts,
-                           name="attentions_0")(x, context)
-    return resnet(c, self.opts, self.output_scale_factor, name="resnets_1")(x, temb)
+    fields = (c, self.opts, self.output_scale_factor)
+    x = layers.block(self, resnet, fields, "resnets_0", x, temb)
+    x = layers.block(self, Transformer2DModel, (self.heads, self.transformer_layers, self.opts),
+                     "attentions_0", x, context)
+    return layers.block(self, resnet, fields, "resnets_1", x, temb)

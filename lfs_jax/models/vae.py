@@ -153,9 +153,9 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.silu(_group_norm(self.groups, self.dtype, "norm1")(x))
+    h = layers.silu(_group_norm(self.groups, self.dtype, "norm1")(x))
     h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-    h = nn.silu(_group_norm(self.groups, self.dtype, "norm2")(h))
+    h = layers.silu(_group_norm(self.groups, self.dtype, "norm2")(h))
     h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
@@ -273,7 +273,7 @@ class Encoder(nn.Module):
                              i < len(chans) - 1, dt, name=f"down_blocks_{i}")(x)
     x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, dt, self.attention,
                  name="mid_block")(x)
-    x = nn.silu(_group_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
+    x = layers.silu(_group_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
     return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
 
 
@@ -295,7 +295,7 @@ class Decoder(nn.Module):
       # One resnet more than the encoder's blocks, as in diffusers.
       x = UpDecoderBlock2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups,
                            i < len(chans) - 1, dt, name=f"up_blocks_{i}")(x)
-    x = nn.silu(_group_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
+    x = layers.silu(_group_norm(cfg.norm_num_groups, dt, "conv_norm_out")(x))
     return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
 
 
