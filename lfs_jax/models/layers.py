@@ -124,6 +124,21 @@ def _normalize(x: jax.Array, axes: Sequence[int], kept: Sequence[int], fast: boo
   return _cast(y, out_dtype)
 
 
+def _norm_params(norm, x: jax.Array, mask):
+  """(scale, bias, statistics dtype, output dtype) of a GroupNorm or LayerNorm on x,
+  as Flax's: per-channel parameters, float32 or wider statistics."""
+  if mask is not None:
+    raise NotImplementedError(f"lfs_jax.models.layers.{type(norm).__name__}: mask is not "
+                              "implemented")
+  feature = (x.shape[-1],)
+  scale = (norm.param("scale", norm.scale_init, feature, norm.param_dtype)
+           if norm.use_scale else None)
+  bias = (norm.param("bias", norm.bias_init, feature, norm.param_dtype)
+          if norm.use_bias else None)
+  stats = jnp.promote_types(x.dtype if norm.dtype is None else norm.dtype, jnp.float32)
+  return scale, bias, stats, flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=norm.dtype)
+
+
 # Same class names as Flax's: an unnamed instance gets the same automatic name.
 class Dense(_StoredParams, nn.Dense):
   """Flax's Dense (`x @ kernel + bias` in `dtype`)."""
@@ -155,18 +170,10 @@ class GroupNorm(_StoredParams, nn.GroupNorm):
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
     _refuse(self, group_size=None, reduction_axes=None, axis_name=None,
             axis_index_groups=None, force_float32_reductions=True)
-    if mask is not None:
-      raise NotImplementedError("lfs_jax.models.layers.GroupNorm: mask is not implemented")
     c, groups = x.shape[-1], self.num_groups
     if not groups or groups <= 0 or c % groups:
       raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels")
-    feature = (c,)
-    scale = (self.param("scale", self.scale_init, feature, self.param_dtype)
-             if self.use_scale else None)
-    bias = (self.param("bias", self.bias_init, feature, self.param_dtype)
-            if self.use_bias else None)
-    stats = jnp.promote_types(x.dtype if self.dtype is None else self.dtype, jnp.float32)
-    out = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    scale, bias, stats, out = _norm_params(self, x, mask)
     grouped = x.shape[:-1] + (groups, c // groups)
     n = len(grouped)
     xg = _cast(x.reshape(grouped), stats)
@@ -184,15 +191,7 @@ class LayerNorm(_StoredParams, nn.LayerNorm):
   def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
     _refuse(self, reduction_axes=-1, feature_axes=-1, axis_name=None,
             axis_index_groups=None, force_float32_reductions=True)
-    if mask is not None:
-      raise NotImplementedError("lfs_jax.models.layers.LayerNorm: mask is not implemented")
-    feature = (x.shape[-1],)
-    scale = (self.param("scale", self.scale_init, feature, self.param_dtype)
-             if self.use_scale else None)
-    bias = (self.param("bias", self.bias_init, feature, self.param_dtype)
-            if self.use_bias else None)
-    stats = jnp.promote_types(x.dtype if self.dtype is None else self.dtype, jnp.float32)
-    out = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    scale, bias, stats, out = _norm_params(self, x, mask)
     n = x.ndim
     return _normalize(_cast(x, stats), (n - 1,), tuple(range(n - 1)), self.use_fast_variance,
                       self.epsilon, scale, bias, (n - 1,), out)
