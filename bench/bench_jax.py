@@ -206,6 +206,7 @@ class Compiled:
   compile_s: float          # lower + compile
   cache_warm: Optional[bool]  # None: no persistent cache folder set
   lower_cpu_s: Optional[float] = None  # this process's CPU seconds in lower_s (a shared machine)
+  compile_cpu_s: Optional[float] = None  # and in compile_s
 
 
 def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None,
@@ -230,7 +231,7 @@ def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None,
   t2 = time.perf_counter()
   persistent = jax.config.jax_compilation_cache_dir is not None
   return Compiled(compiled, t1 - t0, t2 - t0, (_EVENTS[_HIT] > hits) if persistent else None,
-                  cpu)
+                  cpu, time.process_time() - c0)
 
 
 def xla_flops(stage) -> Optional[float]:
@@ -305,6 +306,7 @@ def _record(s: Setup, workload: str, compiled: Compiled, flops, ms, ms_pipelined
       resolution=s.size.resolution, ms=ms, peak_mem_gib=peak_mem_gib(),
       compile_s=compiled.compile_s, flops=flops, notes=notes, ms_pipelined=ms_pipelined,
       lower_s=compiled.lower_s, lower_cpu_s=compiled.lower_cpu_s,
+      compile_cpu_s=compiled.compile_cpu_s,
       cache_warm=compiled.cache_warm,
       mem_analysis_gib=memory_analysis_gib(compiled.fn), size=s.size.name,
       jax=jax.__version__, **extra)
@@ -425,11 +427,13 @@ def _stored(s: Setup, step_fn, mesh, spec, models, args):
   if folder is None:
     raise SystemExit("--store-program needs a local --compile-cache folder")
   static = repr((models, spec, s.cfg.train.to_dict()))
+  c0 = time.process_time()
   exe, seconds, cached, info = step_lib.compile_step(
       step_fn, mesh, *args, store=programs.Store(folder, static),
       compiler_options=s.train_compiler_options)
   persistent = jax.config.jax_compilation_cache_dir is not None
-  return Compiled(exe, info.trace_s, seconds, cached if persistent else None), info.program
+  return Compiled(exe, info.trace_s, seconds, cached if persistent else None,
+                  compile_cpu_s=time.process_time() - c0), info.program
 
 
 def sample_workload(s: Setup, workload: str) -> Dict[str, Any]:
