@@ -90,7 +90,7 @@ def _cast(x: jax.Array, dtype) -> jax.Array:
 
 def silu(x: jax.Array) -> jax.Array:
   """x * sigmoid(x), as `jax.nn.silu` computes it, without its nested jit."""
-  return x * lax.logistic(x)
+  return lax.mul(x, lax.logistic(x))
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -110,17 +110,19 @@ def _normalize(x: jax.Array, axes: Sequence[int], kept: Sequence[int], fast: boo
   scale) + bias, cast to out_dtype. `kept`: the dims of x that the statistics keep;
   `feature_dims`: the dims of x that scale and bias (reshaped to match) span."""
   mean = _mean(x, axes)
-  centred = x - lax.broadcast_in_dim(mean, x.shape, tuple(kept))
+  centred = lax.sub(x, lax.broadcast_in_dim(mean, x.shape, tuple(kept)))
   if fast:  # E[x^2] - E[x]^2, clipped at 0 (Flax's use_fast_variance)
     var = jnp.maximum(0.0, _mean(lax.square(x), axes) - lax.square(mean))
   else:
     var = _mean(lax.square(centred), axes)
-  mul = lax.broadcast_in_dim(lax.rsqrt(var + epsilon), x.shape, tuple(kept))
+  eps = np.array(epsilon, var.dtype)
+  mul = lax.broadcast_in_dim(lax.rsqrt(lax.add(var, eps)), x.shape, tuple(kept))
   if scale is not None:
-    mul = mul * lax.broadcast_in_dim(_cast(scale, x.dtype), x.shape, tuple(feature_dims))
-  y = centred * mul
+    mul = lax.mul(mul, lax.broadcast_in_dim(_cast(scale, x.dtype), x.shape,
+                                            tuple(feature_dims)))
+  y = lax.mul(centred, mul)
   if bias is not None:
-    y = y + lax.broadcast_in_dim(_cast(bias, x.dtype), x.shape, tuple(feature_dims))
+    y = lax.add(y, lax.broadcast_in_dim(_cast(bias, x.dtype), x.shape, tuple(feature_dims)))
   return _cast(y, out_dtype)
 
 
@@ -155,7 +157,7 @@ class Dense(_StoredParams, nn.Dense):
     y = lax.dot_general(_cast(jnp.asarray(inputs), dtype), _cast(kernel, dtype),
                         (((inputs.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
-      y = y + lax.broadcast_in_dim(_cast(bias, dtype), y.shape, (y.ndim - 1,))
+      y = lax.add(y, lax.broadcast_in_dim(_cast(bias, dtype), y.shape, (y.ndim - 1,)))
     return y
 
 
