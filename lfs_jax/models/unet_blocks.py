@@ -110,7 +110,7 @@ class ResnetBlock2D(nn.Module):
     o = self.opts
     h = _conv(self.out_channels, 3, o, "conv1")(layers.silu(_group_norm(o, "norm1")(x)))
     t = layers.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(layers.silu(temb))
-    h = h + t[:, None, None, :]
+    h = h + jax.lax.broadcast_in_dim(t, h.shape, (0, 3))  # [B, C] over every pixel
     h = _conv(self.out_channels, 3, o, "conv2")(layers.silu(_group_norm(o, "norm2")(h)))
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, o, "conv_shortcut")(x)
