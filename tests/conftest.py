@@ -181,3 +181,57 @@ def dreambooth_root(tmp_path_factory):
       Image.fromarray(np.full((8, 8, 3), (i * 8 + k) % 256, np.uint8)).save(
           root / name / f"0{k}.jpg")
   return str(root)
+
+
+# ------------------------------------------------------------ a local GCS emulator
+
+BUCKET = "bkt"  # the emulator's bucket
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  """A GCS emulator serving gs://bkt on 127.0.0.1 in this process (a thread; nothing
+  reaches the internet), and the environment that points every client at it (also
+  subprocesses): gcsfs and google-cloud-storage by STORAGE_EMULATOR_HOST, Orbax's
+  TensorStore by TENSORSTORE_GCS_HTTP_URL. Its base URL."""
+  import logging
+
+  from gcp_storage_emulator.server import create_server
+
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are normal
+  port = free_port()
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  with pytest.MonkeyPatch.context() as m:
+    m.setenv("STORAGE_EMULATOR_HOST", url)
+    m.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+    # gcsfs would ask the emulator for the bucket's type over gRPC, which it does not
+    # serve (two minutes of retries); read when gcsfs is imported.
+    m.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    m.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    yield url
+  server.stop()
+
+
+def upload(local: str, url: str) -> None:
+  """Copies a local folder into the bucket (resumable uploads: the emulator parses a
+  multipart upload's body with the email parser, several times slower)."""
+  from lfs_jax import paths
+
+  fs, _ = paths.filesystem(url)
+  for root, _, names in os.walk(local):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), local)
+      with open(os.path.join(root, n), "rb") as f:
+        fs.pipe_file(paths.filesystem(paths.join(url, *rel.split(os.sep)))[1], f.read(),
+                     chunksize=2 ** 18)

@@ -11,10 +11,8 @@ fixture makes it honour `ifGenerationMatch` as GCS does, so the bucket lock's ra
 import http
 import io
 import json
-import logging
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -34,62 +32,20 @@ from lfs_jax.train import loop
 from lfs_jax.train import prepare as prepare_lib
 from lfs_jax.train import session
 from lfs_jax.weights import safetensors_io
-from conftest import TINY_RUN
+from conftest import BUCKET, TINY_RUN, free_port, upload
 from test_evaluate import clip_dir  # noqa: F401  pylint: disable=unused-import  (a fixture)
 
 pytestmark = pytest.mark.xdist_group("gcs")  # one emulator and one model upload a module
-
-BUCKET = "bkt"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  """The emulator's base URL, with the environment that points every client at it."""
-  from gcp_storage_emulator.server import create_server
-
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are normal
-  port = _free_port()
-  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-  server.start()
-  url = f"http://127.0.0.1:{port}"
-  with pytest.MonkeyPatch.context() as m:
-    m.setenv("STORAGE_EMULATOR_HOST", url)
-    m.setenv("TENSORSTORE_GCS_HTTP_URL", url)
-    # gcsfs would ask the emulator for the bucket's type over gRPC, which it does not
-    # serve (two minutes of retries); read when gcsfs is imported.
-    m.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    m.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    yield url
-  server.stop()
-
-
-def _upload(local: str, url: str) -> None:
-  """Copies a local folder into the bucket (resumable uploads: the emulator parses a
-  multipart upload's body with the email parser, several times slower)."""
-  fs, _ = paths.filesystem(url)
-  for root, _, names in os.walk(local):
-    for n in names:
-      rel = os.path.relpath(os.path.join(root, n), local)
-      with open(os.path.join(root, n), "rb") as f:
-        fs.pipe_file(paths.filesystem(paths.join(url, *rel.split(os.sep)))[1], f.read(),
-                     chunksize=2 ** 18)
-
 
 @pytest.fixture(scope="module")
 def bucket(emulator, tmp_path_factory, clip_dir):  # noqa: F811
   """gs://bkt with the tiny model (model/), the bundled photos (photos/) and CLIP (clip/)."""
   model = str(tmp_path_factory.mktemp("model"))
   tiny.save_folder(tiny.random_params(0), model)
-  _upload(model, f"gs://{BUCKET}/model")
+  upload(model, f"gs://{BUCKET}/model")
   for name in ("dog", "cat"):
-    _upload(os.path.join(datasets.bundled_root(), name), f"gs://{BUCKET}/photos/{name}")
-  _upload(clip_dir, f"gs://{BUCKET}/clip")
+    upload(os.path.join(datasets.bundled_root(), name), f"gs://{BUCKET}/photos/{name}")
+  upload(clip_dir, f"gs://{BUCKET}/clip")
   return f"gs://{BUCKET}"
 
 
@@ -368,6 +324,12 @@ def test_a_missing_bucket_is_named_with_its_setting(emulator, tiny_config, no_tr
                      match=r"--workdir=gs://no-such-bucket/run: bucket 'no-such-bucket' "
                            "does not exist"):
     session.run(cfg, "gs://no-such-bucket/run")
+  cfg = _config(tiny_config, bucket, model__path=paths.join(datasets.bundled_root(), "dog"),
+                data__root="", data__classes="dog=dog,cat=cat")
+  cfg.compile_cache = "gs://no-such-bucket/xla"
+  with pytest.raises(paths.StorageError,
+                     match=r"compile_cache=gs://no-such-bucket/xla: bucket 'no-such-bucket'"):
+    session.run(cfg, f"{bucket}/never")
   cfg = _config(tiny_config, bucket, model__path=f"{bucket}/no_model")
   with pytest.raises(paths.StorageError, match=f"model.path={bucket}/no_model: no file"):
     session.run(cfg, f"{bucket}/never")
@@ -394,7 +356,7 @@ def test_an_unreachable_storage_fails_at_once_naming_the_setting(tiny_config, mo
                                                                 no_training):
   """A refused connection (a wrong endpoint, the network down) is one error in
   seconds, not after gcsfs's six retries with backoff (~35 s)."""
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")  # closed
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # closed
   cfg = tiny_config()
   start = time.perf_counter()
   with pytest.raises(paths.StorageError,

@@ -140,6 +140,8 @@ def check_storage(cfg, workdir: str) -> None:
     paths.check(cfg.model.path, "model.path")
   if cfg.data.root:
     paths.check(cfg.data.root, "data.root")
+  if cfg.compile_cache:  # jax writes it through etils.epath; a bad URL would only warn
+    paths.check(cfg.compile_cache, "compile_cache", must_exist=False)
 
 
 def _check_shared(workdir: str) -> None:
