@@ -208,11 +208,32 @@ def emulator():
   from gcp_storage_emulator.server import create_server
 
   logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are normal
+  from gcp_storage_emulator import server as routes
+  from gcp_storage_emulator.handlers import objects
+
+  def download(request, response, storage, *args, **kwargs):
+    """GCS names an object's generation in a download's headers; without them
+    TensorStore's OCDBT (Orbax) cannot update a manifest that another process or an
+    earlier run wrote ("Malformed StorageGeneration")."""
+    try:
+      got = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(got["generation"])
+      response["x-goog-metageneration"] = str(got.get("metageneration", "1"))
+    except Exception:  # pylint: disable=broad-except  (a missing object: download says so)
+      pass
+    return real_download(request, response, storage, *args, **kwargs)
+
+  real_download = objects.download
   port = free_port()
   server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   server.start()
   url = f"http://127.0.0.1:{port}"
   with pytest.MonkeyPatch.context() as m:
+    m.setattr(objects, "download", download)  # objects.get(alt=media) calls it too
+    for _, handlers in routes.HANDLERS:
+      for method, handler in list(handlers.items()):
+        if handler is real_download:
+          m.setitem(handlers, method, download)
     m.setenv("STORAGE_EMULATOR_HOST", url)
     m.setenv("TENSORSTORE_GCS_HTTP_URL", url)
     # gcsfs would ask the emulator for the bucket's type over gRPC, which it does not

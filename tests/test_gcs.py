@@ -13,6 +13,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,6 +147,36 @@ def test_a_run_in_a_bucket_trains_is_preempted_resumes_samples_evaluates_exports
   assert imported["tokens"] == ["<c1>", "<c2>"]
   assert checkpoint.finished_sessions(f"{bucket}/imported") == [1]
   assert os.listdir(tmp_path) == []  # nothing was written to the local disk
+
+
+_CACHE_SCRIPT = """
+import sys, jax, jax.numpy as jnp
+from lfs_jax import paths
+paths.check(sys.argv[1], "compile_cache", must_exist=False)  # as a run does first
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])  # as session.run does
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
+f = lambda x: jnp.sin(x) * 2
+jax.jit(f)(jnp.ones(3)).block_until_ready()
+print("first", len(hits))
+jax.clear_caches()  # what a new process starts with: only the persistent cache
+jax.jit(f)(jnp.ones(3)).block_until_ready()
+print("again", len(hits))
+"""
+
+
+def test_the_compilation_cache_in_a_bucket_is_written_and_read_back(emulator):
+  """compile_cache=gs://...: jax writes executables through etils.epath and gcsfs,
+  and a start without them in memory reads them back (a restart on a fresh VM)."""
+  url = f"gs://{BUCKET}/xla_cache"
+  got = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, url], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert got.returncode == 0, got.stderr[-3000:]
+  hits = dict(line.split() for line in got.stdout.splitlines() if line.strip())
+  assert int(hits["first"]) == 0 and int(hits["again"]) >= 1, got.stdout  # read back
+  assert any(n.endswith("-cache") for n in paths.listdir(url))
 
 
 # ------------------------------------------- the lease under races (GCS preconditions)
