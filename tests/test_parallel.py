@@ -2,20 +2,24 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from lfs_jax import checkpoint, config_base, parallel, runs, sample
+from lfs_jax import checkpoint, config_base, datasets, parallel, paths, runs, sample
 from lfs_jax import concepts as concepts_lib
 from lfs_jax.errors import ConfigError
 from lfs_jax import tiny
 from lfs_jax.train import session
 from lfs_jax.weights.convert import flatten
+from conftest import BUCKET, free_port, upload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,80 +138,120 @@ def test_sampler_on_eight_devices_matches_one(tmp_path):
   assert (a != b).mean() < 0.01
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_two(workdir, cache, *flags):
-  """`python -m lfs_jax.main` as 2 processes of one job (1 CPU device each, gloo)."""
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device per process
+  """`python -m lfs_jax.main` as 2 processes of one job (1 CPU device each, gloo): the
+  training fields of conftest's TINY_RUN (the suite's shared tiny run), its photos in
+  the bucket, FSDP across the processes (each holds half of every frozen and trained
+  weight and of the optimizer state: the checkpoints gather them)."""
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0",  # one device per process
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # every program cached
   return [subprocess.Popen(
       [sys.executable, "-m", "lfs_jax.main", f"--workdir={workdir}",
        f"--config.compile_cache={cache}", "--config.train.steps=2",
        "--config.train.log_every=2", "--config.train.progress_every=0",
+       "--config.data.sessions=dog;cat", f"--config.data.root=gs://{BUCKET}/photos",
+       "--config.data.classes=dog=dog,cat=cat",
        f"--config.distributed.coordinator=127.0.0.1:{port}",
        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp", "--config.mesh.trainable=fsdp",
+       "--config.validation.seeds=1", "--config.sample.steps=4",  # a cheaper grid
        *flags], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
 
 
-def _wait_two(procs, timeout=240):
-  """Both outputs; fails (killing what is left) unless both exit 0 in time."""
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
+def _preempt_after(procs, marker):
+  """A thread that reads process 0's output up to the line with `marker`, then sends
+  SIGTERM to every process (a preemption reaches all hosts); `.lines` holds what it
+  read (the rest stays in the pipe)."""
+  def run():
+    for line in procs[0].stdout:
+      reader.lines.append(line)
+      if marker in line:
+        break
     for p in procs:
       if p.poll() is None:
-        p.kill()
+        p.send_signal(signal.SIGTERM)
+  reader = threading.Thread(target=run, daemon=True)
+  reader.lines = []
+  reader.start()
+  return reader
+
+
+def _wait_two(procs, timeout=400):
+  """Both outputs; fails (killing what is left, showing its output) unless both exit
+  0 within `timeout` seconds of the call."""
+  deadline = time.monotonic() + timeout
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      outs.append(p.communicate()[0])
   for i, (p, o) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{o[-3000:]}"
   return outs
 
 
-@pytest.mark.slow  # a whole loop (CI runs it)
-def test_two_processes_train_resume_and_match_one_process(tmp_path, tiny_config,
-                                                          compile_cache):
-  work, ref = tmp_path / "run", str(tmp_path / "ref")
-  # FSDP across the processes: each holds half of every frozen and trained weight
-  # (and of the optimizer state): the checkpoints gather them.
-  procs = _start_two(work, compile_cache, "--config.data.sessions=dog;cat",
-                     "--config.mesh.fsdp=2", "--config.mesh.frozen=fsdp",
-                     "--config.mesh.trainable=fsdp", "--config.validation.seeds=1")
-  try:  # meanwhile, the same run in this process, 2 of its devices, replicated base
-    session.run(tiny_config(train__steps=2, data__sessions="dog;cat", mesh__data=-1), ref,
-                devices=jax.devices()[:2])
-  finally:
-    outs = _wait_two(procs)
-  assert all("session=2" in o for o in outs)
-  assert sorted(os.listdir(work / "sessions")) == ["1", "2"]
-  assert sorted(p.name for p in work.rglob("config.json*")) == ["config.json"]
-  assert json.loads((work / "config.json").read_text())["distributed"]["num_processes"] == 2
-  # Only process 0 logs: TensorBoard event files (one a run) of a single process id.
-  assert len({p.name.rsplit(".", 1)[-1] for p in (work / "logs").iterdir()}) == 1
-  # The validation grids (on by default) sampled by both processes, written by one.
-  assert sorted(p.name for p in (work / "samples" / "validation").iterdir()) == [
-      "session_001.json", "session_001.png", "session_002.json", "session_002.png"]
+def _pids(logs):
+  """The process ids in TensorBoard events files' names (`...<host>.<pid>[.n]`)."""
+  return {int(n.split(f".{socket.gethostname()}.", 1)[1].split(".")[0])
+          for n in paths.listdir(logs)}
 
-  # The one-process run over 2 devices has the same deltas.
+
+@pytest.mark.slow  # a whole loop (CI runs it)
+def test_two_processes_preempted_in_a_bucket_resume_and_match_one_process(emulator, tiny_run,
+                                                                          compile_cache):
+  """Two processes of one job on one bucket URL, as on a pod: the workdir and the
+  photos are in the (emulated) bucket. Both get SIGTERM in session 1 (a preemption);
+  `--resume` finishes the run, its train step read back (traced program and
+  executable); both sessions equal the one-process run.
+
+  [choice] The bucket, not a shared local folder: a pod's hosts share nothing else,
+  and a local multi-process workdir is the same code with `os` in place of fsspec
+  (paths.py), which every one-process test runs. The reference is the suite's shared
+  tiny run (trained once for many tests; one device, the base replicated), not a run
+  of its own. The compilation cache stays the suite's local one (a URL cache has its
+  own test in test_gcs.py): with it the restart skips tracing too.
+  """
+  for name in ("dog", "cat"):
+    upload(os.path.join(datasets.bundled_root(), name), f"gs://{BUCKET}/photos/{name}")
+  work, cache = f"gs://{BUCKET}/run2p", compile_cache
+  procs = _start_two(work, cache)
+  reader = _preempt_after(procs, "train step compiled")  # when session 1 is set up
+  try:  # meanwhile, in this process: the reference (or the suite's copy of it)
+    ref = tiny_run("two_process_ref")
+  finally:
+    reader.join(timeout=240)
+    outs = _wait_two(procs)
+  assert "preempted: " in "".join(reader.lines) + outs[0], outs[0][-3000:]
+  assert checkpoint.finished_sessions(work) != [1, 2]
+  assert json.loads(paths.read_text(f"{work}/config.json"))["distributed"][
+      "num_processes"] == 2
+  assert not paths.exists(f"{work}/lock")  # SIGTERM released the lease at once
+
+  restart = _start_two(work, cache, "--resume")
+  outs = _wait_two(restart)
+  assert all("session=2" in o for o in outs)
+  assert "(program read back in" in outs[0], outs[0][-3000:]
+  assert "from the persistent compilation cache" in outs[0], outs[0][-3000:]
+  assert checkpoint.finished_sessions(work) == [1, 2]
+  assert paths.listdir(work) == ["concepts.json", "config.json", "logs", "samples",
+                                 "sessions"]  # no lock, no progress, nothing half-written
+  # Only process 0 writes TensorBoard events and the grids (every process samples).
+  assert _pids(f"{work}/logs") <= {procs[0].pid, restart[0].pid}
+  assert paths.listdir(f"{work}/samples/validation") == [
+      "session_001.json", "session_001.png", "session_002.json", "session_002.png"]
+  registry = concepts_lib.Registry.load(f"{work}/concepts.json")
+  assert registry.tokens == ["<c1>", "<c2>"]
+  assert registry.concepts[0].images[0].path == f"gs://{BUCKET}/photos/dog/00.jpg"
+
   for k in (1, 2):
-    got, want = (flatten(checkpoint.restore_session(w, k)["delta"]) for w in (str(work), ref))
+    got, want = (flatten(checkpoint.restore_session(w, k)["delta"]) for w in (work, ref))
     assert got.keys() == want.keys()
     for p in want:
       assert np.all(np.isfinite(got[p]))
       np.testing.assert_allclose(got[p], want[p], rtol=1e-5, atol=1e-6, err_msg=f"{k} {p}")
-
-  # --resume with one more session (and the base replicated now: a machine setting):
-  # the two processes train session 3 only.
-  outs = _wait_two(_start_two(work, compile_cache, "--resume",
-                             "--config.data.sessions=dog;cat;dog2",
-                             "--config.validation.every_session=False"))
-  assert all("session=3" in o and "session=1" not in o for o in outs)
-  assert checkpoint.finished_sessions(str(work)) == [1, 2, 3]
-  registry = concepts_lib.Registry.load(str(work / "concepts.json"))
-  assert registry.tokens == ["<c1>", "<c2>", "<c3>"]
