@@ -102,9 +102,23 @@ def _options(protocol: str) -> dict:
   if not emulator and conf.get("endpoint_url") == _SET.get("endpoint_url"):
     conf.pop("endpoint_url", None)  # an emulator of an earlier call is gone
   conf.update(options)
+  if _SET and _SET != options:
+    _forget_epath_filesystems()
   _SET.clear()
   _SET.update(options)
   return {}
+
+
+def _forget_epath_filesystems() -> None:
+  """etils.epath (Orbax's paths) keeps the first gs:// filesystem it made for the life
+  of the process, with the endpoint and credentials of that moment; when they change
+  (another emulator, ADC instead of an emulator) Orbax would keep talking to the old
+  one. Drops etils' cached filesystem (a private cache: skipped if etils moves it)."""
+  try:
+    from etils.epath import backend  # pylint: disable=g-import-not-at-top
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    pass
 
 
 def _describe(e: BaseException) -> str:

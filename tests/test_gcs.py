@@ -71,6 +71,25 @@ def test_safetensors_through_a_url_equal_the_local_file(emulator, tmp_path):
     safetensors_io.load_file(f"gs://{BUCKET}/st/cut.safetensors")
 
 
+def test_orbax_follows_a_changed_endpoint(emulator, monkeypatch):
+  """etils.epath (Orbax's paths) keeps the first gs:// filesystem it makes for the
+  process's life; after the endpoint changes (here: a closed port, then the emulator)
+  Orbax must talk to the new one, as lfs_jax's own reads do. (The suite's CI failure
+  of 2026-12-02: a module's emulator had gone, the next module's Orbax still called
+  it.)"""
+  from etils.epath import backend
+
+  url = f"gs://{BUCKET}/endpoint_run"
+  paths.write_bytes(f"{url}/{checkpoint.SESSIONS}/README", b"x")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # closed
+  paths.filesystem(url)
+  backend.fsspec_backend.fs(url)  # what Orbax's first call in this process makes
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+  start = time.perf_counter()
+  assert checkpoint.finished_sessions(url) == []  # Orbax lists the folder: no sessions
+  assert time.perf_counter() - start < 10  # not gcsfs's retries against the closed port
+
+
 def _config(tiny_config, bucket, **overrides):
   return tiny_config(**{**TINY_RUN, "model__source": "local", "model__path": f"{bucket}/model",
                         "data__root": f"{bucket}/photos", "data__classes": "dog=dog,cat=cat",
