@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ^ (DFKD rows of method=lfs, prior.weight > 0) (Custom Diffusion: 2.0, with prior preservation)
   c.train.token_lr_scale = 1.0    # the modifier tokens' embedding rows learn at the learning rate
   # ^ x this (the attention weights at the rate itself) (Custom Diffusion: 1.0, one rate for both)
-  c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn | lora
+  c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn | lora | unet (all)
   c.train.lora_rank = 4           # selection=lora: rank r of the factors A [in, r], B [r, out]
   c.train.lora_alpha = 4.0        # selection=lora: W + (alpha / r) * A @ B (diffusers' lora_alpha)
   c.train.lora_targets = "attn2/to_k,attn2/to_v"  # selection=lora: attn<i>/<projection> patterns

@@ -17,6 +17,8 @@ Entries:
   crossattn_kv, crossattn, attn   `Leaves`: the base's own leaves under a path
       pattern are the delta (Custom Diffusion's way; 19.2 M parameters for
       crossattn_kv on SD-1.5); merge is the union of two disjoint trees.
+  unet                            `Leaves`: every UNet weight (full fine-tuning; a
+      diagnostic upper bound, not exportable as Custom Diffusion processors).
   lora                            `LoRA`: low-rank factors A [in, r], B [r, out] beside
       each target projection's kernel W; merge gives W + (alpha / r) * A @ B. The
       delta holds only the factors; the frozen part is the whole base.
@@ -47,6 +49,9 @@ SELECTIONS = {
     "crossattn_kv": re.compile(r".*/attn2/to_[kv]/.*"),
     "crossattn": re.compile(r".*/attn2/.*"),
     "attn": re.compile(r".*/attn[12]/.*"),
+    # Every UNet weight: not a Custom Diffusion selection (no export), the upper bound
+    # on what a session can learn (the mini world's plasticity diagnosis, docs/mini_world.md).
+    "unet": re.compile(r".*"),
 }
 LORA = "lora"
 # The projections of an attention layer that a LoRA target may name.

@@ -87,6 +87,27 @@ def test_caption_variants_name_each_attribute_half_the_time():
   assert caps and not caps & held and not any("<" in c for c in caps)
 
 
+def test_drawn_pattern_shares_and_training_captions():
+  # `ceiling --drawn`'s arithmetic: shares of the oracle's pattern predictions, and
+  # training captions drawn as the base saw them (a pattern on ~30 %, never named).
+  from lfs_jax.mini import ceiling, train_base
+
+  got = ceiling.pattern_shares(np.array([0, 0, 1, 3, 3, 5, 0, 0]))
+  assert got == {"patterned": 0.5, "stripes": 0.125, "checks": 0.0, "dots": 0.25,
+                 "split": 0.0, "ring": 0.125}
+  with pytest.raises(ValueError, match="no predictions"):
+    ceiling.pattern_shares(np.zeros((0,), np.int32))
+  scenes, caps = ceiling.training_captions(600, seed=5)
+  assert (scenes, caps) == ceiling.training_captions(600, seed=5)
+  assert len(caps) == 600 and len(set(caps)) > 50
+  assert all(c in train_base.caption_variants(s) for s, c in zip(scenes, caps))
+  assert not any(w in c for c in caps for w in ("with", "stripes", "dots", "checks"))
+  share = np.mean([s.pattern != "solid" for s in scenes])
+  assert abs(share - train_base.TRAIN_PATTERN_SHARE) < 0.06, share
+  with pytest.raises(SystemExit, match="--guidance must be"):
+    ceiling.main(["--drawn", "--guidance=4,x"])
+
+
 def test_shipped_oracle_reads_fresh_renders():
   from lfs_jax.mini import oracle
 

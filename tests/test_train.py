@@ -121,6 +121,31 @@ def test_loss_falls_when_overfitting_one_concept(tmp_path, tiny_config):
   assert after < 0.9 * before, (before, after)
 
 
+def test_unet_selection_is_the_whole_unet_and_refuses_export():
+  # train.selection=unet (the mini world's plasticity upper bound, docs/mini_world.md):
+  # the delta is every UNet leaf, nothing of the UNet stays frozen, the merge is the base,
+  # and diffusers' Custom Diffusion format refuses it by name. (A session trained with it
+  # is the docs' measurement; a step compile here would cost over a minute on 2 cores.)
+  from lfs_jax import config_base, interop, tiny  # pylint: disable=g-import-not-at-top
+
+  unet = tiny.random_params(0)["unet"]
+  cfg = config_base.get_config()
+  cfg.train.selection = "unet"
+  sel = delta_lib.from_config(cfg.train)
+  assert sel == delta_lib.Leaves("unet")
+  start = sel.initial(unet)
+  assert flatten(start).keys() == flatten(unet).keys()
+  assert not flatten(sel.frozen(unet))
+  _assert_trees_equal(sel.merge(start, sel.frozen(unet)), unet)
+  sel.check(start, unet)
+  with pytest.raises(delta_lib.DeltaError, match="lacks UNet weight conv_in"):
+    sel.check({k: v for k, v in start.items() if k != "conv_in"}, unet)
+  assert set(sel.kernels(start)) > set(delta_lib.Leaves("attn").kernels(
+      delta_lib.Leaves("attn").initial(unet)))
+  with pytest.raises(interop.InteropError, match="not an attention layer"):
+    interop.processor_tensors(start, interop.attention_modules(unet))
+
+
 def _interrupt_at(monkeypatch, call: int, action):
   """Makes the run's compiled step do `action` instead of its `call`-th step."""
   real = step_lib.compile_step

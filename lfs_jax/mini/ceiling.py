@@ -2,6 +2,7 @@
 
   python -m lfs_jax.mini.ceiling [--model=lfs_jax/assets/mini_base] [--images=64]
   python -m lfs_jax.mini.ceiling --named [--model=...] [--images=32]
+  python -m lfs_jax.mini.ceiling --drawn [--model=...] [--images=96] [--guidance=1,4]
 
 A sample is decoded by the VAE, so a concept whose fresh renders the oracle no
 longer reads right after an encode-decode round trip cannot be drawn right by any
@@ -13,15 +14,22 @@ reconstructions, each head's accuracy on the reconstructions, and the pixel MSE
 `--named` asks the base model for each concept's design in words ("a blue star with
 yellow stripes") and scores the samples the same way: whether a concept is reachable
 from the base's vocabulary before any session teaches it.
+
+`--drawn` asks whether the base draws patterns at all: the share of its samples that
+the oracle's pattern head reads as patterned (and as each pattern), for the class
+prompts ("a star") and for captions drawn as the base's training drew them (shape,
+colour and background named or not; the pattern never), beside the same share of
+the training renders themselves (`TRAIN_PATTERN_SHARE` of them patterned).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -97,16 +105,67 @@ def reachability(cfg, oracle_params, n: int = 32) -> Dict[str, Dict[str, float]]
   return out
 
 
+def pattern_shares(pattern_pred: np.ndarray) -> Dict[str, float]:
+  """Oracle pattern predictions [N] -> {"patterned": share not solid, <pattern>: share}."""
+  pattern_pred = np.asarray(pattern_pred)
+  if pattern_pred.size == 0:
+    raise ValueError("pattern_shares: no predictions")
+  out = {"patterned": float((pattern_pred != 0).mean())}
+  out.update({p: float((pattern_pred == i).mean()) for i, p in enumerate(world.PATTERNS)
+              if i > 0})
+  return out
+
+
+def training_captions(n: int, seed: int) -> Tuple[List[world.Scene], List[str]]:
+  """`n` training scenes as the base saw them (`TRAIN_PATTERN_SHARE` patterned), each with
+  one of its caption variants (never naming the pattern), picked with `seed`."""
+  from lfs_jax.mini import train_base  # pylint: disable=g-import-not-at-top
+
+  scenes = world.scenes(seed, n, split="train", patterns=True,
+                        pattern_share=train_base.TRAIN_PATTERN_SHARE)
+  rng = np.random.default_rng([seed, 53])
+  caps = []
+  for s in scenes:
+    variants = train_base.caption_variants(s)
+    caps.append(variants[int(rng.integers(len(variants)))])
+  return scenes, caps
+
+
+def drawn_patterns(cfg, oracle_params, n: int = 96, seed: int = SEED,
+                   guidances: Sequence[float] = (1.0, 4.0)) -> Dict[str, Dict[str, float]]:
+  """{row: pattern_shares}: the training renders, then the base's samples of the
+  training captions and of the class prompts ("a star", "a square", "a circle",
+  n // 3 seeds each) at each guidance scale. cfg: a benchmark config (model, sampler)."""
+  from lfs_jax import sample  # pylint: disable=g-import-not-at-top
+  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
+
+  scenes, caps = training_captions(n, seed)
+  rows = {"training renders": pattern_shares(
+      oracle.predict(oracle_params, world.render_all(scenes))[1]["pattern"])}
+  per = max(n // len(world.SHAPES), 1)
+  cls = [f"a {s}" for s in world.SHAPES for _ in range(per)]
+  model = bench.base_run_model(cfg)
+  for g in guidances:
+    settings = dataclasses.replace(sample.SampleSettings.from_config(cfg), guidance=float(g))
+    imgs, _ = sample.generate(model, caps + cls, list(range(len(caps))) + [
+        i % per for i in range(len(cls))], settings)
+    pred = oracle.predict(oracle_params, imgs)[1]["pattern"]
+    rows[f"base, training captions, guidance {g:g}"] = pattern_shares(pred[:len(caps)])
+    rows[f"base, class prompts, guidance {g:g}"] = pattern_shares(pred[len(caps):])
+  return rows
+
+
 def table(rows: Mapping[str, Mapping[str, float]],
-          keys=("renders", "reconstructions", "shape", "colour", "pattern", "colour2", "mse")
-          ) -> str:
-  lines = ["| concept | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+          keys=("renders", "reconstructions", "shape", "colour", "pattern", "colour2", "mse"),
+          first: str = "concept", mean: bool = True) -> str:
+  lines = [f"| {first} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   for name, r in rows.items():
     lines.append(f"| {name} | " + " | ".join(
         f"{r[k]:.3f}" if k == "mse" else f"{r[k]:.2f}" for k in keys) + " |")
-  mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
-  lines.append("| **mean** | " + " | ".join(
-      f"{mean[k]:.3f}" if k == "mse" else f"{mean[k]:.2f}" for k in keys) + " |")
+  if mean:
+    avg = {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
+    lines.append("| **mean** | " + " | ".join(
+        f"{avg[k]:.3f}" if k == "mse" else f"{avg[k]:.2f}" for k in keys) + " |")
   return "\n".join(lines)
 
 
@@ -121,18 +180,33 @@ def main(argv=None) -> int:
                   help="instead: sample the base (--model) on each concept's design in words "
                   "('a blue star with yellow stripes', --images seeds, the benchmark's short "
                   "config's sampler) and score those samples")
+  ap.add_argument("--drawn", action="store_true",
+                  help="instead: the share of the base's samples (training captions, class "
+                  "prompts) that the oracle reads as patterned, beside the training renders'")
+  ap.add_argument("--guidance", default="1,4",
+                  help="--drawn: comma-separated guidance scales to sample at")
   args = ap.parse_args(argv)
   if args.images < 1:
     raise SystemExit(f"--images must be >= 1, got {args.images}")
+  try:
+    guidances = [float(g) for g in args.guidance.split(",") if g.strip()]
+  except ValueError:
+    guidances = []
+  if not guidances:
+    raise SystemExit(f"--guidance must be comma-separated numbers, got {args.guidance!r}")
   from lfs_jax.weights import loaders  # pylint: disable=g-import-not-at-top
 
   oracle_params = oracle.load(args.oracle) if args.oracle else oracle.load()
   oracle_params = oracle_params[0] if isinstance(oracle_params, tuple) else oracle_params
-  if args.named:
+  if args.named or args.drawn:
     from lfs_jax.mini import config  # pylint: disable=g-import-not-at-top
 
     cfg = config.get_config("short")
     cfg.model.path = args.model
+  if args.drawn:
+    rows = drawn_patterns(cfg, oracle_params, args.images, args.seed, guidances)
+    print(table(rows, ("patterned",) + world.PATTERNS[1:], first="samples", mean=False))
+  elif args.named:
     rows = reachability(cfg, oracle_params, args.images)
     print(table(rows, ("named", "shape", "colour", "pattern", "colour2")))
   else:

@@ -51,6 +51,9 @@ from lfs_jax.weights import loaders
 
 # The tiny model's text encoder (2 layers, width 32, the full CLIP vocabulary).
 TEXT = tiny.TEXT
+# Share of the base's training renders that carry a pattern (never captioned unless
+# --name_patterns); the shipped base's UNet parts were all trained at this default.
+TRAIN_PATTERN_SHARE = 0.3
 VAE = {
     "_class_name": "AutoencoderKL",
     "block_out_channels": [16, 32],
@@ -241,7 +244,7 @@ def main(argv=None) -> int:
   ap.add_argument("--out", required=True, help="folder to write (replaced atomically)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--images", type=int, default=12000, help="training renders")
-  ap.add_argument("--pattern_share", type=float, default=0.3,
+  ap.add_argument("--pattern_share", type=float, default=TRAIN_PATTERN_SHARE,
                   help="share of training shapes with an uncaptioned pattern")
   ap.add_argument("--vae_steps", type=int, default=500)
   ap.add_argument("--vae_batch", type=int, default=32)
