@@ -8,7 +8,9 @@
 
 Every image is one (prompt, seed) pair and depends on nothing else: batches are
 padded to `sample.batch_size`, so every call has the same shapes and the jitted
-functions of `diffusion.sampler` compile once per process and model.
+functions of `diffusion.sampler` compile once per process and model; a pair asked
+for twice is drawn once, and ICGen images (which start late) are batched together
+where that skips UNet steps.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def _latent_shape(run: runs.RunModel) -> Tuple[int, int, int]:
 
 
 def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
-          settings: SampleSettings, grid: np.ndarray):
+          settings: SampleSettings, grid: np.ndarray, icgen_images: Sequence[bool]):
   """Per image: its record and its (scaled) context latent or None. Fails before sampling."""
   token_format = run.cfg.concepts.token_format
   named = {p: icgen.resolve(p, run.registry, token_format, run.session,
@@ -106,7 +108,7 @@ def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
   start = int(sampler_lib.start_index(grid, settings.strength,
                                       run.pipe.scheduler.num_train_timesteps))
   records, latents = [], []
-  for prompt, seed in zip(prompts, seeds):
+  for prompt, seed, may_icgen in zip(prompts, seeds, icgen_images):
     if not 0 <= int(seed) <= _MAX_SEED:
       raise ValueError(f"seed {seed} is not in [0, {_MAX_SEED}]")
     pc = named[prompt]
@@ -117,28 +119,57 @@ def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
            "concept": pc.concept, "concepts_named": pc.tokens, "icgen": False,
            "context_photo": None, "start_step": 0, "start_timestep": int(grid[0])}
     z = None
-    if pc.concept is not None and settings.strength < 1.0:
+    if pc.concept is not None and settings.strength < 1.0 and may_icgen:
       key = icgen.bank_key(run.registry, pc.concept)
       latent, photo = icgen.context_latent(run.bank, key, settings.select, seed)
       z = latent * np.float32(scale)
       rec.update(icgen=True, context_photo=photo, start_step=start,
                  start_timestep=int(grid[start]) if start < n else None)
+    elif not may_icgen:
+      rec["strength"] = 1.0  # plain text-to-image, as asked
     records.append(rec)
     latents.append(z)
   return records, latents
 
 
+def _batches(starts: Sequence[int], b: int, n_steps: int) -> List[List[int]]:
+  """Indices of the images, in batches of at most b, that run the fewest UNet calls.
+
+  A batch runs the sampler's steps from its earliest start (`start_step`) on, so
+  ICGen images, which start late, cost less in batches of their own: either all
+  images sorted by start (latest first) and cut every b, or each start's images
+  batched apart (padding more), whichever runs fewer steps.
+  """
+  order = sorted(range(len(starts)), key=lambda j: -starts[j])
+  mixed = [order[i:i + b] for i in range(0, len(order), b)]
+  groups: Dict[int, List[int]] = {}
+  for j in order:
+    groups.setdefault(starts[j], []).append(j)
+  apart = [g[i:i + b] for g in groups.values() for i in range(0, len(g), b)]
+  cost = lambda batches: sum(n_steps - min(starts[j] for j in x) for x in batches)
+  return apart if cost(apart) < cost(mixed) else mixed
+
+
 def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
              settings: Optional[SampleSettings] = None, *,
+             icgen_images: Optional[Sequence[bool]] = None,
              progress: bool = False,
              mesh: Optional[jax.sharding.Mesh] = None) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
   """One image per (prompt, seed) pair, with ICGen for prompts that name a concept.
+
+  An image depends only on its prompt, seed and start (test_sample pins it), so a
+  pair asked for twice is drawn once, and ICGen images, which start late, are
+  batched together where that runs fewer UNet steps (`_batches`).
 
   Args:
     run: the session's model (runs.load_run).
     prompts: N prompts (repeat a prompt for several seeds; see `expand`).
     seeds: N image seeds (ints in [0, 2**32)).
     settings: sampler and ICGen settings (default: from run.cfg).
+    icgen_images: N bools, False = that image plain text-to-image even if its
+      prompt names a concept (default: ICGen for every such prompt while
+      icgen.strength < 1), so that one call draws a variant with ICGen and one
+      without.
     progress: show a progress bar over the batches.
     mesh: the devices to sample on (default: those of run.cfg.mesh; training's
       validation passes the run's own mesh).
@@ -156,10 +187,19 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
     raise ValueError("no prompt given")
   if len(prompts) != len(seeds):
     raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+  if icgen_images is not None and len(icgen_images) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(icgen_images)} icgen_images")
   pipe = run.pipe
   spec = sampler_lib.SamplerSpec(settings.sampler, pipe.scheduler)
   schedule = sampler_lib.make_schedule(spec, settings.steps)
-  records, latents = _plan(run, prompts, seeds, settings, np.asarray(schedule.timesteps))
+  records, latents = _plan(run, prompts, seeds, settings, np.asarray(schedule.timesteps),
+                           [True] * len(prompts) if icgen_images is None else icgen_images)
+  # The first image of each distinct (prompt, seed, ICGen or not) is drawn.
+  keys = [(p, int(s), r["icgen"]) for p, s, r in zip(prompts, seeds, records)]
+  first: Dict[Tuple[str, int, bool], int] = {}
+  for j, k in enumerate(keys):
+    first.setdefault(k, j)
+  reps = list(first.values())
 
   b, sample_fn = settings.batch_size, _sampler(run, mesh)
   if sample_fn is not sampler_lib.sample_jit:  # one batch row per device at least
@@ -174,23 +214,23 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
   uncond = encode([""] * b)[0]  # the same shapes as every batch: no extra compile
   scalars = [jnp.asarray(v, jnp.float32)
              for v in (settings.guidance, settings.strength, settings.eta)]
-  images = []
-  starts = range(0, len(prompts), b)
-  for i in tqdm.tqdm(starts, desc=f"sampling session {run.session}", unit="batch",
-                     disable=not progress or jax.process_index() != 0, dynamic_ncols=True):
-    m = min(b, len(prompts) - i)
-    pad = b - m
-    texts = list(prompts[i:i + m]) + [""] * pad
-    z = [np.zeros(shape, np.float32) if l is None else l for l in latents[i:i + m]]
+  drawn = {}
+  batches = _batches([records[j]["start_step"] for j in reps], b, len(schedule.timesteps))
+  for batch in tqdm.tqdm(batches, desc=f"sampling session {run.session}", unit="batch",
+                         disable=not progress or jax.process_index() != 0,
+                         dynamic_ncols=True):
+    idx = [reps[t] for t in batch]
+    pad = b - len(idx)
+    texts = [prompts[j] for j in idx] + [""] * pad
+    z = [np.zeros(shape, np.float32) if latents[j] is None else latents[j] for j in idx]
     z += [np.zeros(shape, np.float32)] * pad
-    has = [l is not None for l in latents[i:i + m]] + [False] * pad
+    has = [latents[j] is not None for j in idx] + [False] * pad
     out = sample_fn(
         pipe.unet_params, schedule, encode(texts), uncond,
-        jnp.asarray(list(seeds[i:i + m]) + [0] * pad, jnp.uint32), jnp.asarray(np.stack(z)),
-        jnp.asarray(has), *scalars, unet=pipe.unet, spec=spec)
-    decoded = decode_latents(run, out)
-    images.append(decoded[:m])
-  return np.concatenate(images), records
+        jnp.asarray([int(seeds[j]) for j in idx] + [0] * pad, jnp.uint32),
+        jnp.asarray(np.stack(z)), jnp.asarray(has), *scalars, unet=pipe.unet, spec=spec)
+    drawn.update(zip((keys[j] for j in idx), decode_latents(run, out)))
+  return np.stack([drawn[k] for k in keys]), records
 
 
 class _MeshSampler:

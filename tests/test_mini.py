@@ -256,10 +256,25 @@ def test_base_follows_held_out_captions(mini_config):
 def test_benchmark_smoke_run(tmp_path, mini_config):
   from lfs_jax.mini import bench
 
-  cfg = mini_config("smoke")
+  # dfkd is lfs's run sampled without ICGen: the two are drawn in one sampler call.
+  cfg = mini_config("smoke", **{"mini.variants": "custom_diffusion+prior,dfkd,lfs,separate"})
   work = str(tmp_path / "mini")
   got = bench.run(cfg, work)
-  assert set(got["variants"]) == {"custom_diffusion+prior", "lfs", "separate"}
+  assert set(got["variants"]) == {"custom_diffusion+prior", "dfkd", "lfs", "separate"}
+  # Their samples are those that one sample.generate call per variant draws (an
+  # image depends only on its prompt, seed and start), and they share the class prompts.
+  from lfs_jax import runs
+
+  model = runs.load_run(os.path.join(work, "runs", "lfs"), 2)
+  n, prompt = cfg.mini.eval_images, "a <c1> star"
+  stored = {v: np.load(os.path.join(work, "eval", f"{v}_session2.npz")) for v in ("dfkd", "lfs")}
+  for v, strength in (("dfkd", 1.0), ("lfs", cfg.icgen.strength)):
+    with open(os.path.join(work, "eval", f"{v}_session2.json")) as f:
+      assert json.load(f)["concepts"]["striped_star"]["prompt"] == prompt
+    alone = bench._generate(model, [prompt] * n, list(range(n)), strength, cfg)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(stored[v]["striped_star"], alone[:4])
+  np.testing.assert_array_equal(stored["dfkd"]["class"], stored["lfs"]["class"])
+  assert not np.array_equal(stored["dfkd"]["striped_star"], stored["lfs"]["striped_star"])
   # prior preservation: the base drew cfg.prior.count class images of "a star" once
   star = os.path.join(work, "runs", "cd_prior", "prior", "star")
   assert sorted(os.listdir(star)) == [f"{i}.png" for i in range(cfg.prior.count)] + ["class.json"]
@@ -299,7 +314,7 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
 
   with pytest.MonkeyPatch.context() as m:
     m.setattr(step_lib, "compile_step", refuse)
-    m.setattr(bench, "evaluate_session", refuse)
+    m.setattr(bench, "run_jobs", refuse)
     again = bench.run(cfg, work)
   assert again["variants"] == got["variants"]
   # Stored evaluations are keyed by how their model was trained, not only by sampling.

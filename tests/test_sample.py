@@ -74,6 +74,38 @@ def test_an_image_does_not_depend_on_its_batch(run):
   assert [r["concept"] for r in records] == ["<c2>", None, "<c2>", None, "<c1>"]
 
 
+def test_one_call_draws_each_pair_once_icgen_per_image(run, monkeypatch):
+  """icgen_images turns ICGen off per image, so one call draws a variant with and one
+  without ICGen; a (prompt, seed) asked twice is drawn once: each image equals the one
+  its own call draws, in one sampler call (4 distinct images, batch 4)."""
+  calls = []
+  real = sampler.sample_jit
+  monkeypatch.setattr(sampler, "sample_jit", lambda *a, **k: calls.append(1) or real(*a, **k))
+  st = dataclasses.replace(sample.SampleSettings.from_config(run.cfg), strength=0.5)
+  got, records = sample.generate(run, [DOG, DOG, CAT, "a dog", DOG], [3, 3, 5, 3, 3], st,
+                                 icgen_images=[True, True, True, True, False])
+  assert len(calls) == 1
+  monkeypatch.undo()
+  np.testing.assert_array_equal(got[0], got[1])
+  np.testing.assert_array_equal(got[[0, 2]], _gen(run, [DOG, CAT], [3, 5], strength=0.5)[0])
+  np.testing.assert_array_equal(got[[3, 4]], _gen(run, ["a dog", DOG], [3, 3],
+                                                   strength=1.0)[0])
+  assert [r["icgen"] for r in records] == [True, True, True, False, False]
+  assert records[4]["strength"] == 1.0 and records[0]["strength"] == 0.5
+  with pytest.raises(ValueError, match="icgen_images"):
+    sample.generate(run, [DOG], [3], st, icgen_images=[True, False])
+
+
+def test_icgen_images_are_batched_apart_where_that_runs_fewer_steps():
+  # starts: one ICGen image (start 3 of 4 steps), four plain; batches of 4.
+  # Sorted and cut: [3,0,0,0] + [0] = 4 + 4 steps; apart: [3] + [0,0,0,0] = 1 + 4.
+  assert sample._batches([0, 3, 0, 0, 0], 4, 4) == [[1], [0, 2, 3, 4]]  # pylint: disable=protected-access
+  # Five ICGen, three plain: sorted [3,3,3,3] + [3,0,0,0] = 1 + 4 steps beats apart's
+  # [3,3,3,3] + [3] + [0,0,0] = 1 + 1 + 4; a tie keeps the sorted cut.
+  assert sample._batches([3] * 5 + [0] * 3, 4, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # pylint: disable=protected-access
+  assert sample._batches([3] * 4 + [0] * 4, 4, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # pylint: disable=protected-access
+
+
 def _direct(run, prompt, latents, has_context, strength, seeds=(1, 2, 3, 4)):
   """The jitted sampler itself on a batch of 4 (one prompt, four seeds)."""
   pipe, st = run.pipe, sample.SampleSettings.from_config(run.cfg)

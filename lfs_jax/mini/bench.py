@@ -43,7 +43,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -235,30 +235,63 @@ def training_config(cfg, run: str, photos: str, sessions: str = ""):
 
 
 def _generate(run_model, prompts: Sequence[str], seeds: Sequence[int], strength: float,
-              cfg) -> np.ndarray:
+              cfg, icgen_images: Optional[Sequence[bool]] = None) -> np.ndarray:
   from lfs_jax import sample  # pylint: disable=g-import-not-at-top
 
   settings = dataclasses.replace(sample.SampleSettings.from_config(cfg), strength=strength)
-  images, _ = sample.generate(run_model, list(prompts), list(seeds), settings)
+  images, _ = sample.generate(run_model, list(prompts), list(seeds), settings,
+                              icgen_images=icgen_images)
   return images
 
 
-def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[str, np.ndarray],
-                     classes: Sequence[str], photos: Optional[Dict[str, np.ndarray]] = None
-                     ) -> Dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One evaluation's samples on one model: what to draw and how to score the images."""
+  prompts: List[str]
+  seeds: List[int]
+  icgen: bool  # ICGen for the prompts that name a concept
+  score: Callable[[np.ndarray], Dict[str, Any]]
+
+
+def run_jobs(run_model, cfg, jobs: Sequence[Job]) -> List[Dict[str, Any]]:
+  """Each job's scores, every job's images drawn in one sampler call on run_model.
+
+  A variant and its +icgen twin share the class prompts (ICGen only starts prompts
+  that name a concept): sample.generate draws each (prompt, seed) once, and the
+  batches stay full across jobs. The images are those of one call per job, bit for
+  bit: an image depends only on its prompt, seed and start (test_sample pins it).
+  """
+  mask = [j.icgen for j in jobs for _ in j.prompts]
+  images = _generate(run_model, [p for j in jobs for p in j.prompts],
+                     [s for j in jobs for s in j.seeds],
+                     float(cfg.icgen.strength) if any(mask) else 1.0, cfg, icgen_images=mask)
+  out, i = [], 0
+  for j in jobs:
+    out.append(j.score(images[i:i + len(j.prompts)]))
+    i += len(j.prompts)
+  return out
+
+
+def oracle_features(oracle_params, images: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """name -> the oracle's unit features of its images (references or photos)."""
+  from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
+
+  return {n: oracle.predict(oracle_params, x)[0] for n, x in images.items()}
+
+
+def session_job(run_model, cfg, *, icgen: bool, oracle_params,
+                ref_feats: Dict[str, np.ndarray], classes: Sequence[str],
+                photo_feats: Optional[Dict[str, np.ndarray]] = None) -> Job:
   """One variant after one session: concept and class-prompt scores (and sample images).
 
-  IA ("ia") is scored against `refs`, fresh renders of each concept's design that
-  neither training nor ICGen saw; "ia_photos" against the concept's own photos (the
-  ICGen context), so what ICGen copies from them shows as the gap between the two.
-
-  All prompts go to the sampler in one list, so its batches are full; ICGen (if
-  on) only touches the prompts that name a concept.
+  IA ("ia") is scored against `ref_feats`, the oracle features of fresh renders of
+  each concept's design that neither training nor ICGen saw; "ia_photos" against
+  the concept's own photos (the ICGen context), so what ICGen copies from them
+  shows as the gap between the two.
   """
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
   m = cfg.mini
-  strength = float(cfg.icgen.strength) if icgen else 1.0
   concepts = list(run_model.registry.concepts)
   # Each class prompt with m.class_seeds seeds: one sample a prompt would make a
   # single sample worth 1/(classes * class_prompts) of the accuracy.
@@ -268,28 +301,29 @@ def evaluate_session(run_model, cfg, *, icgen: bool, oracle_params, refs: Dict[s
   seeds = [i for _ in concepts for i in range(m.eval_images)]
   prompts += [p for p, _ in cls]
   seeds += [i % m.class_seeds for i in range(len(cls))]
-  images = _generate(run_model, prompts, seeds, strength, cfg)
-  feats, pred = oracle.predict(oracle_params, images)
-  out: Dict[str, Any] = {"concepts": {}, "samples": {}}
-  for i, c in enumerate(concepts):
-    spec = design(cfg, c.name)
-    sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
-    ref_feats, _ = oracle.predict(oracle_params, refs[c.name])
-    right = oracle.concept_right({k: v[sl] for k, v in pred.items()}, spec)
-    out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats.T).mean()),
-                               "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
-    if photos is not None:
-      photo_feats, _ = oracle.predict(oracle_params, photos[c.name])
-      out["concepts"][c.name]["ia_photos"] = float((feats[sl] @ photo_feats.T).mean())
-    out["samples"][c.name] = images[sl][:4]
-  n = len(concepts) * m.eval_images
-  shape_ok = pred["shape"][n:] == np.array([world.SHAPES.index(s.shape) for _, s in cls])
-  colour_ok = pred["colour"][n:] == np.array([world.COLOURS.index(s.colour) for _, s in cls])
-  out["class"] = {"accuracy": float((shape_ok & colour_ok).mean()),
-                  "shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()),
-                  "patterned": float((pred["pattern"][n:] != 0).mean()), "n": len(cls)}
-  out["samples"]["class"] = images[n:][::m.class_seeds][:4]
-  return out
+
+  def score(images):
+    feats, pred = oracle.predict(oracle_params, images)
+    out: Dict[str, Any] = {"concepts": {}, "samples": {}}
+    for i, c in enumerate(concepts):
+      spec = design(cfg, c.name)
+      sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
+      right = oracle.concept_right({k: v[sl] for k, v in pred.items()}, spec)
+      out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats[c.name].T).mean()),
+                                 "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
+      if photo_feats is not None:
+        out["concepts"][c.name]["ia_photos"] = float((feats[sl] @ photo_feats[c.name].T).mean())
+      out["samples"][c.name] = images[sl][:4]
+    n = len(concepts) * m.eval_images
+    shape_ok = pred["shape"][n:] == np.array([world.SHAPES.index(s.shape) for _, s in cls])
+    colour_ok = pred["colour"][n:] == np.array([world.COLOURS.index(s.colour) for _, s in cls])
+    out["class"] = {"accuracy": float((shape_ok & colour_ok).mean()),
+                    "shape": float(shape_ok.mean()), "colour": float(colour_ok.mean()),
+                    "patterned": float((pred["pattern"][n:] != 0).mean()), "n": len(cls)}
+    out["samples"]["class"] = images[n:][::m.class_seeds][:4]
+    return out
+
+  return Job(prompts, seeds, icgen, score)
 
 
 def base_run_model(cfg):
@@ -322,27 +356,30 @@ def heldout_accuracy(cfg, oracle_params, per_caption: int = 8) -> Dict[str, floa
                        for s in world.SHAPES if (asked == s).any()}}
 
 
-def ia_bounds(cfg, oracle_params, refs: Dict[str, np.ndarray], names: Sequence[str],
-              base_model) -> Dict[str, Dict[str, float]]:
-  """Per concept, the IA that normalised IA maps to 0 and 1 (mean oracle-feature cosines):
-  floor = the base model's samples of the class prompt ("a star") against the
-  references; ceiling = other fresh renders of the concept against the references.
+def bounds_job(cfg, oracle_params, ref_feats: Dict[str, np.ndarray],
+               names: Sequence[str]) -> Job:
+  """Per concept, the IA that normalised IA maps to 0 and 1 (mean oracle-feature cosines),
+  scored as {"concepts": {name: {"floor", "ceiling"}}}, on the base model: floor = its
+  samples of the class prompt ("a star") against the references; ceiling = other fresh
+  renders of the concept against the references.
   """
   from lfs_jax.mini import oracle  # pylint: disable=g-import-not-at-top
 
   n = cfg.mini.eval_images
   prompts = [f"a {design(cfg, c).shape}" for c in names for _ in range(n)]
-  feats, _ = oracle.predict(oracle_params, _generate(
-      base_model, prompts, [i for _ in names for i in range(n)], 1.0, cfg))
-  out = {}
-  for i, c in enumerate(names):
-    ref_feats, _ = oracle.predict(oracle_params, refs[c])
-    fresh = world.render_all(world.concept_scenes(design(cfg, c), n,
-                                                  cfg.seed + CEILING_SEED_OFFSET))
-    fresh_feats, _ = oracle.predict(oracle_params, fresh)
-    out[c] = {"floor": float((feats[i * n:(i + 1) * n] @ ref_feats.T).mean()),
-              "ceiling": float((fresh_feats @ ref_feats.T).mean())}
-  return out
+
+  def score(images):
+    feats, _ = oracle.predict(oracle_params, images)
+    out = {}
+    for i, c in enumerate(names):
+      fresh = world.render_all(world.concept_scenes(design(cfg, c), n,
+                                                    cfg.seed + CEILING_SEED_OFFSET))
+      fresh_feats, _ = oracle.predict(oracle_params, fresh)
+      out[c] = {"floor": float((feats[i * n:(i + 1) * n] @ ref_feats[c].T).mean()),
+                "ceiling": float((fresh_feats @ ref_feats[c].T).mean())}
+    return {"concepts": out}
+
+  return Job(prompts, [i for _ in names for i in range(n)], False, score)
 
 
 def normalised_ia(ia: float, bound: Dict[str, float]) -> float:
@@ -496,20 +533,30 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
     session_lib.run(rcfg, rdir, resume=os.path.exists(os.path.join(rdir, "config.json")))
     timings[f"train {r}"] = time.time() - t
 
-  def cached(path, compute, trained_by):
+  def stamp_of(trained_by):
+    return json.loads(json.dumps(dict(stamp, trained_by=trained_by)))
+
+  def stored(path, trained_by):
     # Reused only if the sampling, the judging and the model's training all match.
-    key = json.loads(json.dumps(dict(stamp, trained_by=trained_by)))
     if os.path.exists(path):
       with open(path) as f:
         got = json.load(f)
-      if got.get("stamp") == key:
+      if got.get("stamp") == stamp_of(trained_by):
         return got
-    got = compute()
-    got["stamp"] = key
-    samples = got.pop("samples", {})
-    _atomic_json(path, got)
-    np.savez(path[:-5] + ".npz", **samples)
-    return got
+    return None
+
+  def evaluate(what, model, todo):
+    """todo: (path, trained_by, job of a model) of one model; those not stored yet are
+    drawn in one sampler call on model() (loaded only then) and stored."""
+    todo = [(path, by, job) for path, by, job in todo if stored(path, by) is None]
+    if not todo:
+      return
+    _log(f"evaluating {what}")
+    m = model()
+    for (path, by, _), got in zip(todo, run_jobs(m, cfg, [job(m) for _, _, job in todo])):
+      got["stamp"] = stamp_of(by)
+      np.savez(path[:-5] + ".npz", **got.pop("samples", {}))
+      _atomic_json(path, got)  # last: its stamp says the evaluation is complete
 
   def load_samples(path):
     with np.load(path[:-5] + ".npz") as z:
@@ -518,41 +565,49 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
   t = time.time()
   evdir = os.path.join(workdir, "eval")
   os.makedirs(evdir, exist_ok=True)
-  base_cfg = training_config(cfg, "cd", photo_dir)
-  base_model = base_run_model(base_cfg)
+  ref_feats, photo_feats = (oracle_features(oracle_params, refs),
+                            oracle_features(oracle_params, photos))
   base_key = {"model": cfg.model.to_dict()}
-  base = cached(os.path.join(evdir, "base.json"), lambda: dict(evaluate_session(
-      base_model, cfg, icgen=False, oracle_params=oracle_params, refs=refs,
-      classes=classes)), base_key)
-  bounds = cached(os.path.join(evdir, "ia_bounds.json"), lambda: {"concepts": ia_bounds(
-      cfg, oracle_params, refs, names, base_model)}, base_key)["concepts"]
+  base_path, bounds_path = (os.path.join(evdir, f) for f in ("base.json", "ia_bounds.json"))
+  evaluate("the base model", lambda: base_run_model(training_config(cfg, "cd", photo_dir)), [
+      (base_path, base_key, lambda m: session_job(
+          m, cfg, icgen=False, oracle_params=oracle_params, ref_feats=ref_feats,
+          classes=classes)),
+      (bounds_path, base_key, lambda m: bounds_job(cfg, oracle_params, ref_feats, names))])
+  base, bounds = stored(base_path, base_key), stored(bounds_path, base_key)["concepts"]
   per_variant: Dict[str, Dict[int, Dict[str, Any]]] = {v: {} for v in variants}
   pngs = []
   for k in range(1, len(sessions) + 1):
     learned = [n for n in names if sessions_of[n] <= k]
     header = learned + ["class prompt"] * 3
     rows = [("photos", [photos[n][0] for n in learned])]
-    models: Dict[Tuple[str, int], Any] = {}  # each run's model, loaded once if needed
-
-    def model_of(r, session):
-      if (r, session) not in models:
-        models[(r, session)] = runs.load_run(os.path.join(workdir, "runs", r), session)
-      return models[(r, session)]
-
-    def evaluate(r, session, icgen):
-      return evaluate_session(model_of(r, session), cfg, icgen=icgen,
-                              oracle_params=oracle_params, refs=refs, classes=classes,
-                              photos=photos)
+    # What each model (run, session) is judged for: a variant and its +icgen twin are
+    # one model, drawn in one sampler call; a separate_<name> run once, when it is new.
+    todo: Dict[Tuple[str, int], List[Tuple[str, str, bool]]] = {}
+    for v in variants:
+      kind, icgen = VARIANTS[v]
+      if kind == "separate":  # each concept by its own one-session run, never retrained
+        for n in learned:
+          todo.setdefault((f"separate_{n}", 1), []).append(
+              (v, os.path.join(evdir, f"{v}_{n}.json"), icgen))
+      else:
+        todo.setdefault((kind, k), []).append(
+            (v, os.path.join(evdir, f"{v}_session{k}.json"), icgen))
+    for (r, session), items in todo.items():
+      evaluate(f"{', '.join(v for v, _, _ in items)} after session {k} ({r})",
+               lambda r=r, session=session: runs.load_run(os.path.join(workdir, "runs", r),
+                                                          session),
+               [(path, run_configs[r], lambda m, icgen=icgen: session_job(
+                   m, cfg, icgen=icgen, oracle_params=oracle_params, ref_feats=ref_feats,
+                   classes=classes, photo_feats=photo_feats)) for _, path, icgen in items])
 
     for v in variants:
       kind, icgen = VARIANTS[v]
-      _log(f"evaluating {v} after session {k}")
-      if kind == "separate":  # each concept by its own one-session run, never retrained
+      if kind == "separate":
         got, samples = {"concepts": {}}, {}
         for n in learned:
           path = os.path.join(evdir, f"{v}_{n}.json")
-          r = f"separate_{n}"
-          one = cached(path, lambda r=r: evaluate(r, 1, icgen), run_configs[r])
+          one = stored(path, run_configs[f"separate_{n}"])
           got["concepts"].update(one["concepts"])
           s = load_samples(path)
           samples[n] = s[n]
@@ -561,8 +616,7 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
         per_variant[v][k] = got
       else:
         path = os.path.join(evdir, f"{v}_session{k}.json")
-        per_variant[v][k] = cached(path, lambda kind=kind, icgen=icgen: evaluate(
-            kind, k, icgen), run_configs[kind])
+        per_variant[v][k] = stored(path, run_configs[kind])
         samples = load_samples(path)
       tiles = [samples[n][0] for n in learned] + list(samples["class"][:3])
       rows.append((f"{v}", tiles))
