@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lfs_jax.models import attention, layers, unet
+from lfs_jax.models import attention, layers, unet, unet_blocks
 
 _TOL = {jnp.float32: dict(rtol=1e-4, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -125,3 +125,18 @@ def test_identical_unet_blocks_are_traced_once():
     by_shape.setdefault(avals, set()).add(id(callee))
   assert all(len(ids) == 1 for ids in by_shape.values())
   assert len(by_shape) < len(calls) // 2
+
+
+def test_a_blocks_norms_of_one_shape_are_traced_once():
+  """A transformer block's three LayerNorms run as one traced jaxpr (one linearization,
+  one lowering), and so do the GroupNorms of a resnet whose width does not change."""
+  opts = unet_blocks.BlockOptions(norm_num_groups=4)
+  x, ctx, temb = jnp.ones((2, 6, 8)), jnp.ones((2, 5, 16)), jnp.ones((2, 12))
+  for module, args in ((unet_blocks.BasicTransformerBlock(2, 4, opts), (x, ctx)),
+                       (unet_blocks.ResnetBlock2D(8, opts), (x.reshape(2, 2, 3, 8), temb))):
+    params = jax.eval_shape(module.init, jax.random.key(0), *args)
+    jaxpr = jax.make_jaxpr(module.apply)(params, *args).jaxpr
+    norms = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name == "jit"
+             and e.params["name"] in ("_layer_norm", "_group_norm")]
+    assert len(norms) == (3 if "Transformer" in type(module).__name__ else 2)
+    assert len({id(n) for n in norms}) == 1

@@ -16,6 +16,8 @@ its formulas, and cut what tracing pays for:
   nested jit, the group mean broadcast instead of `jnp.repeat`ed per channel, the
   centred input computed once. Same operations on the same values.
 - Dense adds its bias without Flax's reshape.
+- GroupNorm and LayerNorm run as jitted functions, so that the norms repeated in a
+  block (and across blocks of one width) are traced and differentiated once.
 - `block` runs a repeated block (a UNet resnet or transformer, a CLIP layer) as a
   jitted function of its parameters, so that identical blocks are traced once.
 
@@ -141,6 +143,30 @@ def _norm_params(norm, x: jax.Array, mask):
   return scale, bias, stats, flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=norm.dtype)
 
 
+# The norms run as jitted functions of (x, scale, bias): a block's three LayerNorms, or
+# the GroupNorms of resnets whose widths agree, are then traced, linearized and lowered
+# once per input shape (XLA inlines the calls).
+@functools.partial(jax.jit, static_argnames=("groups", "fast", "epsilon", "stats", "out"))
+def _group_norm(x, scale, bias, *, groups, fast, epsilon, stats, out):
+  """GroupNorm of x [B, ..., C] over all but B, `groups` groups of channels."""
+  c = x.shape[-1]
+  grouped = x.shape[:-1] + (groups, c // groups)
+  n = len(grouped)
+  per_group = lambda p: None if p is None else p.reshape(grouped[-2:])
+  y = _normalize(_cast(x.reshape(grouped), stats), tuple(range(1, n - 2)) + (n - 1,),
+                 (0, n - 2), fast, epsilon, per_group(scale), per_group(bias),
+                 (n - 2, n - 1), out)
+  return y.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("fast", "epsilon", "stats", "out"))
+def _layer_norm(x, scale, bias, *, fast, epsilon, stats, out):
+  """LayerNorm of x [..., C] over C."""
+  n = x.ndim
+  return _normalize(_cast(x, stats), (n - 1,), tuple(range(n - 1)), fast, epsilon, scale, bias,
+                    (n - 1,), out)
+
+
 # Same class names as Flax's: an unnamed instance gets the same automatic name.
 class Dense(_StoredParams, nn.Dense):
   """Flax's Dense (`x @ kernel + bias` in `dtype`)."""
@@ -176,14 +202,8 @@ class GroupNorm(_StoredParams, nn.GroupNorm):
     if not groups or groups <= 0 or c % groups:
       raise ValueError(f"GroupNorm: {groups} groups do not divide {c} channels")
     scale, bias, stats, out = _norm_params(self, x, mask)
-    grouped = x.shape[:-1] + (groups, c // groups)
-    n = len(grouped)
-    xg = _cast(x.reshape(grouped), stats)
-    per_group = lambda p: None if p is None else p.reshape(grouped[-2:])
-    y = _normalize(xg, tuple(range(1, n - 2)) + (n - 1,), (0, n - 2),
-                   self.use_fast_variance, self.epsilon, per_group(scale), per_group(bias),
-                   (n - 2, n - 1), out)
-    return y.reshape(x.shape)
+    return _group_norm(x, scale, bias, groups=groups, fast=self.use_fast_variance,
+                       epsilon=self.epsilon, stats=stats, out=out)
 
 
 class LayerNorm(_StoredParams, nn.LayerNorm):
@@ -194,9 +214,8 @@ class LayerNorm(_StoredParams, nn.LayerNorm):
     _refuse(self, reduction_axes=-1, feature_axes=-1, axis_name=None,
             axis_index_groups=None, force_float32_reductions=True)
     scale, bias, stats, out = _norm_params(self, x, mask)
-    n = x.ndim
-    return _normalize(_cast(x, stats), (n - 1,), tuple(range(n - 1)), self.use_fast_variance,
-                      self.epsilon, scale, bias, (n - 1,), out)
+    return _layer_norm(x, scale, bias, fast=self.use_fast_variance, epsilon=self.epsilon,
+                       stats=stats, out=out)
 
 
 class Embed(_StoredParams, nn.Embed):
