@@ -14,7 +14,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from lfs_jax.models import layers
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "auto")
 
@@ -142,21 +145,22 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[f
   precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32
                }.get(jnp.dtype(q.dtype))
+  lax = jax.lax  # lax ops, not jnp's operators: each of those traces a nested jit
   # [B, Lq, H, D] x [B, Lk, H, D] -> [B, H, Lq, Lk]
-  logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), precision=precision,
-                               preferred_element_type=logits_dtype)
-  logits = (logits * jnp.asarray(scale, logits_dtype)).astype(jnp.float32)
+  logits = lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), precision=precision,
+                           preferred_element_type=logits_dtype)
+  logits = layers.cast(lax.mul(logits, np.array(scale, logits_dtype)), jnp.float32)
   if is_causal:
     lq, lk = logits.shape[-2:]
     causal = jnp.tril(jnp.ones((lq, lk), bool))
     logits = jnp.where(causal, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max,
                                                    logits.dtype))
-  keep = lambda r: jax.lax.broadcast_in_dim(r, logits.shape, (0, 1, 2))
-  unnormalized = jnp.exp(logits - jax.lax.stop_gradient(keep(jax.lax.reduce_max(logits, (3,)))))
-  probs = (unnormalized / keep(jax.lax.reduce_sum(unnormalized, (3,)))).astype(k.dtype)
+  keep = lambda r: lax.broadcast_in_dim(r, logits.shape, (0, 1, 2))
+  unnormalized = lax.exp(lax.sub(logits, lax.stop_gradient(keep(lax.reduce_max(logits, (3,))))))
+  probs = layers.cast(lax.div(unnormalized, keep(lax.reduce_sum(unnormalized, (3,)))), k.dtype)
   # [B, H, Lq, Lk] x [B, Lk, H, D] -> [B, H, Lq, D] -> [B, Lq, H, D]
-  out = jax.lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
-  return jnp.swapaxes(out, 1, 2)
+  out = lax.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))
+  return lax.transpose(out, (0, 2, 1, 3))
 
 
 def _tile(n: int) -> int:

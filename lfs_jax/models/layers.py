@@ -86,7 +86,8 @@ def _refuse(module, **unsupported) -> None:
           f"{getattr(module, field)!r} is not implemented; use flax.linen's layer")
 
 
-def _cast(x: jax.Array, dtype) -> jax.Array:
+def cast(x: jax.Array, dtype) -> jax.Array:
+  """x in dtype (a convert only where the dtype differs; lax, no nested jit)."""
   return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
@@ -97,7 +98,8 @@ def silu(x: jax.Array) -> jax.Array:
 
 def gelu_exact(x: jax.Array) -> jax.Array:
   """torch's erf GELU, as `jax.nn.gelu(approximate=False)` computes it, without its copy."""
-  return 0.5 * x * lax.erfc(-x * np.sqrt(0.5).astype(x.dtype))
+  half, root = np.array(0.5, x.dtype), np.array(np.sqrt(0.5), x.dtype)
+  return lax.mul(lax.mul(half, x), lax.erfc(lax.mul(lax.neg(x), root)))
 
 
 def _mean(x: jax.Array, axes: Sequence[int]) -> jax.Array:
@@ -120,12 +122,12 @@ def _normalize(x: jax.Array, axes: Sequence[int], kept: Sequence[int], fast: boo
   eps = np.array(epsilon, var.dtype)
   mul = lax.broadcast_in_dim(lax.rsqrt(lax.add(var, eps)), x.shape, tuple(kept))
   if scale is not None:
-    mul = lax.mul(mul, lax.broadcast_in_dim(_cast(scale, x.dtype), x.shape,
+    mul = lax.mul(mul, lax.broadcast_in_dim(cast(scale, x.dtype), x.shape,
                                             tuple(feature_dims)))
   y = lax.mul(centred, mul)
   if bias is not None:
-    y = lax.add(y, lax.broadcast_in_dim(_cast(bias, x.dtype), x.shape, tuple(feature_dims)))
-  return _cast(y, out_dtype)
+    y = lax.add(y, lax.broadcast_in_dim(cast(bias, x.dtype), x.shape, tuple(feature_dims)))
+  return cast(y, out_dtype)
 
 
 def _norm_params(norm, x: jax.Array, mask):
@@ -153,7 +155,7 @@ def _group_norm(x, scale, bias, *, groups, fast, epsilon, stats, out):
   grouped = x.shape[:-1] + (groups, c // groups)
   n = len(grouped)
   per_group = lambda p: None if p is None else p.reshape(grouped[-2:])
-  y = _normalize(_cast(x.reshape(grouped), stats), tuple(range(1, n - 2)) + (n - 1,),
+  y = _normalize(cast(x.reshape(grouped), stats), tuple(range(1, n - 2)) + (n - 1,),
                  (0, n - 2), fast, epsilon, per_group(scale), per_group(bias),
                  (n - 2, n - 1), out)
   return y.reshape(x.shape)
@@ -163,7 +165,7 @@ def _group_norm(x, scale, bias, *, groups, fast, epsilon, stats, out):
 def _layer_norm(x, scale, bias, *, fast, epsilon, stats, out):
   """LayerNorm of x [..., C] over C."""
   n = x.ndim
-  return _normalize(_cast(x, stats), (n - 1,), tuple(range(n - 1)), fast, epsilon, scale, bias,
+  return _normalize(cast(x, stats), (n - 1,), tuple(range(n - 1)), fast, epsilon, scale, bias,
                     (n - 1,), out)
 
 
@@ -180,10 +182,10 @@ class Dense(_StoredParams, nn.Dense):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     dtype = flax_dtypes.canonicalize_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = lax.dot_general(_cast(jnp.asarray(inputs), dtype), _cast(kernel, dtype),
+    y = lax.dot_general(cast(jnp.asarray(inputs), dtype), cast(kernel, dtype),
                         (((inputs.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
-      y = lax.add(y, lax.broadcast_in_dim(_cast(bias, dtype), y.shape, (y.ndim - 1,)))
+      y = lax.add(y, lax.broadcast_in_dim(cast(bias, dtype), y.shape, (y.ndim - 1,)))
     return y
 
 

@@ -88,6 +88,13 @@ def _conv(features: int, kernel: int, opts: BlockOptions, name: str, stride: int
                  padding=((p, p), (p, p)), dtype=opts.dtype, name=name)
 
 
+def _add(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a + b (lax's add where jnp's operator would trace a nested jit; as jnp else)."""
+  if a.dtype == b.dtype and a.shape == b.shape:
+    return jax.lax.add(a, b)
+  return a + b
+
+
 class TimestepEmbedding(nn.Module):
   """linear_1 -> silu -> linear_2: [B, C0] -> [B, time_dim]."""
   time_dim: int
@@ -110,11 +117,11 @@ class ResnetBlock2D(nn.Module):
     o = self.opts
     h = _conv(self.out_channels, 3, o, "conv1")(layers.silu(_group_norm(o, "norm1")(x)))
     t = layers.Dense(self.out_channels, dtype=o.dtype, name="time_emb_proj")(layers.silu(temb))
-    h = h + jax.lax.broadcast_in_dim(t, h.shape, (0, 3))  # [B, C] over every pixel
+    h = _add(h, jax.lax.broadcast_in_dim(t, h.shape, (0, 3)))  # [B, C] over every pixel
     h = _conv(self.out_channels, 3, o, "conv2")(layers.silu(_group_norm(o, "norm2")(h)))
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, o, "conv_shortcut")(x)
-    out = x + h
+    out = _add(x, h)
     if self.output_scale_factor != 1.0:
       out = out / self.output_scale_factor
     return out
@@ -149,8 +156,9 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h, gate = jnp.split(layers.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-    return h * layers.gelu_exact(gate)
+    y = layers.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x)
+    h, gate = jax.lax.split(y, (self.inner, self.inner), axis=y.ndim - 1)
+    return jax.lax.mul(h, layers.gelu_exact(gate))
 
 
 class FeedForward(nn.Module):
@@ -175,9 +183,9 @@ class BasicTransformerBlock(nn.Module):
   def __call__(self, x, context):
     o = self.opts
     ln = lambda n: layers.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=o.dtype, name=n)
-    x = x + Attention(self.heads, self.head_dim, o, name="attn1")(ln("norm1")(x))
-    x = x + Attention(self.heads, self.head_dim, o, name="attn2")(ln("norm2")(x), context)
-    return x + FeedForward(dtype=o.dtype, name="ff")(ln("norm3")(x))
+    x = _add(x, Attention(self.heads, self.head_dim, o, name="attn1")(ln("norm1")(x)))
+    x = _add(x, Attention(self.heads, self.head_dim, o, name="attn2")(ln("norm2")(x), context))
+    return _add(x, FeedForward(dtype=o.dtype, name="ff")(ln("norm3")(x)))
 
 
 class Transformer2DModel(nn.Module):
