@@ -126,9 +126,14 @@ def test_unet_selection_is_the_whole_unet_and_refuses_export():
   # the delta is every UNet leaf, nothing of the UNet stays frozen, the merge is the base,
   # and diffusers' Custom Diffusion format refuses it by name. (A session trained with it
   # is the docs' measurement; a step compile here would cost over a minute on 2 cores.)
-  from lfs_jax import config_base, interop, tiny  # pylint: disable=g-import-not-at-top
+  from lfs_jax import config_base, interop  # pylint: disable=g-import-not-at-top
 
-  unet = tiny.random_params(0)["unet"]
+  block = ("down_blocks_1", "attentions_0", "transformer_blocks_0")
+  unet = unflatten({p: np.full(s, i, np.float32) for i, (p, s) in enumerate([
+      (("conv_in", "kernel"), (3, 3, 4, 8)), (("conv_in", "bias"), (8,)),
+      (("down_blocks_0", "resnets_0", "conv1", "kernel"), (3, 3, 8, 8)),
+      (block + ("attn1", "to_q", "kernel"), (8, 8)),
+      (block + ("attn2", "to_k", "kernel"), (4, 8)), (block + ("attn2", "to_v", "kernel"), (4, 8))])})
   cfg = config_base.get_config()
   cfg.train.selection = "unet"
   sel = delta_lib.from_config(cfg.train)
@@ -140,9 +145,9 @@ def test_unet_selection_is_the_whole_unet_and_refuses_export():
   sel.check(start, unet)
   with pytest.raises(delta_lib.DeltaError, match="lacks UNet weight conv_in"):
     sel.check({k: v for k, v in start.items() if k != "conv_in"}, unet)
-  assert set(sel.kernels(start)) > set(delta_lib.Leaves("attn").kernels(
-      delta_lib.Leaves("attn").initial(unet)))
-  with pytest.raises(interop.InteropError, match="not an attention layer"):
+  assert len(sel.kernels(start)) == 5 and len(delta_lib.Leaves("attn").kernels(
+      delta_lib.Leaves("attn").initial(unet))) == 3
+  with pytest.raises(interop.InteropError, match="conv_in/bias is not an attention layer"):
     interop.processor_tensors(start, interop.attention_modules(unet))
 
 
