@@ -140,3 +140,25 @@ def test_a_blocks_norms_of_one_shape_are_traced_once():
              and e.params["name"] in ("_layer_norm", "_group_norm")]
     assert len(norms) == (3 if "Transformer" in type(module).__name__ else 2)
     assert len({id(n) for n in norms}) == 1
+
+
+def test_a_field_holding_a_module_is_still_adopted_by_flax():
+  """layers.Module stores plain field values itself (cheaper tracing); a value that
+  holds a module still goes Flax's way: adopted as a named child with its parameters."""
+
+  class Outer(layers.Module):
+    inner: nn.Module
+    parts: tuple
+
+    @nn.compact
+    def __call__(self, x):
+      return self.parts[0](self.inner(x))
+
+  x = jnp.ones((2, 3))
+  outer = Outer(layers.Dense(4), (layers.Dense(5),))
+  params = jax.eval_shape(outer.init, jax.random.key(0), x)["params"]
+  assert set(params) == {"inner", "parts_0"}
+  assert params["inner"]["kernel"].shape == (3, 4) and params["parts_0"]["kernel"].shape == (4, 5)
+  opts = unet_blocks.BlockOptions()
+  assert layers._plain((1, (2, 3), opts, jnp.float32, None, jax.nn.initializers.zeros))
+  assert not layers._plain([1]) and not layers._plain((1, layers.Dense(2)))

@@ -188,7 +188,7 @@ def pooled(last_hidden: jax.Array, input_ids: jax.Array,
   return jnp.take_along_axis(last_hidden, idx[:, None, None], axis=1)[:, 0]
 
 
-class CLIPAttention(nn.Module):
+class CLIPAttention(layers.Module):
   """Multi-head self-attention with biased q/k/v/out projections, [B, L, D] -> same."""
 
   hidden_size: int
@@ -209,7 +209,7 @@ class CLIPAttention(nn.Module):
     return dense(name="out_proj")(out.reshape(b, l, self.hidden_size))
 
 
-class CLIPMLP(nn.Module):
+class CLIPMLP(layers.Module):
   """fc1 -> activation -> fc2."""
 
   hidden_size: int
@@ -224,7 +224,7 @@ class CLIPMLP(nn.Module):
     return layers.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
-class CLIPEncoderLayer(nn.Module):
+class CLIPEncoderLayer(layers.Module):
   """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
   config: Any  # CLIPTextConfig, or any config with CLIP's field names
@@ -243,7 +243,7 @@ class CLIPEncoderLayer(nn.Module):
                        dtype=self.dtype, name="mlp")(h)
 
 
-class CLIPEncoder(nn.Module):
+class CLIPEncoder(layers.Module):
   """A stack of `config.num_hidden_layers` CLIPEncoderLayers (`layers_0`, ...)."""
 
   config: Any
@@ -261,7 +261,7 @@ class CLIPEncoder(nn.Module):
     return x
 
 
-class CLIPTextEmbeddings(nn.Module):
+class CLIPTextEmbeddings(layers.Module):
   """Token embedding (optionally extended by extra rows) plus learned positions."""
 
   config: CLIPTextConfig
@@ -287,7 +287,7 @@ class CLIPTextEmbeddings(nn.Module):
     return (tokens + pos[None]).astype(self.dtype)
 
 
-class CLIPTextTransformer(nn.Module):
+class CLIPTextTransformer(layers.Module):
   """transformers' CLIPTextTransformer (the `text_model` submodule)."""
 
   config: CLIPTextConfig
@@ -319,7 +319,7 @@ class CLIPTextTransformer(nn.Module):
     return x
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(layers.Module):
   """transformers' CLIPTextModel: input_ids [B, L] int -> hidden states [B, L, D].
 
   Attributes:

@@ -27,8 +27,10 @@ dot_general); any other raises, naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import types
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -40,7 +42,47 @@ from flax.linen import dtypes as flax_dtypes
 from jax import lax
 
 
-class _StoredParams:
+# Values that cannot hold a Flax module (see `_PlainFields`).
+_PLAIN = (bool, int, float, str, type(None), type, np.dtype, jax.Array, types.FunctionType,
+          functools.partial)
+
+
+def _plain(value) -> bool:
+  """Whether `value` holds no module: a `_PLAIN` value, or a tuple or (config)
+  dataclass of such values."""
+  if isinstance(value, _PLAIN):
+    return True
+  if type(value) is tuple:  # pylint: disable=unidiomatic-typecheck  # not namedtuples
+    return all(_plain(v) for v in value)
+  if dataclasses.is_dataclass(value) and not isinstance(value, (type, nn.Module)):
+    return all(_plain(getattr(value, f.name)) for f in dataclasses.fields(value))
+  return False
+
+
+class _PlainFields:
+  """Mixin: a field value that holds no module is set without Flax's walk.
+
+  Flax registers every field of every module it builds (twice: when the module is
+  made and when it is set up) by walking the value for submodules to adopt; tracing
+  the SD-1.5 train step made ~10,000 such walks over ints, dtypes, initializers and
+  block options (docs/benchmarks.md, "Restart time"). A value that holds no module
+  is stored as it is, as Flax's walk would leave it; anything else (lists, dicts,
+  modules) still takes Flax's way.
+  """
+
+  @nn.nowrap
+  def _register_submodules(self, name, val):
+    if _plain(val):
+      object.__setattr__(self, name, val)
+    else:
+      super()._register_submodules(name, val)
+
+
+class Module(_PlainFields, nn.Module):
+  """nn.Module with `_PlainFields`: the base of lfs_jax's models' modules."""
+
+
+class _StoredParams(_PlainFields):
   """Mixin: `param` returns an existing parameter without re-tracing its initializer."""
 
   @nn.nowrap

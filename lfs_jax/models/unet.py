@@ -201,7 +201,7 @@ def init_inputs(config: UNetConfig, batch: int = 1, seq_len: int = 77) -> tuple:
           jnp.zeros((batch, seq_len, config.cross_attention_dim), jnp.float32))
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(layers.Module):
   """Predicts noise (or v) [B,H,W,out] from latents [B,H,W,in], timesteps, text states.
 
   Attributes:

@@ -95,7 +95,7 @@ def _add(a: jax.Array, b: jax.Array) -> jax.Array:
   return a + b
 
 
-class TimestepEmbedding(nn.Module):
+class TimestepEmbedding(layers.Module):
   """linear_1 -> silu -> linear_2: [B, C0] -> [B, time_dim]."""
   time_dim: int
   dtype: Any = jnp.float32
@@ -106,7 +106,7 @@ class TimestepEmbedding(nn.Module):
     return layers.Dense(self.time_dim, dtype=self.dtype, name="linear_2")(layers.silu(x))
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(layers.Module):
   """Pre-norm residual block with an additive time embedding: [B,H,W,Cin] -> [B,H,W,out]."""
   out_channels: int
   opts: BlockOptions
@@ -127,7 +127,7 @@ class ResnetBlock2D(nn.Module):
     return out
 
 
-class Attention(nn.Module):
+class Attention(layers.Module):
   """Multi-head attention, self when `context` is None: [B, L, C] -> [B, L, C]."""
   heads: int
   head_dim: int
@@ -149,7 +149,7 @@ class Attention(nn.Module):
     return layers.Dense(x.shape[-1], dtype=o.dtype, name="to_out_0")(out)
 
 
-class GEGLU(nn.Module):
+class GEGLU(layers.Module):
   """proj to 2*inner, split (hidden, gate), hidden * gelu(gate) with exact erf gelu."""
   inner: int
   dtype: Any = jnp.float32
@@ -161,7 +161,7 @@ class GEGLU(nn.Module):
     return jax.lax.mul(h, layers.gelu_exact(gate))
 
 
-class FeedForward(nn.Module):
+class FeedForward(layers.Module):
   """net_0 (GEGLU, width 4*dim) -> net_2 (Dense back to dim)."""
   mult: int = 4
   dtype: Any = jnp.float32
@@ -173,7 +173,7 @@ class FeedForward(nn.Module):
     return layers.Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(layers.Module):
   """LayerNorm -> self-attn, LayerNorm -> cross-attn, LayerNorm -> GEGLU FF, each residual."""
   heads: int
   head_dim: int
@@ -188,7 +188,7 @@ class BasicTransformerBlock(nn.Module):
     return _add(x, FeedForward(dtype=o.dtype, name="ff")(ln("norm3")(x)))
 
 
-class Transformer2DModel(nn.Module):
+class Transformer2DModel(layers.Module):
   """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, residual."""
   heads: int
   num_layers: int
@@ -216,7 +216,7 @@ class Transformer2DModel(nn.Module):
     return h + x
 
 
-class Downsample2D(nn.Module):
+class Downsample2D(layers.Module):
   """3x3 conv with stride 2 (padding 1, or diffusers' (0,1) pad when padding is 0)."""
   channels: int
   opts: BlockOptions
@@ -240,7 +240,7 @@ def upsample_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
   return x
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(layers.Module):
   """Nearest upsampling (x2, or to the skip connection's size) then a 3x3 conv."""
   channels: int
   opts: BlockOptions
@@ -251,7 +251,7 @@ class Upsample2D(nn.Module):
     return _conv(self.channels, 3, self.opts, "conv")(upsample_nearest(x, size))
 
 
-class DownBlock(nn.Module):
+class DownBlock(layers.Module):
   """DownBlock2D (heads == 0) or CrossAttnDownBlock2D; returns (x, skip states)."""
   out_channels: int
   num_layers: int
@@ -277,7 +277,7 @@ class DownBlock(nn.Module):
     return x, skips
 
 
-class UpBlock(nn.Module):
+class UpBlock(layers.Module):
   """UpBlock2D (heads == 0) or CrossAttnUpBlock2D; consumes skips from the last."""
   out_channels: int
   num_layers: int
@@ -303,7 +303,7 @@ class UpBlock(nn.Module):
     return x
 
 
-class MidBlock(nn.Module):
+class MidBlock(layers.Module):
   """UNetMidBlock2DCrossAttn: resnet, then (attention, resnet)."""
   heads: int
   transformer_layers: int
