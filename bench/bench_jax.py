@@ -221,7 +221,7 @@ def aot(jitted, *args, options: Optional[Dict[str, Any]] = None, mesh=None,
   context = (jax.set_mesh(mesh) if mesh is not None and hasattr(jax, "set_mesh")
              else contextlib.nullcontext())
   t0, c0 = time.perf_counter(), time.process_time()
-  with context:
+  with context, step_lib.gc_paused():  # as train.step.compile_step traces the step
     lowered = jitted.lower(*args)
   t1 = time.perf_counter()
   cpu = time.process_time() - c0

@@ -111,3 +111,30 @@ def test_cpu_step_is_compiled_without_ynnpack_fusions():
   assert "ynn_fusion" in fn.lower(w, x).compile().as_text()  # XLA's default has them
   assert step_lib.xla_options(mesh, {"xla_backend_optimization_level": 0}) == {
       **step_lib.CPU_OPTIONS, "xla_backend_optimization_level": 0}
+
+
+def test_the_step_is_traced_with_the_garbage_collector_paused():
+  # Its passes were ~10 % of tracing the SD-1.5 step (docs/benchmarks.md): off while
+  # compile_step traces, back as it was after (also after a failure).
+  import gc  # pylint: disable=g-import-not-at-top
+  seen = []
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+
+  def step(w):
+    seen.append(gc.isenabled())
+    return w, {"loss": jnp.sum(w)}
+
+  assert gc.isenabled()
+  step_lib.compile_step(jax.jit(step), mesh, jnp.ones((2,)))
+  assert seen == [False] and gc.isenabled()
+  with pytest.raises(ZeroDivisionError):
+    with step_lib.gc_paused():
+      raise ZeroDivisionError
+  assert gc.isenabled()
+  gc.disable()
+  try:
+    with step_lib.gc_paused():
+      pass
+    assert not gc.isenabled()
+  finally:
+    gc.enable()

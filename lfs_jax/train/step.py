@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import time
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -162,6 +164,24 @@ def xla_options(mesh, extra: Optional[dict] = None) -> Optional[dict]:
   return options or None
 
 
+@contextlib.contextmanager
+def gc_paused():
+  """Python's cyclic garbage collector off inside the block, as it was after.
+
+  Tracing and lowering the SD-1.5 step allocates millions of short-lived objects; the
+  collector's passes over them (and over everything the process already holds) were
+  ~10 % of the tracing time (docs/benchmarks.md, "Restart time"). What they would
+  have freed is freed by the collector's next pass after the block.
+  """
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
 class CompileInfo(NamedTuple):
   """How `compile_step` got the executable."""
   trace_s: float      # tracing + lowering, or reading the stored program
@@ -199,17 +219,18 @@ def compile_step(fn, mesh, *args, store: Optional[programs.Store] = None,
   jax.monitoring.register_event_listener(listener)
   try:
     t0 = time.perf_counter()
-    use, program = _stored_program(fn, mesh, args, store)
-    with jax.set_mesh(mesh):
-      try:
-        lowered = use.lower(*args)
-      except Exception as e:  # pylint: disable=broad-except
-        if program != "stored":
-          raise
-        print(f"the stored train step program does not fit ({type(e).__name__}: "
-              f"{str(e)[:200]}); tracing the step again")
-        use, program = _stored_program(fn, mesh, args, store, reuse=False)
-        lowered = use.lower(*args)
+    with gc_paused():
+      use, program = _stored_program(fn, mesh, args, store)
+      with jax.set_mesh(mesh):
+        try:
+          lowered = use.lower(*args)
+        except Exception as e:  # pylint: disable=broad-except
+          if program != "stored":
+            raise
+          print(f"the stored train step program does not fit ({type(e).__name__}: "
+                f"{str(e)[:200]}); tracing the step again")
+          use, program = _stored_program(fn, mesh, args, store, reuse=False)
+          lowered = use.lower(*args)
     t1 = time.perf_counter()
     compiled = _compile(lowered, xla_options(mesh, compiler_options), compiler_options)
     t2 = time.perf_counter()
