@@ -18,6 +18,8 @@ its formulas, and cut what tracing pays for:
 - Dense adds its bias without Flax's reshape.
 - GroupNorm and LayerNorm run as jitted functions, so that the norms repeated in a
   block (and across blocks of one width) are traced and differentiated once.
+- `Module` (the base of the UNet's and CLIP's modules, and of these layers) stores a
+  field value that holds no module without Flax's walk for submodules to adopt.
 - `block` runs a repeated block (a UNet resnet or transformer, a CLIP layer) as a
   jitted function of its parameters, so that identical blocks are traced once.
 
