@@ -66,10 +66,22 @@ def test_dense_matches_flax(dtype, bias):
                nn.Dense(16, use_bias=bias, dtype=dtype), x, dtype)
 
 
+@pytest.mark.parametrize("dtype,stride,padding,bias", [
+    (jnp.bfloat16, 2, 1, True),  # a downsampler, padding as an int, bias
+    (jnp.float32, 1, "VALID", False),
+])
+def test_conv_matches_flax(dtype, stride, padding, bias):
+  x = jax.random.normal(jax.random.key(5), (2, 6, 6, 8)).astype(dtype)
+  kw = dict(strides=(stride, stride), padding=padding, use_bias=bias, dtype=dtype)
+  _check_layer(layers.Conv(4, (3, 3), **kw), nn.Conv(4, (3, 3), **kw), x, dtype)
+
+
 def test_unsupported_flax_setting_is_refused():
   x = jnp.ones((1, 4, 4, 8))
   with pytest.raises(NotImplementedError, match="group_size"):
     layers.GroupNorm(num_groups=None, group_size=4).init(jax.random.key(0), x)
+  with pytest.raises(NotImplementedError, match="kernel_dilation"):
+    layers.Conv(2, (3, 3), kernel_dilation=2).init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("dtype,causal", [(jnp.float32, True), (jnp.bfloat16, False)])

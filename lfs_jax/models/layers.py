@@ -15,7 +15,7 @@ its formulas, and cut what tracing pays for:
   plus bias) in about half the primitives: lax reductions instead of `jnp.mean`'s
   nested jit, the group mean broadcast instead of `jnp.repeat`ed per channel, the
   centred input computed once. Same operations on the same values.
-- Dense adds its bias without Flax's reshape.
+- Dense adds its bias without Flax's reshape; Conv casts and adds its bias in lax ops.
 - GroupNorm and LayerNorm run as jitted functions, so that the norms repeated in a
   block (and across blocks of one width) are traced and differentiated once.
 - `Module` (the base of the UNet's and CLIP's modules, and of these layers) stores a
@@ -234,7 +234,39 @@ class Dense(_StoredParams, nn.Dense):
 
 
 class Conv(_StoredParams, nn.Conv):
-  pass
+  """Flax's Conv over one batch axis ([B, spatial..., C]), zero or explicit padding."""
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    _refuse(self, input_dilation=1, kernel_dilation=1, feature_group_count=1, mask=None,
+            precision=None, conv_general_dilated=None, conv_general_dilated_cls=None,
+            promote_dtype=flax_dtypes.promote_dtype)
+    size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
+            else tuple(self.kernel_size))
+    n = len(size)
+    if inputs.ndim != n + 2:
+      raise NotImplementedError(f"lfs_jax.models.layers.Conv: input of rank {inputs.ndim} "
+                                f"for a {n}-d kernel (one batch axis only); use flax.linen's")
+    padding = nn.linear.canonicalize_padding(self.padding, n)
+    if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+      raise NotImplementedError(f"lfs_jax.models.layers.Conv: padding={padding!r} is not "
+                                "implemented; use flax.linen's layer")
+    strides = (self.strides or 1,) * n if isinstance(self.strides or 1, int) else tuple(
+        self.strides)
+    kernel = self.param("kernel", self.kernel_init, size + (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = flax_dtypes.canonicalize_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, kernel = cast(jnp.asarray(inputs), dtype), cast(kernel, dtype)
+    bias = None if bias is None else cast(bias, dtype)
+    y = lax.conv_general_dilated(inputs, kernel, strides, padding, lhs_dilation=(1,) * n,
+                                 rhs_dilation=(1,) * n,
+                                 dimension_numbers=nn.linear._conv_dimension_numbers(
+                                     inputs.shape))
+    if bias is not None:  # Flax's bias add: [C] as [1, ..., 1, C], broadcast by the add
+      y = lax.add(y, lax.reshape(bias, (1,) * (y.ndim - 1) + bias.shape))
+    return y
 
 
 class GroupNorm(_StoredParams, nn.GroupNorm):
