@@ -7,10 +7,10 @@
     write_outputs(run, images, records)                 # <workdir>/samples/session_<k>/
 
 Every image is one (prompt, seed) pair and depends on nothing else: batches are
-padded to `sample.batch_size`, so every call has the same shapes and the jitted
-functions of `diffusion.sampler` compile once per process and model; a pair asked
-for twice is drawn once, and ICGen images (which start late) are batched together
-where that skips UNet steps.
+padded to `sample.batch_size` (with copies of their last image), so every call has
+the same shapes and the jitted functions of `diffusion.sampler` compile once per
+process and model; a pair asked for twice is drawn once, and ICGen images (which
+start late) are batched together where that skips UNet steps.
 """
 
 from __future__ import annotations
@@ -220,15 +220,14 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
                          disable=not progress or jax.process_index() != 0,
                          dynamic_ncols=True):
     idx = [reps[t] for t in batch]
-    pad = b - len(idx)
-    texts = [prompts[j] for j in idx] + [""] * pad
-    z = [np.zeros(shape, np.float32) if latents[j] is None else latents[j] for j in idx]
-    z += [np.zeros(shape, np.float32)] * pad
-    has = [latents[j] is not None for j in idx] + [False] * pad
+    rows_in = idx + idx[-1:] * (b - len(idx))  # padded with its last image: same start
+    texts = [prompts[j] for j in rows_in]
+    z = [np.zeros(shape, np.float32) if latents[j] is None else latents[j] for j in rows_in]
     out = sample_fn(
         pipe.unet_params, schedule, encode(texts), uncond,
-        jnp.asarray([int(seeds[j]) for j in idx] + [0] * pad, jnp.uint32),
-        jnp.asarray(np.stack(z)), jnp.asarray(has), *scalars, unet=pipe.unet, spec=spec)
+        jnp.asarray([int(seeds[j]) for j in rows_in], jnp.uint32), jnp.asarray(np.stack(z)),
+        jnp.asarray([latents[j] is not None for j in rows_in]), *scalars, unet=pipe.unet,
+        spec=spec)
     drawn.update(zip((keys[j] for j in idx), decode_latents(run, out)))
   return np.stack([drawn[k] for k in keys]), records
 

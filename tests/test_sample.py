@@ -80,11 +80,14 @@ def test_one_call_draws_each_pair_once_icgen_per_image(run, monkeypatch):
   its own call draws, in one sampler call (4 distinct images, batch 4)."""
   calls = []
   real = sampler.sample_jit
-  monkeypatch.setattr(sampler, "sample_jit", lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(sampler, "sample_jit", lambda *a, **k: calls.append(a) or real(*a, **k))
   st = dataclasses.replace(sample.SampleSettings.from_config(run.cfg), strength=0.5)
   got, records = sample.generate(run, [DOG, DOG, CAT, "a dog", DOG], [3, 3, 5, 3, 3], st,
                                  icgen_images=[True, True, True, True, False])
   assert len(calls) == 1
+  # A batch of ICGen images alone is padded with ICGen rows, so it skips the early steps.
+  sample.generate(run, [DOG], [3], st)
+  assert np.asarray(calls[1][6]).tolist() == [True] * 4  # has_context
   monkeypatch.undo()
   np.testing.assert_array_equal(got[0], got[1])
   np.testing.assert_array_equal(got[[0, 2]], _gen(run, [DOG, CAT], [3, 5], strength=0.5)[0])
