@@ -109,7 +109,7 @@ def get_config(arg="full"):
   if arg == "short":
     c.data.sessions = "striped_star;checked_square;dotted_star"
     c.mini.variants = "custom_diffusion,lfs+kv"
-    c.mini.class_seeds = 4        # 96 class samples a session: keeps the run under 5 minutes
+    c.mini.class_seeds = 4        # 64 class samples a session (2 classes): keeps the run under 5 minutes
   elif arg == "hard":
     # Six stars, one a session: every session bends the same class word's keys and values.
     c.mini.concepts = HARD_CONCEPTS
