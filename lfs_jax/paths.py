@@ -102,7 +102,7 @@ def _options(protocol: str) -> dict:
   if not emulator and conf.get("endpoint_url") == _SET.get("endpoint_url"):
     conf.pop("endpoint_url", None)  # an emulator of an earlier call is gone
   conf.update(options)
-  if _SET and _SET != options:
+  if _SET != options:  # also the first time: etils may have made one before these options
     _forget_epath_filesystems()
   _SET.clear()
   _SET.update(options)
