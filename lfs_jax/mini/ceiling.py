@@ -134,8 +134,8 @@ def training_captions(n: int, seed: int) -> Tuple[List[world.Scene], List[str]]:
 def drawn_patterns(cfg, oracle_params, n: int = 96, seed: int = SEED,
                    guidances: Sequence[float] = (1.0, 4.0)) -> Dict[str, Dict[str, float]]:
   """{row: pattern_shares}: the training renders, then the base's samples of the
-  training captions and of the class prompts ("a star", "a square", "a circle",
-  n // 3 seeds each) at each guidance scale. cfg: a benchmark config (model, sampler)."""
+  training captions and of the class prompts (one per shape of `world.SHAPES`, "a circle"
+  ... "a cross", n // 6 seeds each) at each guidance scale. cfg: a benchmark config (model, sampler)."""
   from lfs_jax import sample  # pylint: disable=g-import-not-at-top
   from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
 

@@ -15,6 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax  # lax ops, not jnp's operators: each of those traces a nested jit
 from jax.sharding import PartitionSpec as P
 
 from lfs_jax.models import layers
@@ -142,10 +143,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[f
   d = q.shape[-1]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32
+  precision = {jnp.dtype(jnp.bfloat16): lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): lax.DotAlgorithmPreset.F16_F16_F32
                }.get(jnp.dtype(q.dtype))
-  lax = jax.lax  # lax ops, not jnp's operators: each of those traces a nested jit
   # [B, Lq, H, D] x [B, Lk, H, D] -> [B, H, Lq, Lk]
   logits = lax.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), precision=precision,
                            preferred_element_type=logits_dtype)
