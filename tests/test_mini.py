@@ -230,6 +230,46 @@ def test_train_base_decoder_stage_keeps_encoder_and_unet(tmp_path):
   assert not (tmp_path / "bad").exists()
 
 
+def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path):
+  """--unet_arch=cross16: the shipped UNet plus attention at 16x16, the same function."""
+  import diffusers
+  import torch
+
+  from lfs_jax.mini import train_base
+  from lfs_jax.weights import loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  out = tmp_path / "cross16"
+  assert train_base.main([f"--out={out}", "--images=4", "--seed=3", "--unet_steps=0",
+                          "--unet_arch=cross16", f"--unet_from={shipped}",
+                          f"--vae_from={shipped}"]) == 0
+  # The folder reads back with the project's loader (every key and shape validated
+  # against the Flax UNet of the new architecture) and with diffusers.
+  module, params = loaders.load_unet(str(out))
+  assert module.config.down_block_types == tuple(train_base.UNET_CROSS16["down_block_types"])
+  attn = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
+  assert np.abs(np.asarray(attn["attn2"]["to_k"]["kernel"])).max() > 0  # a seeded init
+  assert not np.any(np.asarray(params["down_blocks_0"]["attentions_0"]["proj_out"]["kernel"]))
+  assert json.loads((out / "TRAINING.json").read_text())["graft"]["arch"] == "cross16"
+  old = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(shipped, "unet"))
+  new = diffusers.UNet2DConditionModel.from_pretrained(str(out / "unet"))
+  assert sum(p.numel() for p in new.parameters()) > sum(p.numel() for p in old.parameters())
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn((2, 4, 16, 16), generator=g)
+  ctx = torch.randn((2, 77, 32), generator=g)
+  with torch.no_grad():
+    want, got = (m(x, torch.tensor([999, 300]), ctx).sample for m in (old, new))
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6)
+  # Removing blocks is no graft: the error names the weight that has no place, and
+  # nothing is written.
+  with pytest.raises(SystemExit):
+    train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=0",
+                     "--unet_arch=base", f"--unet_from={out}", f"--vae_from={shipped}"])
+  with pytest.raises(ValueError, match="down_blocks_0/attentions_0"):
+    train_base.graft_unet(params, train_base.UNET, 0)
+  assert not (tmp_path / "bad").exists()
+
+
 def test_training_timesteps_favour_high_noise():
   from lfs_jax.mini import train_base
 

@@ -83,6 +83,13 @@ UNET = {
     "out_channels": 4,
     "sample_size": 16,
 }
+# The same UNet with attention (self and cross) at the 16x16 level too, as Stable
+# Diffusion has at every level but its lowest: at 8x8 one latent cell is 4x4 pixels,
+# a whole stripe period, so the cross-attention K/V that Custom Diffusion trains
+# cannot place a stripe. `--unet_arch=cross16 --unet_from=BASE` grafts BASE onto it.
+UNET_CROSS16 = dict(UNET, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+UNET_ARCHS = {"base": UNET, "cross16": UNET_CROSS16}
 # Stable Diffusion's schedule, with SD 2.x's v-prediction: a model this small,
 # trained this briefly, learned to denoise with epsilon-prediction but could not
 # generate from pure noise (at high noise an epsilon error is amplified ~14x in the
@@ -106,6 +113,46 @@ SCHEDULER = {
 }
 def _log(msg: str) -> None:
   print(msg, flush=True)
+
+
+def graft_unet(source: dict, target_config: dict, seed: int) -> dict:
+  """`source` (a Flax UNet tree) placed into the UNet of `target_config`, same function.
+
+  Every source weight lands at its own path (diffusers' names do not move when a
+  block gains attention) with its own shape, or ValueError names the first that
+  cannot; every target weight the source lacks must belong to a new attention block
+  (`.../attentions_k/...`). Those are drawn like the JAX loop's fresh init
+  (`tiny.random_tree`, deterministic in `seed`) and their `proj_out` is zeroed, so
+  each new block returns its input (Transformer2D adds proj_out's output to its
+  residual) and the grafted UNet computes exactly what `source` did.
+  """
+  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
+
+  abstract = unet.abstract_params(unet.UNetConfig.from_diffusers(target_config))
+  want, have = convert.flatten(abstract), convert.flatten(source)
+  for path, leaf in sorted(have.items()):
+    if path not in want:
+      raise ValueError(f"graft: source weight {'/'.join(path)} has no place in the target "
+                       "UNet (the target must keep every block of the source)")
+    if tuple(leaf.shape) != tuple(want[path].shape):
+      raise ValueError(f"graft: source weight {'/'.join(path)} has shape {tuple(leaf.shape)}, "
+                       f"the target's is {tuple(want[path].shape)}")
+  new = sorted(p for p in want if p not in have)
+  for path in new:
+    if not any(part.startswith("attentions_") for part in path):
+      raise ValueError(f"graft: target weight {'/'.join(path)} is new but not part of an "
+                       "attention block; only attention blocks can be added without "
+                       "changing the UNet's output")
+  fresh = convert.flatten(tiny.random_tree(abstract, [seed, 11]))
+  out = {}
+  for path in want:
+    if path in have:
+      out[path] = jnp.asarray(have[path])
+    elif "proj_out" in path:
+      out[path] = jnp.zeros(want[path].shape, want[path].dtype)
+    else:
+      out[path] = fresh[path]
+  return convert.unflatten(out)
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
@@ -176,9 +223,10 @@ def encode_captions(text_model, text_params, tokenizer, captions: List[str]) -> 
 
 def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
-               ema_decay: float, drop: float, high_share: float = 0.0, init=None):
+               ema_decay: float, drop: float, high_share: float = 0.0, init=None,
+               unet_config: dict = UNET):
   """latents [N, h, w, 4] (scaled); caption_index [N, V] rows of text_table per image."""
-  cfg = unet.UNetConfig.from_diffusers(UNET)
+  cfg = unet.UNetConfig.from_diffusers(unet_config)
   model = unet.UNet2DConditionModel(cfg)
   params = init if init is not None else tiny.random_tree(unet.abstract_params(cfg), [seed, 3])
   _log(f"unet: {unet.num_params(params):,} parameters")
@@ -263,6 +311,12 @@ def main(argv=None) -> int:
   ap.add_argument("--unet_from", default="",
                   help="a model folder: start the UNet from its weights and keep its text "
                   "encoder (continue training; --seed then only picks new renders)")
+  ap.add_argument("--unet_arch", choices=sorted(UNET_ARCHS), default=None,
+                  help="the UNet's architecture: base (attention at 8x8 and in the mid "
+                  "block) or cross16 (at 16x16 too); default: --unet_from's, else base. "
+                  "With --unet_from of another architecture its weights are grafted in: "
+                  "every one kept, the new attention blocks added with a zero output "
+                  "projection, so training starts from the same function")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                   help="the UNet's training loop: jax, or torch (PyTorch CPU, 2.5x faster "
                   "than XLA:CPU on 2 cores; needs the test extras)")
@@ -294,6 +348,24 @@ def main(argv=None) -> int:
     ap.error("--unet_steps=0 keeps --unet_from's UNet unchanged; give --unet_from")
   command = "python -m lfs_jax.mini.train_base " + " ".join(
       argv if argv is not None else sys.argv[1:])
+  # The UNet to start from, grafted if the architecture changes: checked before any work.
+  unet_config = UNET_ARCHS[args.unet_arch or "base"]
+  init_params, graft = None, None
+  if args.unet_from:
+    from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
+    source_config = files.read_config(files.component_folder(args.unet_from, "unet"))
+    init_params = loaders.load_unet(args.unet_from, on_host=True)[1]
+    if args.unet_arch is None:
+      unet_config = source_config
+    elif unet.UNetConfig.from_diffusers(source_config) != unet.UNetConfig.from_diffusers(
+        unet_config):
+      try:
+        init_params = graft_unet(init_params, unet_config, args.seed)
+      except ValueError as e:
+        ap.error(f"--unet_arch={args.unet_arch} from --unet_from={args.unet_from}: {e}")
+      graft = {"from": args.unet_from, "arch": args.unet_arch, "seed": args.seed}
+      _log(f"unet: grafted {args.unet_from} onto the {args.unet_arch} architecture "
+           f"({unet.num_params(init_params):,} parameters)")
 
   started = time.time()
   timings: Dict[str, float] = {}
@@ -363,7 +435,7 @@ def main(argv=None) -> int:
   def save(unet_params, folder: str, unet_loss, steps_done: int) -> None:
     def write(tmp):
       tiny.write_folder({"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
-                        tmp, unet_config=UNET, vae_config=vae_cfg, text_config=TEXT,
+                        tmp, unet_config=unet_config, vae_config=vae_cfg, text_config=TEXT,
                         scheduler_config=SCHEDULER)
       record = {
           "command": command,
@@ -375,6 +447,8 @@ def main(argv=None) -> int:
       }
       if vae_record:
         record["vae_record"] = vae_record
+      if graft:
+        record["graft"] = graft
       if args.unet_from:  # the run the UNet continued from (and its own predecessors)
         with open(os.path.join(args.unet_from, "TRAINING.json")) as f:
           source = json.load(f)
@@ -387,8 +461,8 @@ def main(argv=None) -> int:
     mini.write_folder_atomically(folder, write)
 
   t = time.time()
-  if args.unet_steps == 0:  # a VAE-only stage: the UNet is --unet_from's, unchanged
-    unet_params, unet_loss = loaders.load_unet(args.unet_from)[1], None
+  if args.unet_steps == 0:  # a VAE-only (or graft-only) stage: --unet_from's UNet
+    unet_params, unet_loss = init_params, None
   elif args.backend == "torch":
     from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
     sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
@@ -399,15 +473,16 @@ def main(argv=None) -> int:
       _log(f"wrote {out}_step{step}")
 
     unet_params, unet_loss = train_torch.train_unet(
-        UNET, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"], latents,
-        caption_index, table, cap_id[""], args.unet_steps, args.unet_batch, args.seed,
-        args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
-        high_share=args.high_noise, init=args.unet_from or None, threads=args.torch_threads)
+        unet_config, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"],
+        latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
+        args.seed, args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
+        high_share=args.high_noise, init=init_params, init_name=args.unet_from,
+        threads=args.torch_threads)
   else:
-    init = loaders.load_unet(args.unet_from)[1] if args.unet_from else None
     unet_model, unet_params, unet_loss = train_unet(
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
-        args.seed, args.lr, args.ema, args.cfg_drop, args.high_noise, init)
+        args.seed, args.lr, args.ema, args.cfg_drop, args.high_noise, init_params,
+        unet_config)
     del unet_model
   timings["unet_s"] = time.time() - t
   save(unet_params, out, unet_loss, args.unet_steps)

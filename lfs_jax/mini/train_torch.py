@@ -24,13 +24,14 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                ema_decay: float, drop: float, log: Callable[[str], None],
                snapshot: Optional[Callable[[dict, int], None]] = None,
                snapshot_every: int = 0, high_share: float = 0.0,
-               init: Optional[str] = None, threads: int = 0):
+               init: Optional[dict] = None, init_name: str = "", threads: int = 0):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps).
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
   text_table [C, 77, d] per image; `snapshot(params, step)` is called every
-  `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a model
-  folder whose UNet weights to start from; `high_share`: see recipe.HIGH_T; `threads`:
+  `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a Flax UNet
+  tree of `unet_config` to start from (`init_name` says where it came from, for the
+  log); `high_share`: see recipe.HIGH_T; `threads`:
   PyTorch's CPU threads (0 = one a core).
   """
   import torch  # pylint: disable=g-import-not-at-top
@@ -44,11 +45,10 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   torch.set_num_threads(threads or os.cpu_count() or 1)
   model = diffusers.UNet2DConditionModel(
       **{k: v for k, v in unet_config.items() if not k.startswith("_")})
-  if init:
-    from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
-    state = files.read_state(files.component_folder(init, "unet"))
+  if init is not None:  # strict: every weight of the model, each with its shape
+    state = convert.flax_to_torch(init)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    log(f"unet (torch): starting from {init}")
+    log(f"unet (torch): starting from {init_name or 'the given weights'}")
   model.train()
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
