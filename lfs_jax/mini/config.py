@@ -50,7 +50,7 @@ def get_config(arg="full"):
   c.data.rescale = False          # the photos already vary in size and position
   c.concepts.templates = ("a {}",)  # the world's caption form: "a <c1> star"
   # Custom Diffusion's recipe (config_base) measured here and not taken (docs/mini_world.md,
-  # "Mini world 2" item 4, 2026-12-02, single runs of the short config, CD alone):
+  # "Recipe changes tried", 2026-12-02, single runs of the short config, CD alone):
   # rescale + its caption cues cost the concepts (accuracy right after their session
   # 0.17 -> 0.04, nIA 0.59 -> 0.39) and the class prompts (0.38 -> 0.20); the cd loss
   # reduction (4x the mean) scored within noise of the mean for CD alone and would
