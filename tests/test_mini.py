@@ -230,13 +230,13 @@ def test_train_base_decoder_stage_keeps_encoder_and_unet(tmp_path):
   assert not (tmp_path / "bad").exists()
 
 
-def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path):
+def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path, capsys):
   """--unet_arch=cross16: the shipped UNet plus attention at 16x16, the same function."""
   import diffusers
   import torch
 
   from lfs_jax.mini import train_base
-  from lfs_jax.weights import loaders
+  from lfs_jax.weights import convert, loaders
 
   shipped = os.path.join(ASSETS, "mini_base")
   out = tmp_path / "cross16"
@@ -265,9 +265,27 @@ def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path
   with pytest.raises(SystemExit):
     train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=0",
                      "--unet_arch=base", f"--unet_from={out}", f"--vae_from={shipped}"])
-  with pytest.raises(ValueError, match="down_blocks_0/attentions_0"):
-    train_base.graft_unet(params, train_base.UNET, 0)
+  assert "down_blocks_0/attentions_0" in capsys.readouterr().err
   assert not (tmp_path / "bad").exists()
+  # --graft_lr_scale: the added blocks train at that multiple of the rate. One AdamW
+  # step moves a weight with a gradient by the rate (|m / sqrt(v)| = 1), so the new
+  # proj_out (the only new weight with a gradient at a zero output) moves 10x as far.
+  from lfs_jax.mini import train_torch
+
+  source = loaders.load_unet(shipped, on_host=True)[1]
+  added = train_base.new_paths(params, source)
+  assert added and all("attentions_" in p for p in added)
+  rng = np.random.default_rng(0)
+  trained, _ = train_torch.train_unet(
+      train_base.UNET_CROSS16, np.linspace(0.999, 0.01, 1000), "v_prediction",
+      rng.standard_normal((4, 16, 16, 4)).astype(np.float32), np.zeros((4, 1), int),
+      rng.standard_normal((1, 77, 32)).astype(np.float32), 0, 1, 2, 0, 1e-4, 0.999, 0.0,
+      lambda _: None, init=params, threads=1, fast=added, fast_scale=10.0)
+  moved = {"/".join(k): np.abs(np.asarray(v) - np.asarray(convert.flatten(params)[k])).max()
+           for k, v in convert.flatten(trained).items()}
+  new_out = max(moved[p] for p in added if "proj_out" in p)
+  old = max(v for p, v in moved.items() if p not in added)
+  assert 9.0 < new_out / old < 11.0
 
 
 def test_training_timesteps_favour_high_noise():

@@ -221,11 +221,22 @@ def encode_captions(text_model, text_params, tokenizer, captions: List[str]) -> 
                          for i in range(0, len(ids), 128)])
 
 
+def new_paths(grafted: dict, source: dict) -> List[str]:
+  """The '/'-joined paths of `grafted` that `source` lacks (the blocks a graft added)."""
+  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
+
+  have = convert.flatten(source)
+  return sorted("/".join(p) for p in convert.flatten(grafted) if p not in have)
+
+
 def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
                ema_decay: float, drop: float, high_share: float = 0.0, init=None,
-               unet_config: dict = UNET):
-  """latents [N, h, w, 4] (scaled); caption_index [N, V] rows of text_table per image."""
+               unet_config: dict = UNET, fast=(), fast_scale: float = 1.0):
+  """latents [N, h, w, 4] (scaled); caption_index [N, V] rows of text_table per image.
+
+  `fast`: '/'-joined parameter paths trained at `fast_scale` x the rate (a graft's
+  new blocks)."""
   cfg = unet.UNetConfig.from_diffusers(unet_config)
   model = unet.UNet2DConditionModel(cfg)
   params = init if init is not None else tiny.random_tree(unet.abstract_params(cfg), [seed, 3])
@@ -234,6 +245,9 @@ def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.nd
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       lr_schedule(lr, steps), weight_decay=1e-4))
   opt_state = opt.init(params)
+  fast = set(fast)
+  scale = jax.tree_util.tree_map_with_path(
+      lambda path, _: fast_scale if "/".join(k.key for k in path) in fast else 1.0, params)
   ema = jax.tree.map(jnp.zeros_like, params)
   table = jnp.asarray(text_table)
 
@@ -252,7 +266,7 @@ def train_unet(latents: np.ndarray, caption_index: np.ndarray, text_table: np.nd
   def step(p, s, e, z0, cap, key):
     loss, g = jax.value_and_grad(loss_fn)(p, z0, table[cap], key)
     u, s = opt.update(g, s, p)
-    p = optax.apply_updates(p, u)
+    p = optax.apply_updates(p, jax.tree.map(lambda a, b: a * b, u, scale))
     # EMA from zero, bias-corrected at the end (an EMA started at the random init
     # keeps 0.999^2000 = 13.5% of it).
     e = jax.tree.map(lambda a, b: ema_decay * a + (1 - ema_decay) * b, e, p)
@@ -317,6 +331,10 @@ def main(argv=None) -> int:
                   "With --unet_from of another architecture its weights are grafted in: "
                   "every one kept, the new attention blocks added with a zero output "
                   "projection, so training starts from the same function")
+  ap.add_argument("--graft_lr_scale", type=float, default=1.0,
+                  help="with a graft (--unet_arch): the new attention blocks train at this "
+                  "times --lr. They start with a zero output inside a UNet that already "
+                  "does the job, and at the base's rate they stay near zero")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                   help="the UNet's training loop: jax, or torch (PyTorch CPU, 2.5x faster "
                   "than XLA:CPU on 2 cores; needs the test extras)")
@@ -350,7 +368,9 @@ def main(argv=None) -> int:
       argv if argv is not None else sys.argv[1:])
   # The UNet to start from, grafted if the architecture changes: checked before any work.
   unet_config = UNET_ARCHS[args.unet_arch or "base"]
-  init_params, graft = None, None
+  init_params, graft, added = None, None, []
+  if args.graft_lr_scale <= 0:
+    ap.error(f"--graft_lr_scale must be > 0, got {args.graft_lr_scale}")
   if args.unet_from:
     from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
     source_config = files.read_config(files.component_folder(args.unet_from, "unet"))
@@ -360,10 +380,12 @@ def main(argv=None) -> int:
     elif unet.UNetConfig.from_diffusers(source_config) != unet.UNetConfig.from_diffusers(
         unet_config):
       try:
-        init_params = graft_unet(init_params, unet_config, args.seed)
+        grafted = graft_unet(init_params, unet_config, args.seed)
       except ValueError as e:
         ap.error(f"--unet_arch={args.unet_arch} from --unet_from={args.unet_from}: {e}")
-      graft = {"from": args.unet_from, "arch": args.unet_arch, "seed": args.seed}
+      added, init_params = new_paths(grafted, init_params), grafted
+      graft = {"from": args.unet_from, "arch": args.unet_arch, "seed": args.seed,
+               "lr_scale": args.graft_lr_scale}
       _log(f"unet: grafted {args.unet_from} onto the {args.unet_arch} architecture "
            f"({unet.num_params(init_params):,} parameters)")
 
@@ -477,12 +499,12 @@ def main(argv=None) -> int:
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
         args.seed, args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
         high_share=args.high_noise, init=init_params, init_name=args.unet_from,
-        threads=args.torch_threads)
+        threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale)
   else:
     unet_model, unet_params, unet_loss = train_unet(
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
         args.seed, args.lr, args.ema, args.cfg_drop, args.high_noise, init_params,
-        unet_config)
+        unet_config, added, args.graft_lr_scale)
     del unet_model
   timings["unet_s"] = time.time() - t
   save(unet_params, out, unet_loss, args.unet_steps)

@@ -24,7 +24,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                ema_decay: float, drop: float, log: Callable[[str], None],
                snapshot: Optional[Callable[[dict, int], None]] = None,
                snapshot_every: int = 0, high_share: float = 0.0,
-               init: Optional[dict] = None, init_name: str = "", threads: int = 0):
+               init: Optional[dict] = None, init_name: str = "", threads: int = 0,
+               fast=(), fast_scale: float = 1.0):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps).
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
@@ -32,7 +33,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a Flax UNet
   tree of `unet_config` to start from (`init_name` says where it came from, for the
   log); `high_share`: see recipe.HIGH_T; `threads`:
-  PyTorch's CPU threads (0 = one a core).
+  PyTorch's CPU threads (0 = one a core); `fast`: '/'-joined Flax parameter paths
+  (a graft's new blocks) trained at `fast_scale` x the rate.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -54,7 +56,19 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
       f"{torch.get_num_threads()} threads")
   # The JAX loop's schedule, evaluated once for every step.
   lr_at = np.asarray(recipe.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+  # The Flax paths as torch parameter names (kernel/scale/embedding -> weight).
+  fast_names = {convert.path_to_torch_key(tuple(p.split("/"))[:-1] + (
+      "bias" if p.endswith("/bias") else "weight",)) for p in fast}
+  named = list(model.named_parameters())
+  unknown = fast_names - {n for n, _ in named}
+  if unknown:
+    raise ValueError(f"fast parameters not in the UNet: {sorted(unknown)[:3]}")
+  groups = [{"params": [p for n, p in named if n not in fast_names], "scale": 1.0},
+            {"params": [p for n, p in named if n in fast_names], "scale": fast_scale}]
+  opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=1e-4)
+  if fast_names:
+    log(f"unet (torch): {sum(p.numel() for n, p in named if n in fast_names):,} parameters "
+        f"at {fast_scale:g}x the rate")
   ema = [torch.zeros_like(p) for p in model.parameters()]
   ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
   z_all = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
@@ -83,7 +97,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     zt = a * z0 + s * noise
     target = a * noise - s * z0 if prediction_type == "v_prediction" else noise
     for g in opt.param_groups:
-      g["lr"] = float(lr_at[i])
+      g["lr"] = float(lr_at[i]) * g["scale"]
     out = model(zt, t, table[torch.from_numpy(cap)]).sample
     loss = torch.mean((out - target) ** 2)
     opt.zero_grad(set_to_none=True)
