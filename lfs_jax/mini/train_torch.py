@@ -56,9 +56,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
       f"{torch.get_num_threads()} threads")
   # The JAX loop's schedule, evaluated once for every step.
   lr_at = np.asarray(recipe.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
-  # The Flax paths as torch parameter names (kernel/scale/embedding -> weight).
-  fast_names = {convert.path_to_torch_key(tuple(p.split("/"))[:-1] + (
-      "bias" if p.endswith("/bias") else "weight",)) for p in fast}
+  fast_names = {convert.torch_name(tuple(p.split("/"))) for p in fast}
   named = list(model.named_parameters())
   unknown = fast_names - {n for n, _ in named}
   if unknown:

@@ -56,6 +56,12 @@ def path_to_torch_key(path: Path) -> str:
                   for p in path)
 
 
+def torch_name(path: Path) -> str:
+  """The torch key of a Flax leaf's path (kernel, scale and embedding are torch's weight)."""
+  leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
+  return path_to_torch_key(path[:-1] + (leaf,))
+
+
 def flatten(tree: Mapping, prefix: Path = ()) -> Dict[Path, object]:
   out = {}
   for k, v in tree.items():
@@ -163,7 +169,7 @@ def torch_to_flax(
     p = missing[0]
     raise WeightsMismatchError(
         f"{source} is missing {len(missing)} tensor(s), first {'/'.join(p)} "
-        f"(torch name {path_to_torch_key(p[:-1] + ('weight' if p[-1] in ('kernel', 'scale', 'embedding') else p[-1],))!r})")
+        f"(torch name {torch_name(p)!r})")
   to_array = np.asarray if on_host else jnp.asarray
   return unflatten({p: to_array(a, dtype=dtype) for p, a in out.items()})
 
@@ -173,12 +179,7 @@ def flax_to_torch(params: Mapping) -> Dict[str, np.ndarray]:
   out = {}
   for path, leaf in flatten(params).items():
     arr = np.asarray(jax.device_get(leaf))
-    name = path[-1]
-    if name == "kernel":
+    if path[-1] == "kernel":
       arr = np.transpose(arr, (3, 2, 0, 1)) if arr.ndim == 4 else arr.T
-      name = "weight"
-    elif name in ("scale", "embedding"):
-      name = "weight"
-    out[path_to_torch_key(path[:-1] + (name,))] = (
-        np.ascontiguousarray(arr).reshape(arr.shape))  # keeps 0-d leaves 0-d
+    out[torch_name(path)] = np.ascontiguousarray(arr).reshape(arr.shape)  # 0-d stays 0-d
   return out
