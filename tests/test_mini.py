@@ -276,7 +276,7 @@ def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path
   added = train_base.new_paths(params, source)
   assert added and all("attentions_" in p for p in added)
   rng = np.random.default_rng(0)
-  trained, _ = train_torch.train_unet(
+  trained, _, _ = train_torch.train_unet(
       train_base.UNET_CROSS16, np.linspace(0.999, 0.01, 1000), "v_prediction",
       rng.standard_normal((4, 16, 16, 4)).astype(np.float32), np.zeros((4, 1), int),
       rng.standard_normal((1, 77, 32)).astype(np.float32), 0, 1, 2, 0, 1e-4, 0.999, 0.0,

@@ -322,6 +322,9 @@ def main(argv=None) -> int:
                   help="captions name a patterned shape's pattern and second colour in half "
                   "of its variants ('a blue star with yellow stripes on a black background'); "
                   "without it no caption names a pattern")
+  ap.add_argument("--train_text_encoder", action="store_true",
+                  help="train the text encoder's layers with the UNet (--backend=torch; the "
+                  "token embedding table stays frozen); by default the encoder is frozen")
   ap.add_argument("--unet_from", default="",
                   help="a model folder: start the UNet from its weights and keep its text "
                   "encoder (continue training; --seed then only picks new renders)")
@@ -369,6 +372,9 @@ def main(argv=None) -> int:
   # The UNet to start from, grafted if the architecture changes: checked before any work.
   unet_config = UNET_ARCHS[args.unet_arch or "base"]
   init_params, graft, added = None, None, []
+  if args.train_text_encoder and args.backend != "torch":
+    ap.error("--train_text_encoder needs --backend=torch (the JAX loop reads a frozen "
+             "encoder's table)")
   if args.graft_lr_scale <= 0:
     ap.error(f"--graft_lr_scale must be > 0, got {args.graft_lr_scale}")
   if args.unet_from:
@@ -454,9 +460,10 @@ def main(argv=None) -> int:
   vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
   out = os.path.abspath(args.out)
 
-  def save(unet_params, folder: str, unet_loss, steps_done: int) -> None:
+  def save(unet_params, folder: str, unet_loss, steps_done: int, text_out=None) -> None:
     def write(tmp):
-      tiny.write_folder({"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
+      tiny.write_folder({"unet": unet_params, "vae": vae_params,
+                         "text_encoder": text_params if text_out is None else text_out},
                         tmp, unet_config=unet_config, vae_config=vae_cfg, text_config=TEXT,
                         scheduler_config=SCHEDULER)
       record = {
@@ -489,17 +496,22 @@ def main(argv=None) -> int:
     from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
     sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig.from_diffusers(SCHEDULER))
 
-    def snapshot(params, step):
+    def snapshot(params, text_out, step):
       timings["unet_s"] = time.time() - t
-      save(params, f"{out}_step{step}", None, step)
+      save(params, f"{out}_step{step}", None, step, text_out)
       _log(f"wrote {out}_step{step}")
 
-    unet_params, unet_loss = train_torch.train_unet(
+    text = None
+    if args.train_text_encoder:
+      text = (TEXT, text_params, concepts_lib.tokenize(tokenizer, captions, 77))
+    unet_params, unet_loss, trained_text = train_torch.train_unet(
         unet_config, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"],
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
         args.seed, args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
         high_share=args.high_noise, init=init_params, init_name=args.unet_from,
-        threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale)
+        threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale, text=text)
+    if trained_text is not None:  # what save() writes from here on
+      text_params = trained_text
   else:
     unet_model, unet_params, unet_loss = train_unet(
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,

@@ -22,24 +22,30 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                latents: np.ndarray, caption_index: np.ndarray, text_table: np.ndarray,
                empty_index: int, steps: int, batch: int, seed: int, lr: float,
                ema_decay: float, drop: float, log: Callable[[str], None],
-               snapshot: Optional[Callable[[dict, int], None]] = None,
+               snapshot: Optional[Callable[[dict, Optional[dict], int], None]] = None,
                snapshot_every: int = 0, high_share: float = 0.0,
                init: Optional[dict] = None, init_name: str = "", threads: int = 0,
-               fast=(), fast_scale: float = 1.0):
-  """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps).
+               fast=(), fast_scale: float = 1.0, text: Optional[tuple] = None):
+  """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps,
+  the text encoder's Flax params of the EMA, or None when it stays frozen).
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
-  text_table [C, 77, d] per image; `snapshot(params, step)` is called every
-  `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a Flax UNet
+  text_table [C, 77, d] per image; `snapshot(params, text_params, step)` is called
+  every `snapshot_every` steps with the EMA so far (bias-corrected); `init`: a Flax UNet
   tree of `unet_config` to start from (`init_name` says where it came from, for the
   log); `high_share`: see recipe.HIGH_T; `threads`:
   PyTorch's CPU threads (0 = one a core); `fast`: '/'-joined Flax parameter paths
-  (a graft's new blocks) trained at `fast_scale` x the rate.
+  (a graft's new blocks) trained at `fast_scale` x the rate; `text`: (transformers
+  CLIPTextConfig dict, its Flax params, token ids [C, 77] of text_table's captions) to
+  train the encoder's layers with the UNet (the token embedding table stays frozen, so
+  every word keeps its row), the captions then encoded at each step, not from
+  `text_table`.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
 
   from lfs_jax.mini import recipe  # pylint: disable=g-import-not-at-top
+  from lfs_jax.models import clip  # pylint: disable=g-import-not-at-top
   from lfs_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
@@ -52,6 +58,15 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     log(f"unet (torch): starting from {init_name or 'the given weights'}")
   model.train()
+  encoder, ids, text_names = None, None, set()
+  if text is not None:
+    encoder, ids = _text_encoder(text[0], text[1]), torch.from_numpy(np.asarray(text[2]))
+    encoder.train()
+    for n, p in encoder.named_parameters():
+      p.requires_grad_(not n.endswith("token_embedding.weight"))
+    text_names = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    log(f"text encoder (torch): {sum(p.numel() for n, p in encoder.named_parameters() if n in text_names):,} "
+        f"parameters trained with the UNet")
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
   # The JAX loop's schedule, evaluated once for every step.
@@ -63,25 +78,42 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     raise ValueError(f"fast parameters not in the UNet: {sorted(unknown)[:3]}")
   groups = [{"params": [p for n, p in named if n not in fast_names], "scale": 1.0},
             {"params": [p for n, p in named if n in fast_names], "scale": fast_scale}]
+  trained = [p for _, p in named]
+  if encoder is not None:
+    text_params = [p for n, p in encoder.named_parameters() if n in text_names]
+    groups[0]["params"] += text_params
+    trained += text_params
   opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=1e-4)
   if fast_names:
     log(f"unet (torch): {sum(p.numel() for n, p in named if n in fast_names):,} parameters "
         f"at {fast_scale:g}x the rate")
-  ema = [torch.zeros_like(p) for p in model.parameters()]
+  ema = [torch.zeros_like(p) for p in trained]
   ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
   z_all = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
   table = torch.from_numpy(np.asarray(text_table, np.float32))
   rng = np.random.default_rng([seed, 4])
   gen = torch.Generator().manual_seed(seed + 1)
 
-  def ema_params(done: int) -> dict:
+  def ema_params(done: int):
     correction = 1.0 - ema_decay ** done
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    for (name, _), e in zip(model.named_parameters(), ema):
-      state[name] = (e / correction).numpy().copy()
+    averaged = {id(p): (e / correction).numpy().copy() for p, e in zip(trained, ema)}
+
+    def state_of(module):
+      state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+      for name, p in module.named_parameters():
+        if id(p) in averaged:
+          state[name] = averaged[id(p)]
+      return state
+
     cfg = unet_lib.UNetConfig.from_diffusers(unet_config)
-    return convert.torch_to_flax(state, unet_lib.abstract_params(cfg), source="torch UNet",
-                                 on_host=True)
+    unet_out = convert.torch_to_flax(state_of(model), unet_lib.abstract_params(cfg),
+                                     source="torch UNet", on_host=True)
+    if encoder is None:
+      return unet_out, None
+    text_cfg = clip.CLIPTextConfig.from_transformers(text[0])
+    return unet_out, convert.torch_to_flax(
+        state_of(encoder), clip.abstract_params(text_cfg), ignore=clip.IGNORED_KEYS,
+        rename=clip.torch_rename, source="torch text encoder", on_host=True)
 
   t0, losses = time.time(), []
   for i in range(steps):
@@ -96,14 +128,18 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     target = a * noise - s * z0 if prediction_type == "v_prediction" else noise
     for g in opt.param_groups:
       g["lr"] = float(lr_at[i]) * g["scale"]
-    out = model(zt, t, table[torch.from_numpy(cap)]).sample
+    if encoder is None:
+      ctx = table[torch.from_numpy(cap)]
+    else:
+      ctx = encoder(input_ids=ids[torch.from_numpy(cap)]).last_hidden_state
+    out = model(zt, t, ctx).sample
     loss = torch.mean((out - target) ** 2)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
     with torch.no_grad():
-      for e, p in zip(ema, model.parameters()):
+      for e, p in zip(ema, trained):
         e.mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
     losses.append(loss.item())
     if (i + 1) % max(1, steps // 50) == 0:
@@ -112,8 +148,29 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
     if snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 \
         and i + 1 < steps:
-      snapshot(ema_params(i + 1), i + 1)
-  return ema_params(steps), float(np.mean(losses[-200:]))
+      snapshot(*ema_params(i + 1), i + 1)
+  unet_out, text_out = ema_params(steps)
+  return unet_out, float(np.mean(losses[-200:])), text_out
+
+
+def _text_encoder(config: dict, params: dict):
+  """transformers' CLIPTextModel holding `params` (a Flax tree of lfs_jax's CLIP)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
+
+  model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      **{k: v for k, v in config.items() if not k.startswith("_")}))
+  state = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_torch(params).items()}
+  own = model.state_dict()
+  state = {k if k in own else k.replace("text_model.", "", 1): v for k, v in state.items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [k for k in missing if not k.endswith("position_ids")]
+  if missing or unexpected:
+    raise ValueError(f"text encoder weights do not fit transformers' CLIPTextModel: "
+                     f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+  return model
 
 
 def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: int,
