@@ -178,6 +178,46 @@ def test_train_base_torch_backend_writes_loadable_folders(tmp_path):
   assert final.vae.config.scaling_factor == loaders.load_vae(shipped)[0].config.scaling_factor
 
 
+def test_train_text_encoder_starts_from_the_frozen_table_and_keeps_token_rows():
+  """--train_text_encoder: the torch encoder computes what the frozen table held, and
+  training moves its layers, not the token embedding rows."""
+  import jax
+
+  from lfs_jax import tiny
+  from lfs_jax import concepts as concepts_lib
+  from lfs_jax.mini import train_base, train_torch
+  from lfs_jax.models import clip
+  from lfs_jax.weights import convert, loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  text_params = loaders.load_text_encoder(shipped, on_host=True)[1]
+  tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
+  captions = ["", "a blue star with yellow stripes", "a red square on a black background"]
+  table = train_base.encode_captions(clip.CLIPTextModel(clip.CLIPTextConfig.from_transformers(
+      train_base.TEXT)), text_params, tokenizer, captions)
+  ids = concepts_lib.tokenize(tokenizer, captions, 77)
+  import torch
+  with torch.no_grad():
+    got = train_torch._text_encoder(train_base.TEXT, text_params)(  # pylint: disable=protected-access
+        input_ids=torch.from_numpy(np.asarray(ids))).last_hidden_state.numpy()
+  np.testing.assert_allclose(got, table, atol=2e-5)
+
+  rng = np.random.default_rng(0)
+  _, _, trained = train_torch.train_unet(
+      train_base.UNET, np.linspace(0.999, 0.01, 1000), "v_prediction",
+      rng.standard_normal((3, 16, 16, 4)).astype(np.float32), np.arange(3)[:, None],
+      table, 0, 2, 3, 0, 1e-3, 0.9, 0.0, lambda _: None, threads=1,
+      text=(train_base.TEXT, text_params, ids))
+  before, after = convert.flatten(text_params), convert.flatten(trained)
+  assert before.keys() == after.keys()
+  moved = {"/".join(k): np.abs(np.asarray(after[k]) - np.asarray(v)).max()
+           for k, v in before.items()}
+  rows = [k for k in moved if k.endswith("token_embedding/embedding")]
+  assert rows and all(moved[k] == 0.0 for k in rows)
+  assert max(v for k, v in moved.items() if "layers" in k) > 1e-4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(trained))
+
+
 def test_train_base_same_command_same_weights(tmp_path):
   """Rerunning a recorded train_base command reproduces its UNet bit for bit."""
   from lfs_jax.mini import train_base
