@@ -160,7 +160,8 @@ def to_unit(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def caption_variants(scene: world.Scene, name_patterns: bool = False) -> List[str]:
+def caption_variants(scene: world.Scene, name_patterns: bool = False,
+                     pattern_words: str = "plain") -> List[str]:
   """The captions a training image is shown with (the full one, and shorter ones).
 
   Each attribute (colour, background and, with `name_patterns`, the pattern with its
@@ -169,7 +170,7 @@ def caption_variants(scene: world.Scene, name_patterns: bool = False) -> List[st
   image has the same number of variants and each attribute is dropped as often.
   """
   named = (True, False) if name_patterns else (False,)
-  return [world.caption(scene, colour=c, background=b, pattern=p)
+  return [world.caption(scene, colour=c, background=b, pattern=p, pattern_words=pattern_words)
           for p in named for b in (True, False) for c in (True, False)]
 
 
@@ -322,6 +323,10 @@ def main(argv=None) -> int:
                   help="captions name a patterned shape's pattern and second colour in half "
                   "of its variants ('a blue star with yellow stripes on a black background'); "
                   "without it no caption names a pattern")
+  ap.add_argument("--pattern_words", choices=world.PATTERN_WORDINGS, default="plain",
+                  help="with --name_patterns: the second colour as a bare colour word "
+                  "('yellow stripes', plain) or in words no other colour uses ('gold "
+                  "stripes', distinct: world.PATTERN_COLOUR_WORDS)")
   ap.add_argument("--train_text_encoder", action="store_true",
                   help="train the text encoder's layers with the UNet (--backend=torch; the "
                   "token embedding table stays frozen); by default the encoder is frozen")
@@ -449,7 +454,7 @@ def main(argv=None) -> int:
   else:
     text_params = tiny.random_tree(clip.abstract_params(text_cfg), [args.seed, 5])
   tokenizer = loaders.load_tokenizer(tiny.TOKENIZER_DIR)
-  variants = [caption_variants(s, args.name_patterns) for s in scenes]
+  variants = [caption_variants(s, args.name_patterns, args.pattern_words) for s in scenes]
   captions = sorted({c for v in variants for c in v} | {""})
   cap_id = {c: i for i, c in enumerate(captions)}
   if args.unet_steps:

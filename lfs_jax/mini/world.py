@@ -73,16 +73,33 @@ PATTERN_PHRASES: Dict[str, str] = {
 }
 
 
+# `caption(..., pattern_words="distinct")`: a pattern's second colour in words that no
+# shape or background colour uses ("a blue star with gold stripes"), so a caption never
+# leaves it to the model which object a colour word belongs to.
+PATTERN_COLOUR_WORDS: Dict[str, str] = {
+    "red": "crimson", "green": "emerald", "blue": "navy", "yellow": "gold",
+    "purple": "violet", "orange": "amber", "white": "ivory", "black": "ebony",
+    "gray": "silver",
+}
+PATTERN_WORDINGS = ("plain", "distinct")
+
+
 def caption(scene: Scene, *, colour: bool = True, background: bool = True,
-            pattern: bool = True) -> str:
+            pattern: bool = True, pattern_words: str = "plain") -> str:
   """'a red circle on a blue background', or a shorter form without some attributes.
 
   A patterned scene's caption names its pattern ("a blue star with yellow stripes on
   a black background") unless `pattern` is False; a solid scene's never does.
+  `pattern_words="distinct"` names the second colour in PATTERN_COLOUR_WORDS ("a blue
+  star with gold stripes").
   """
+  if pattern_words not in PATTERN_WORDINGS:
+    raise ValueError(f"pattern_words must be one of {PATTERN_WORDINGS}, got {pattern_words!r}")
   words = ["a"] + ([scene.colour] if colour else []) + [scene.shape]
   if pattern and scene.pattern != "solid":
-    words += ["with", PATTERN_PHRASES[scene.pattern].format(scene.colour2)]
+    colour2 = (PATTERN_COLOUR_WORDS[scene.colour2] if pattern_words == "distinct"
+               else scene.colour2)
+    words += ["with", PATTERN_PHRASES[scene.pattern].format(colour2)]
   if background:
     words += ["on", "a", scene.background, "background"]
   return " ".join(words)
