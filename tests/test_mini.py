@@ -51,6 +51,14 @@ def test_captions_and_held_out_split():
   striped = world.Scene("star", "blue", "black", "stripes", "yellow")
   assert world.caption(striped) == "a blue star with yellow stripes on a black background"
   assert world.caption(striped, pattern=False) == "a blue star on a black background"
+  # distinct wording: the second colour in a word no shape or background colour uses
+  assert (world.caption(striped, pattern_words="distinct")
+          == "a blue star with gold stripes on a black background")
+  words = set(world.PATTERN_COLOUR_WORDS.values())
+  assert len(words) == len(world.BACKGROUNDS) and not words & set(world.BACKGROUNDS)
+  assert set(world.PATTERN_COLOUR_WORDS) == set(world.BACKGROUNDS)
+  with pytest.raises(ValueError, match="pattern_words"):
+    world.caption(striped, pattern_words="fancy")
   assert world.caption(world.Scene("star", "blue", "black", "ring", "gray"),
                        background=False) == "a blue star with a gray ring"
   from lfs_jax.mini import ceiling

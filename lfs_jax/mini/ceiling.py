@@ -75,13 +75,14 @@ def vae_ceiling(vae_model, vae_params, oracle_params, n: int = 64, seed: int = S
   return out
 
 
-def named_design(c: world.Concept) -> str:
+def named_design(c: world.Concept, pattern_words: str = "plain") -> str:
   """The concept's design in the world's words: "a blue star with yellow stripes"."""
   return world.caption(world.Scene(c.shape, c.colour, "white", c.pattern, c.colour2),
-                       background=False)
+                       background=False, pattern_words=pattern_words)
 
 
-def reachability(cfg, oracle_params, n: int = 32) -> Dict[str, Dict[str, float]]:
+def reachability(cfg, oracle_params, n: int = 32,
+                 pattern_words: str = "plain") -> Dict[str, Dict[str, float]]:
   """The base model asked for each concept's design in words (`named_design`), `n` seeds.
 
   {concept: {prompt, named (strict accuracy), shape, colour, pattern, colour2}}: how
@@ -92,7 +93,7 @@ def reachability(cfg, oracle_params, n: int = 32) -> Dict[str, Dict[str, float]]
   """
   from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
 
-  prompts = [named_design(c) for c in world.CONCEPTS]
+  prompts = [named_design(c, pattern_words) for c in world.CONCEPTS]
   imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
                          [i for _ in prompts for i in range(n)], 1.0, cfg)
   _, pred = oracle.predict(oracle_params, imgs)
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
                   help="instead: sample the base (--model) on each concept's design in words "
                   "('a blue star with yellow stripes', --images seeds, the benchmark's short "
                   "config's sampler) and score those samples")
+  ap.add_argument("--pattern_words", choices=world.PATTERN_WORDINGS, default="plain",
+                  help="--named: how the design's second colour is worded (as the base "
+                  "was trained: train_base --pattern_words)")
   ap.add_argument("--drawn", action="store_true",
                   help="instead: the share of the base's samples (training captions, class "
                   "prompts) that the oracle reads as patterned, beside the training renders'")
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
     rows = drawn_patterns(cfg, oracle_params, args.images, args.seed, guidances)
     print(table(rows, ("patterned",) + world.PATTERNS[1:], first="samples", mean=False))
   elif args.named:
-    rows = reachability(cfg, oracle_params, args.images)
+    rows = reachability(cfg, oracle_params, args.images, args.pattern_words)
     print(table(rows, ("named", "shape", "colour", "pattern", "colour2")))
   else:
     vae_model, vae_params = loaders.load_vae(args.model)
