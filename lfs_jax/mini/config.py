@@ -54,8 +54,9 @@ def get_config(arg="full"):
   # rescale + its caption cues cost the concepts (accuracy right after their session
   # 0.17 -> 0.04, nIA 0.59 -> 0.39) and the class prompts (0.38 -> 0.20); the cd loss
   # reduction (4x the mean) scored within noise of the mean for CD alone and would
-  # quarter kd.weight / kd.kv_weight (tuned on the mean); ktn scored within one sample
-  # of the class word (single runs), and every documented mini number uses the class word.
+  # quarter kd.weight / kd.kv_weight (tuned on the mean); ktn scored within one std of
+  # the class word on three seeds (CD, :short), and every documented mini number uses the
+  # class word.
   c.train.loss_reduction = "mean"
   c.concepts.initializer = "class"
   c.data.rescale_cues = False
