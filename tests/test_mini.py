@@ -214,7 +214,7 @@ def test_train_text_encoder_starts_from_the_frozen_table_and_keeps_token_rows():
   _, _, trained = train_torch.train_unet(
       train_base.UNET, np.linspace(0.999, 0.01, 1000), "v_prediction",
       rng.standard_normal((3, 16, 16, 4)).astype(np.float32), np.arange(3)[:, None],
-      table, 0, 2, 3, 0, 1e-3, 0.9, 0.0, lambda _: None, threads=1,
+      None, 0, 2, 3, 0, 1e-3, 0.9, 0.0, lambda _: None, threads=1,
       text=(train_base.TEXT, text_params, ids))
   before, after = convert.flatten(text_params), convert.flatten(trained)
   assert before.keys() == after.keys()
@@ -224,6 +224,10 @@ def test_train_text_encoder_starts_from_the_frozen_table_and_keeps_token_rows():
   assert rows and all(moved[k] == 0.0 for k in rows)
   assert max(v for k, v in moved.items() if "layers" in k) > 1e-4
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(trained))
+  # The flag without a UNet to train with, or with the JAX loop: an error before any work.
+  for bad in (["--backend=torch", "--unet_steps=0"], ["--backend=jax"]):
+    with pytest.raises(SystemExit):
+      train_base.main(["--out=unused", "--train_text_encoder"] + bad)
 
 
 def test_train_base_same_command_same_weights(tmp_path):

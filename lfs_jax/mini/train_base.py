@@ -377,9 +377,9 @@ def main(argv=None) -> int:
   # The UNet to start from, grafted if the architecture changes: checked before any work.
   unet_config = UNET_ARCHS[args.unet_arch or "base"]
   init_params, graft, added = None, None, []
-  if args.train_text_encoder and args.backend != "torch":
+  if args.train_text_encoder and (args.backend != "torch" or not args.unet_steps):
     ap.error("--train_text_encoder needs --backend=torch (the JAX loop reads a frozen "
-             "encoder's table)")
+             "encoder's table) and --unet_steps > 0 (the encoder trains with the UNet)")
   if args.graft_lr_scale <= 0:
     ap.error(f"--graft_lr_scale must be > 0, got {args.graft_lr_scale}")
   if args.unet_from:
@@ -458,7 +458,8 @@ def main(argv=None) -> int:
   captions = sorted({c for v in variants for c in v} | {""})
   cap_id = {c: i for i, c in enumerate(captions)}
   if args.unet_steps:
-    table = encode_captions(text_model, text_params, tokenizer, captions)
+    table = (None if args.train_text_encoder  # encoded at each step instead
+             else encode_captions(text_model, text_params, tokenizer, captions))
     caption_index = np.array([[cap_id[c] for c in v] for v in variants])
     _log(f"{len(captions)} distinct captions")
 

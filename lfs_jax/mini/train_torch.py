@@ -38,8 +38,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   (a graft's new blocks) trained at `fast_scale` x the rate; `text`: (transformers
   CLIPTextConfig dict, its Flax params, token ids [C, 77] of text_table's captions) to
   train the encoder's layers with the UNet (the token embedding table stays frozen, so
-  every word keeps its row), the captions then encoded at each step, not from
-  `text_table`.
+  every word keeps its row), the captions then encoded at each step and `text_table`
+  unused (None).
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -58,15 +58,15 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     log(f"unet (torch): starting from {init_name or 'the given weights'}")
   model.train()
-  encoder, ids, text_names = None, None, set()
+  encoder, ids, text_trained = None, None, []
   if text is not None:
     encoder, ids = _text_encoder(text[0], text[1]), torch.from_numpy(np.asarray(text[2]))
     encoder.train()
     for n, p in encoder.named_parameters():
       p.requires_grad_(not n.endswith("token_embedding.weight"))
-    text_names = {n for n, p in encoder.named_parameters() if p.requires_grad}
-    log(f"text encoder (torch): {sum(p.numel() for n, p in encoder.named_parameters() if n in text_names):,} "
-        f"parameters trained with the UNet")
+    text_trained = [p for p in encoder.parameters() if p.requires_grad]
+    log(f"text encoder (torch): {sum(p.numel() for p in text_trained):,} parameters "
+        f"trained with the UNet")
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{torch.get_num_threads()} threads")
   # The JAX loop's schedule, evaluated once for every step.
@@ -78,11 +78,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     raise ValueError(f"fast parameters not in the UNet: {sorted(unknown)[:3]}")
   groups = [{"params": [p for n, p in named if n not in fast_names], "scale": 1.0},
             {"params": [p for n, p in named if n in fast_names], "scale": fast_scale}]
-  trained = [p for _, p in named]
-  if encoder is not None:
-    text_params = [p for n, p in encoder.named_parameters() if n in text_names]
-    groups[0]["params"] += text_params
-    trained += text_params
+  groups[0]["params"] += text_trained
+  trained = [p for _, p in named] + text_trained
   opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=1e-4)
   if fast_names:
     log(f"unet (torch): {sum(p.numel() for n, p in named if n in fast_names):,} parameters "
@@ -90,7 +87,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   ema = [torch.zeros_like(p) for p in trained]
   ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
   z_all = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
-  table = torch.from_numpy(np.asarray(text_table, np.float32))
+  table = None if text_table is None else torch.from_numpy(np.asarray(text_table, np.float32))
   rng = np.random.default_rng([seed, 4])
   gen = torch.Generator().manual_seed(seed + 1)
 
