@@ -5,8 +5,10 @@ import os
 os.environ.setdefault(
     "XLA_FLAGS",
     # 8 fake devices for sharding tests; a lighter LLVM pipeline: tiny models compile
-    # several times faster and run about as fast.
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    # several times faster and run about as fast. XLA:CPU's older elementwise emitter
+    # instead of its fusion emitters halves the compile again (docs/benchmarks.md).
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    " --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -115,14 +115,21 @@ def _problem(seed=0, n_images=1, hw=4, **spec_overrides):
 MODELS = losses.Models(unet=FakeUNet(), text=FakeText())
 
 
+# XLA:CPU's default fusion emitters, which tests/conftest.py turns off for the suite's
+# compile time: for the tests that assert two different programs agree bit for bit.
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
+
+
 @functools.lru_cache(maxsize=None)
-def _loss_jit(spec):
-  return jax.jit(functools.partial(losses.loss_fn, models=MODELS, spec=spec))
+def _loss_jit(spec, default_emitters=False):
+  return jax.jit(functools.partial(losses.loss_fn, models=MODELS, spec=spec),
+                 compiler_options=DEFAULT_EMITTERS if default_emitters else None)
 
 
-def _run_loss(trainable, frozen, teacher, data, spec, seed, scheduler_cfg=SD_SCHEDULER):
+def _run_loss(trainable, frozen, teacher, data, spec, seed, scheduler_cfg=SD_SCHEDULER,
+              default_emitters=False):
   CALLS.clear()
-  fn = _loss_jit(spec)
+  fn = _loss_jit(spec, default_emitters)
   loss, metrics = fn(trainable, frozen, teacher, data, schedule_lib.make_schedule(scheduler_cfg),
                      jax.random.key(seed))
   jax.effects_barrier()
@@ -304,7 +311,8 @@ def test_prior_preservation_rows_and_term_match_numpy(seed):
   the total denoise + 2 prior + 3 kd + 5 kv."""
   trainable, frozen, teacher, data, spec = _problem(prior_weight=2.0)
   data = _with_prior(data)
-  loss, m, calls = _run_loss(trainable, frozen, teacher, data, spec, seed)
+  loss, m, calls = _run_loss(trainable, frozen, teacher, data, spec, seed,
+                             default_emitters=True)
   b, k = spec.batch_size, spec.kd_batch_size
   x_in, t_in, c_in = calls[-1]
   assert x_in.shape[0] == b + b + k
@@ -326,7 +334,8 @@ def test_prior_preservation_rows_and_term_match_numpy(seed):
   assert prior > 0.01
   # The photo rows are as without prior preservation: the same draws, the same term.
   _, m_off, calls_off = _run_loss(trainable, frozen, teacher, data,
-                                  dataclasses.replace(spec, prior_weight=0.0), seed)
+                                  dataclasses.replace(spec, prior_weight=0.0), seed,
+                                  default_emitters=True)
   np.testing.assert_array_equal(calls_off[-1][0][:b], x_in[:b])
   np.testing.assert_allclose(m_off["denoise"], m["denoise"], rtol=1e-6)
   assert "prior" not in m_off and spec.regularised

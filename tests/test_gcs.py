@@ -332,6 +332,14 @@ def test_a_stalled_holder_loses_its_lease_and_leaves_the_new_holders_lock(
   assert "another job took over this run's lock" in capsys.readouterr().err
   stalled.release()
   assert ("DELETE", "stalled/lock") in preconditions
+  # The object is the new holder's. Its renewals are slowed first: a renewal between
+  # reading the object and reading the holder's generation would race the comparison
+  # (a renewal already in flight is waited out).
+  monkeypatch.setattr(lock, "LEASE_RENEW_S", 60.0)
+  deadline = time.monotonic() + 30
+  while (_generation(url) != new._generation  # pylint: disable=protected-access
+         and time.monotonic() < deadline):
+    time.sleep(0.05)
   assert _generation(url) == new._generation  # pylint: disable=protected-access
   new.release()
   assert not paths.exists(url)

@@ -91,13 +91,18 @@ def test_kd_is_zero_at_first_step_then_positive(tmp_path, tiny_config, mode, cac
   key = jax.random.key(7)
   args = (su.frozen, su.teacher, su.data, ctx.schedule, key)
   _, aux = loss(su.state.trainable, *args)
-  assert float(aux["kd"]) == 0.0
+  # The student is the teacher: zero up to rounding. Bit for bit only where XLA rounds
+  # the teacher's and the student's UNet calls (two batch sizes; with the cache, two
+  # programs) alike: its default CPU fusion emitters do, the older emitter the suite
+  # compiles with (tests/conftest.py) puts them 1e-13 apart. Three steps on: 1e-7-1e-6.
+  kd_first = float(aux["kd"])
+  assert 0.0 <= kd_first < 1e-11, kd_first
   old_tokens = np.array(su.frozen["tokens"])
   state = su.state
   for _ in range(3):
     state, _ = su.step_fn(state, su.frozen, su.teacher, su.data, ctx.schedule, su.train_key)
   _, aux = loss(state.trainable, *args)
-  assert float(aux["kd"]) > 0.0
+  assert float(aux["kd"]) > 1e-9
   # Frozen weights and the frozen token table are untouched by the steps.
   _assert_trees_equal(ctx.pipe.unet_params, base_unet)
   _assert_trees_equal(ctx.pipe.text_encoder_params, base_text)
