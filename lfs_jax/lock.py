@@ -142,6 +142,14 @@ class _GcsObject:
     try:
       blob.upload_from_string(record, if_generation_match=generation)
     except self._errors.PreconditionFailed:
+      # The client retries a conditional write whose answer was lost (a timeout, a
+      # reset); when the first try had gone through, the retry is refused against our
+      # own write. The record (host, pid, renewal time) is ours alone: then it is ours.
+      now = self._bucket.get_blob(self._name)
+      if now is not None:
+        generation = now.generation  # read before the download resets it (see get)
+        if now.download_as_bytes().decode("utf-8", "replace") == record:
+          return generation
       return None
     return blob.generation
 

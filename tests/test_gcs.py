@@ -490,3 +490,23 @@ def test_processes_that_do_not_see_process_0s_config_are_refused(monkeypatch, tm
     prepare_lib._check_shared(str(tmp_path))  # pylint: disable=protected-access
   (tmp_path / "config.json").write_text("{}")
   prepare_lib._check_shared(str(tmp_path))  # pylint: disable=protected-access
+
+
+def test_a_retried_renewal_that_meets_its_own_write_keeps_the_lease(preconditions):
+  """The storage client retries a conditional write whose answer was lost; the retry
+  is refused against the write that went through. That write is this job's own (the
+  same record), so the lease keeps it; another job's record is still a takeover."""
+  folder, url = f"gs://{BUCKET}/retried", f"gs://{BUCKET}/retried/lock"
+  held = lock.acquire(folder, "training run")
+  try:
+    store, generation = held._store, held._generation  # pylint: disable=protected-access
+    record = json.dumps({"host": "h", "pid": 1, "renewed": 1.5})
+    first = store.put(record, generation)  # went through; its answer "lost"
+    assert first is not None and first != generation
+    assert store.put(record, generation) == first == _generation(url)  # the retry
+    assert ("POST", "retried/lock") in preconditions  # it was refused, and recognised
+    assert store.put(json.dumps({"host": "other", "pid": 2, "renewed": 2.5}),
+                     generation) is None  # another job's write: taken over
+  finally:
+    held._stop.set()  # pylint: disable=protected-access
+    held._thread.join()  # pylint: disable=protected-access
