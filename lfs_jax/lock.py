@@ -147,9 +147,9 @@ class _GcsObject:
       # own write. The record (host, pid, renewal time) is ours alone: then it is ours.
       now = self._bucket.get_blob(self._name)
       if now is not None:
-        generation = now.generation  # read before the download resets it (see get)
+        theirs = now.generation  # read before the download resets it (see get)
         if now.download_as_bytes().decode("utf-8", "replace") == record:
-          return generation
+          return theirs
       return None
     return blob.generation
 
