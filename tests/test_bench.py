@@ -6,6 +6,7 @@ a workload runs through lfs_jax's own code and reports positive times and FLOPs.
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -16,7 +17,7 @@ if ROOT not in sys.path:  # bench/ sits beside lfs_jax/ but is not installed wit
   sys.path.insert(0, ROOT)
 
 import bench  # noqa: E402
-from bench import bench_jax, run  # noqa: E402
+from bench import bench_jax, load_cached, run  # noqa: E402
 
 # The SD 1.5 component configs shipped with the tests (tests/data/README.md).
 SD15 = os.path.join(ROOT, "tests", "data", "sd_configs", "sd15")
@@ -86,3 +87,30 @@ def test_sd15_configs_match_shipped():
                      ("scheduler/scheduler_config.json", bench.SD15_SCHEDULER)):
     with open(os.path.join(SD15, name)) as f:
       assert json.load(f) == want, name
+
+
+_FILL_CACHE = """
+import sys, jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.jit(lambda x: jnp.sin(x) @ x + 1.0, inline=False)(jnp.ones((32, 32))).block_until_ready()
+"""
+
+
+def test_load_cached_times_each_load_of_a_cached_executable(tmp_path, capsys):
+  cache = tmp_path / "xla"
+  subprocess.run([sys.executable, "-c", _FILL_CACHE, str(cache)], check=True, timeout=300)
+  assert load_cached.main([str(cache), "--match", "jit_", "--repeat", "2"]) == 0
+  records = _lines(capsys.readouterr().out)
+  assert records and [r["load"] for r in records[:2]] == [0, 1]
+  for r in records:
+    assert r["entry"].startswith("jit_") and r["entry"].endswith("-cache")
+    assert r["load_s"] > 0 and r["user_s"] >= 0 and r["system_s"] >= 0
+    assert r["serialized_bytes"] > r["cached_bytes"] > 0  # the entry is compressed
+    assert r["minor_faults"] >= 0 and r["max_rss_mib"] > 0
+  # nothing matches: a clear failure, not an empty success
+  assert load_cached.main([str(cache), "--match", "no_such_function"]) == 1
+  assert "no cache entries matching 'no_such_function'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    load_cached.main([str(tmp_path / "missing")])
