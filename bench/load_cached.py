@@ -9,8 +9,9 @@ first load of a process pays for fresh memory; later ones reuse what the first f
 
     python -m bench.load_cached ~/.cache/lfs_jax/bench_xla --match jit_step --repeat 2
 
-The folder is what `python -m bench.bench_jax --compile-cache DIR` (or a training run's
-`train.compile_cache`) filled. Nothing is executed; the loaded executables are dropped.
+The folder is a local one that `python -m bench.bench_jax --compile-cache DIR` (or a
+training run's local `train.compile_cache`) filled; a bucket cache is not read here.
+Nothing is executed; the loaded executables are dropped.
 """
 
 import argparse
@@ -25,7 +26,7 @@ from typing import Dict, List, Optional
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m bench.load_cached", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("cache", help="a jax persistent compilation cache folder")
+  p.add_argument("cache", help="a local jax persistent compilation cache folder")
   p.add_argument("--match", default="", help="only entries whose file name contains this")
   p.add_argument("--repeat", type=int, default=2, help="loads of each entry (>= 1)")
   args = p.parse_args(argv)
