@@ -4,23 +4,28 @@
 
 Three parts, in Stable Diffusion's shape so that every loader and session of the
 project runs on it unchanged:
-  - text encoder: a 2-layer CLIP text transformer over the real CLIP vocabulary,
-    frozen at its random initialisation. The UNet's cross-attention learns to read
-    it (an injective map of the caption is all it needs), and the method only ever
-    trains a new token's row and the cross-attention, never the encoder, so
-    training it would cost time without testing anything more;
+  - text encoder: a 2-layer CLIP text transformer over the real CLIP vocabulary.
+    By default frozen at its random initialisation (the UNet's cross-attention learns
+    to read it); `--train_text_encoder` trains its layers with the UNet (the token
+    rows stay frozen), which the shipped base needed before a caption could name a
+    design (docs/mini_world.md, "A base trained from scratch on pattern-naming
+    captions");
   - VAE (AutoencoderKL, 32 px -> 16x16x4 latents), trained first;
   - UNet (UNet2DConditionModel), v-prediction on SD's schedule rescaled to zero
     terminal SNR, half of each batch at high noise (where only the caption says
     what to draw), captions that drop the colour or the background at random (and
     10% empty captions, for classifier-free guidance); its EMA weights are shipped.
     `--backend=torch` runs this loop in PyTorch (2.5x faster on a CPU);
-    `--unet_from` continues from a folder's UNet.
-Both see the same renders: solid shapes, and (30%) shapes with a pattern in a
-second colour. Without `--name_patterns` the caption never names it, so the base can
-draw patterns but no prompt can ask for a particular one; with it, half of a
-patterned shape's captions name the pattern ("a blue star with yellow stripes"), so a
-concept's design is reachable from words (the shipped base's last stage).
+    `--unet_from` continues from a folder's UNet (and its text encoder).
+Both see the same renders: solid shapes, and (30%, `--pattern_share`) shapes with a
+pattern in a second colour. Without `--name_patterns` the caption never names it, so
+the base can draw patterns but no prompt can ask for a particular one; with it, half
+of a patterned shape's captions name the pattern ("a blue star with yellow stripes";
+`--pattern_words=distinct`: "with gold stripes", words nothing else uses), so a
+concept's design is reachable from words. The shipped base was trained from scratch
+that way (`--name_patterns --pattern_words=distinct --train_text_encoder
+--pattern_share=0.5`), on the VAE of the base before it; TRAINING.json records every
+command in the chain.
 The folder is written in diffusers' layout (safetensors), with TRAINING.json: the
 command, the wall time per part and the final losses.
 """
@@ -52,7 +57,8 @@ from lfs_jax.weights import loaders
 # The tiny model's text encoder (2 layers, width 32, the full CLIP vocabulary).
 TEXT = tiny.TEXT
 # Share of the base's training renders that carry a pattern (never captioned unless
-# --name_patterns); the shipped base's UNet parts were all trained at this default.
+# --name_patterns); the base shipped until 2026-12-03 was trained at this default, the
+# one shipped since at --pattern_share=0.5.
 TRAIN_PATTERN_SHARE = 0.3
 VAE = {
     "_class_name": "AutoencoderKL",
