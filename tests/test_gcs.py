@@ -332,15 +332,18 @@ def test_a_stalled_holder_loses_its_lease_and_leaves_the_new_holders_lock(
   assert "another job took over this run's lock" in capsys.readouterr().err
   stalled.release()
   assert ("DELETE", "stalled/lock") in preconditions
-  # The object is the new holder's. Its renewals are slowed first: a renewal between
-  # reading the object and reading the holder's generation would race the comparison
-  # (a renewal already in flight is waited out).
+  # The object is the new holder's. Its renewals are slowed first, but one may be in
+  # flight (the thread between its 0.05 s wait and its write): the pair is read until
+  # the object and the holder agree, and compared as read. (Re-reading both for the
+  # assert raced that renewal under load: the object one renewal older than the lease.)
   monkeypatch.setattr(lock, "LEASE_RENEW_S", 60.0)
   deadline = time.monotonic() + 30
-  while (_generation(url) != new._generation  # pylint: disable=protected-access
-         and time.monotonic() < deadline):
+  while True:
+    held = (_generation(url), new._generation)  # pylint: disable=protected-access
+    if held[0] == held[1] or time.monotonic() > deadline:
+      break
     time.sleep(0.05)
-  assert _generation(url) == new._generation  # pylint: disable=protected-access
+  assert held[0] == held[1], held
   new.release()
   assert not paths.exists(url)
 
