@@ -49,8 +49,9 @@ def get_config(arg="full"):
   c.data.flip = False             # a flip would swap a two-tone split's colours
   c.data.rescale = False          # the photos already vary in size and position
   c.concepts.templates = ("a {}",)  # the world's caption form: "a <c1> star"
-  # Custom Diffusion's recipe (config_base) measured here and not taken (docs/mini_world.md,
-  # "Recipe changes tried", 2026-12-02, single runs of the short config, CD alone):
+  # Custom Diffusion's recipe (config_base) measured here and not taken
+  # (docs/mini_world_history.md, "Recipe changes tried", 2026-12-02, single runs of the
+  # short config, CD alone, on the previous base):
   # rescale + its caption cues cost the concepts (accuracy right after their session
   # 0.17 -> 0.04, nIA 0.59 -> 0.39) and the class prompts (0.38 -> 0.20); the cd loss
   # reduction (4x the mean) scored within noise of the mean for CD alone; with lfs+kv
