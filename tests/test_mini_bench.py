@@ -37,6 +37,18 @@ def test_hard_config_is_six_sessions_of_one_class_all_renderable(mini_config):
           "separate", "custom_diffusion+icgen", "dfkd", "dfkd+kv"} <= set(variants)
 
 
+def test_long_config_is_full_and_three_more_sessions_of_its_classes(mini_config):
+  full, long = mini_config("full"), mini_config("long")
+  _, _, full_sessions = bench.check(full)
+  variants, _, sessions = bench.check(long)
+  assert len(sessions) == 9 and sessions[:6] == full_sessions
+  designs = [bench.design(long, n) for s in sessions for n in s]
+  assert {d.shape for d in designs} == {d.shape for s in full_sessions
+                                        for d in (bench.design(full, n) for n in s)}
+  assert len({(d.shape, d.colour, d.pattern, d.colour2) for d in designs}) == 9
+  assert variants == bench.check(full)[0]
+
+
 def _summary(niad, nia, drop, ia=0.8):
   return {"ia_final": ia, "ia_photos_final": ia + 0.01, "nia_own": nia + niad,
           "nia_final": nia, "niad_mean": niad, "concept_accuracy_own": 0.5,

@@ -7,6 +7,9 @@ the shipped oracle judges the samples. `arg`:
         --config.mini.seeds=0,1,2 for mean ± std);
   hard  full's variants on six sessions of six stars (one class: the harder case
         for forgetting; three designs from mini.concepts below);
+  long  full's six sessions and three more of its classes (two squares, a circle):
+        nine sessions, the harder case item 4 asks for when six do not make
+        sequential Custom Diffusion forget (docs/mini_world.md, "Nine sessions");
   short three sessions (striped_star, dotted_star, ringed_star), custom_diffusion
         vs lfs+kv (the bench's default, the README's first command);
   smoke two sessions, a handful of steps (the test).
@@ -34,6 +37,11 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 # striped_star's pattern, so its photos have the same sizes and places in other colours).
 HARD_CONCEPTS = ("checked_star=star,red,checks,white;split_star=star,green,split,orange;"
                  "banded_star=star,orange,stripes,purple")
+# :long's three more sessions: two squares and a circle, so the square of session 2 is no
+# longer the only one (HARD_CONCEPTS rides along unused: the measured runs named them).
+LONG_CONCEPTS = HARD_CONCEPTS + (";dotted_square=square,blue,dots,yellow;"
+                                 "ringed_circle=circle,purple,ring,white;"
+                                 "split_square=square,yellow,split,blue")
 
 
 def get_config(arg="full"):
@@ -128,6 +136,10 @@ def get_config(arg="full"):
     # Six stars, one a session: every session bends the same class word's keys and values.
     c.mini.concepts = HARD_CONCEPTS
     c.data.sessions = "striped_star;dotted_star;ringed_star;checked_star;split_star;banded_star"
+  elif arg == "long":
+    # :full's six and three more of its classes: nine sessions, three classes.
+    c.mini.concepts = LONG_CONCEPTS
+    c.data.sessions = (c.data.sessions + ";dotted_square;ringed_circle;split_square")
   elif arg == "smoke":
     c.data.sessions = "striped_star;dotted_star"
     c.mini.variants = "custom_diffusion+prior,lfs,separate"  # three runs, prior preservation too
@@ -138,5 +150,5 @@ def get_config(arg="full"):
     c.mini.class_prompts = 2
     c.mini.class_seeds = 1
   elif arg != "full":
-    raise ValueError(f"configs/mini.py takes :full, :hard, :short or :smoke, got :{arg}")
+    raise ValueError(f"configs/mini.py takes :full, :hard, :long, :short or :smoke, got :{arg}")
   return c
