@@ -38,10 +38,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 HARD_CONCEPTS = ("checked_star=star,red,checks,white;split_star=star,green,split,orange;"
                  "banded_star=star,orange,stripes,purple")
 # :long's three more sessions: two squares and a circle, so the square of session 2 is no
-# longer the only one (HARD_CONCEPTS rides along unused: the measured runs named them).
-LONG_CONCEPTS = HARD_CONCEPTS + (";dotted_square=square,blue,dots,yellow;"
-                                 "ringed_circle=circle,purple,ring,white;"
-                                 "split_square=square,yellow,split,blue")
+# longer the only one.
+LONG_CONCEPTS = ("dotted_square=square,blue,dots,yellow;ringed_circle=circle,purple,ring,white;"
+                 "split_square=square,yellow,split,blue")
 
 
 def get_config(arg="full"):
