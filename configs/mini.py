@@ -3,8 +3,8 @@
   python -m lfs_jax.mini.bench --config=configs/mini.py:short --workdir=/tmp/lfs_mini
 
 `arg`: full (default: six sessions, every variant), hard (six stars), long (nine
-sessions of three classes), short (three sessions, custom_diffusion vs lfs+kv), smoke (the
-test's). Seeds: --config.mini.seeds=0,1,2.
+sessions of three classes), short (three sessions, custom_diffusion vs lfs+kv, with
+separate+icgen), smoke (the test's). Seeds: --config.mini.seeds=0,1,2.
 Sweeps: --config.kd.steps (T_tau), --config.kd.weight (lambda), --config.icgen.strength (s).
 """
 
