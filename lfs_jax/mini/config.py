@@ -137,7 +137,7 @@ def get_config(arg="full"):
     # (CD nIAD 0.048, seed 0). docs/mini_world.md, "The README's first command".
     c.data.sessions = "striped_star;dotted_star;ringed_star"
     # separate+icgen (each star alone from the base, sampled with ICGen) is the reference
-    # the keep line holds lfs+kv's final nIA to; ~30 s more on 2 CPU cores.
+    # the keep line holds lfs+kv's final nIA to (the run: 110 s on 2 CPU cores, docs).
     c.mini.variants = "custom_diffusion,lfs+kv,separate+icgen"
     c.mini.class_seeds = 4        # 32 class samples a session (one class: 3.1 points each)
   elif arg == "hard":
