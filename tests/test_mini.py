@@ -340,6 +340,56 @@ def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path
   assert 9.0 < new_out / old < 11.0
 
 
+def test_train_base_eight_latent_channels_from_a_torch_vae(tmp_path, capsys, mini_config):
+  """--vae_latent_channels=8 --vae_backend=torch: a VAE trained in PyTorch comes back
+  as the same function in Flax, the UNet reads 8 channels, and the sampler draws from it."""
+  import dataclasses
+
+  import diffusers
+  import torch
+
+  from lfs_jax import sample
+  from lfs_jax.mini import bench, train_base
+  from lfs_jax.weights import loaders
+
+  out = tmp_path / "l8"
+  assert train_base.main([f"--out={out}", "--images=32", "--seed=2", "--backend=torch",
+                          "--vae_backend=torch", "--vae_latent_channels=8", "--vae_steps=3",
+                          "--vae_batch=4", "--unet_steps=2", "--unet_batch=2",
+                          "--torch_threads=1"]) == 0
+  vae_module, vae_params = loaders.load_vae(str(out))
+  unet_module, unet_params = loaders.load_unet(str(out))
+  assert vae_module.config.latent_channels == 8
+  assert unet_module.config.in_channels == unet_module.config.out_channels == 8
+  assert np.asarray(unet_params["conv_in"]["kernel"]).shape[2] == 8
+  record = json.loads((out / "TRAINING.json").read_text())
+  assert record["args"]["vae_backend"] == "torch" and np.isfinite(record["vae_mse"])
+  # The trained torch weights, written and read back, are diffusers' function in Flax.
+  x = world.render_all(world.concept_scenes(world.CONCEPTS[0], 2, 0))
+  x = (x.astype(np.float32) / 127.5 - 1.0)
+  ref = diffusers.AutoencoderKL.from_pretrained(str(out / "vae"))
+  with torch.no_grad():
+    want = ref.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist.mean.numpy()
+  got, _ = vae_module.apply({"params": vae_params}, x, method="encode")
+  np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), atol=2e-4)
+  # The project's sampler draws 32 px images from the 8-channel model.
+  cfg = mini_config("smoke", **{"model.path": str(out)})
+  settings = dataclasses.replace(sample.SampleSettings.from_config(cfg), steps=2)
+  images, _ = sample.generate(bench.base_run_model(cfg), ["a star"], [0], settings)
+  assert images.shape == (1, 32, 32, 3)
+  # Channels that do not match, and a VAE both trained and reused, stop before any work.
+  shipped = os.path.join(ASSETS, "mini_base")
+  for bad, says in (
+      ([f"--vae_from={shipped}", "--vae_latent_channels=8"], "4 latent channels"),
+      (["--vae_latent_channels=8", f"--unet_from={shipped}"], "4-channel latents"),
+      ([f"--vae_from={shipped}", "--vae_backend=torch"], "--vae_backend"),
+      (["--vae_latent_channels=0"], "--vae_latent_channels")):
+    with pytest.raises(SystemExit):
+      train_base.main([f"--out={tmp_path / 'bad'}", "--images=4"] + bad)
+    assert says in capsys.readouterr().err, bad
+  assert not (tmp_path / "bad").exists()
+
+
 def test_training_timesteps_favour_high_noise():
   from lfs_jax.mini import train_base
 

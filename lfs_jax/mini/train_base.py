@@ -10,7 +10,9 @@ project runs on it unchanged:
     rows stay frozen), which the shipped base needed before a caption could name a
     design (docs/mini_world.md, "A base trained from scratch on pattern-naming
     captions");
-  - VAE (AutoencoderKL, 32 px -> 16x16x4 latents), trained first;
+  - VAE (AutoencoderKL, 32 px -> 16x16x4 latents; `--vae_latent_channels=8` gives
+    16x16x8, the UNet's input and output following), trained first, in JAX or with
+    `--vae_backend=torch` in PyTorch;
   - UNet (UNet2DConditionModel), v-prediction on SD's schedule rescaled to zero
     terminal SNR, half of each batch at high noise (where only the caption says
     what to draw), captions that drop the colour or the background at random (and
@@ -180,8 +182,9 @@ def caption_variants(scene: world.Scene, name_patterns: bool = False,
           for p in named for b in (True, False) for c in (True, False)]
 
 
-def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float):
-  cfg = vae.VAEConfig.from_diffusers(VAE)
+def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float,
+              vae_config: dict = VAE):
+  cfg = vae.VAEConfig.from_diffusers(vae_config)
   model = vae.AutoencoderKL(cfg)
   params = tiny.random_tree(vae.abstract_params(cfg), [seed, 1])
   opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, 0.05))
@@ -367,6 +370,12 @@ def main(argv=None) -> int:
   ap.add_argument("--torch_threads", type=int, default=0,
                   help="PyTorch CPU threads of the torch UNet loop and the decoder stage "
                   "(0 = one a core)")
+  ap.add_argument("--vae_latent_channels", type=int, default=None,
+                  help="the VAE's latent channels (the UNet's input and output follow); "
+                  f"default: --vae_from's, else {VAE['latent_channels']} (Stable Diffusion's)")
+  ap.add_argument("--vae_backend", choices=("jax", "torch"), default="jax",
+                  help="the VAE stage's training loop (without --vae_from): jax, or torch "
+                  "(PyTorch CPU, the same loss and schedule)")
   ap.add_argument("--vae_only", action="store_true",
                   help="stop after the VAE; write reconstructions.png to --out (tuning)")
   console.add_verbosity(ap)
@@ -380,8 +389,24 @@ def main(argv=None) -> int:
     ap.error("--unet_steps=0 keeps --unet_from's UNet unchanged; give --unet_from")
   command = "python -m lfs_jax.mini.train_base " + " ".join(
       argv if argv is not None else sys.argv[1:])
-  # The UNet to start from, grafted if the architecture changes: checked before any work.
-  unet_config = UNET_ARCHS[args.unet_arch or "base"]
+  # The VAE's latent channels and the UNet to start from (grafted if the architecture
+  # changes): checked before any work.
+  from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
+  if args.vae_from:
+    vae_base_cfg = files.read_config(files.component_folder(args.vae_from, "vae"))
+    if args.vae_latent_channels not in (None, vae_base_cfg["latent_channels"]):
+      ap.error(f"--vae_latent_channels={args.vae_latent_channels}: --vae_from={args.vae_from}"
+               f" has {vae_base_cfg['latent_channels']} latent channels")
+  else:
+    lc = VAE["latent_channels"] if args.vae_latent_channels is None else args.vae_latent_channels
+    if lc < 1:
+      ap.error(f"--vae_latent_channels must be >= 1, got {lc}")
+    vae_base_cfg = dict(VAE, latent_channels=lc)
+  latent_channels = vae_base_cfg["latent_channels"]
+  if args.vae_from and args.vae_backend != "jax":
+    ap.error("--vae_backend trains a VAE; --vae_from reuses one (give one of them)")
+  unet_config = dict(UNET_ARCHS[args.unet_arch or "base"], in_channels=latent_channels,
+                     out_channels=latent_channels)
   init_params, graft, added = None, None, []
   if args.train_text_encoder and (args.backend != "torch" or not args.unet_steps):
     ap.error("--train_text_encoder needs --backend=torch (the JAX loop reads a frozen "
@@ -389,8 +414,10 @@ def main(argv=None) -> int:
   if args.graft_lr_scale <= 0:
     ap.error(f"--graft_lr_scale must be > 0, got {args.graft_lr_scale}")
   if args.unet_from:
-    from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
     source_config = files.read_config(files.component_folder(args.unet_from, "unet"))
+    if source_config["in_channels"] != latent_channels:
+      ap.error(f"--unet_from={args.unet_from} reads {source_config['in_channels']}-channel "
+               f"latents, the VAE has {latent_channels}")
     init_params = loaders.load_unet(args.unet_from, on_host=True)[1]
     if args.unet_arch is None:
       unet_config = source_config
@@ -442,8 +469,15 @@ def main(argv=None) -> int:
                     "encoder_from": vae_record}
   else:
     vae_record = None
-    vae_model, vae_params, vae_mse = train_vae(images, args.vae_steps, args.vae_batch,
-                                               args.seed, args.kl_weight)
+    if args.vae_backend == "torch":
+      from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
+      vae_params, vae_mse = train_torch.train_vae(
+          vae_base_cfg, images, args.vae_steps, args.vae_batch, args.seed, args.kl_weight,
+          _log, args.torch_threads)
+      vae_model = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(vae_base_cfg))
+    else:
+      vae_model, vae_params, vae_mse = train_vae(images, args.vae_steps, args.vae_batch,
+                                                 args.seed, args.kl_weight, vae_base_cfg)
     raw = encode_latents(vae_model, vae_params, images)
     scale = float(1.0 / raw.std())
   latents = raw * scale if raw is not None else None
@@ -469,7 +503,7 @@ def main(argv=None) -> int:
     caption_index = np.array([[cap_id[c] for c in v] for v in variants])
     _log(f"{len(captions)} distinct captions")
 
-  vae_cfg = dict(VAE, scaling_factor=round(scale, 5))
+  vae_cfg = dict(vae_base_cfg, scaling_factor=round(scale, 5))
   out = os.path.abspath(args.out)
 
   def save(unet_params, folder: str, unet_loss, steps_done: int, text_out=None) -> None:

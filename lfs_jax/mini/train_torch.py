@@ -170,6 +170,59 @@ def _text_encoder(config: dict, params: dict):
   return model
 
 
+def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed: int,
+              kl_weight: float, log: Callable[[str], None], threads: int = 0,
+              lr: float = 2e-3):
+  """A VAE trained from scratch in PyTorch: `train_base.train_vae`'s loss and schedule.
+
+  Pixel MSE of the decoded posterior sample plus `kl_weight` x the KL to N(0, 1) (both
+  means over elements), Adam at `lr` cosine to 5 %, batches of `batch` renders drawn
+  with replacement. On the 2-core CPU this runs a step about 6x faster than the JAX
+  loop. images: uint8 [N, H, W, 3]. Returns (Flax VAE params, mean MSE of the last
+  100 steps).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top
+
+  from lfs_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  torch.set_num_threads(threads or os.cpu_count() or 1)
+  model = diffusers.AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
+  model.train()
+  log(f"vae (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
+      f"{vae_config['latent_channels']} latent channels, {torch.get_num_threads()} threads")
+  opt = torch.optim.Adam(model.parameters(), lr=lr)
+  lr_at = 0.05 * lr + 0.95 * lr * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / max(steps, 1)))
+  x_all = torch.from_numpy(np.ascontiguousarray(
+      (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)))
+  rng = np.random.default_rng([seed, 2])
+  gen = torch.Generator().manual_seed(seed + 14)
+  t0, losses = time.time(), []
+  for i in range(steps):
+    x = x_all[torch.from_numpy(rng.integers(0, len(x_all), batch))]
+    q = model.encode(x).latent_dist
+    z = q.mean + q.std * torch.randn(q.mean.shape, generator=gen)
+    mse = torch.mean((model.decode(z).sample - x) ** 2)
+    kl = 0.5 * torch.mean(q.mean ** 2 + q.var - 1.0 - q.logvar)
+    for g in opt.param_groups:
+      g["lr"] = float(lr_at[i])
+    opt.zero_grad(set_to_none=True)
+    (mse + kl_weight * kl).backward()
+    opt.step()
+    losses.append(mse.item())
+    if (i + 1) % max(1, steps // 10) == 0:
+      rate = (i + 1) / (time.time() - t0)
+      log(f"vae step {i + 1}/{steps}  mse {np.mean(losses[-100:]):.5f}  kl {kl.item():.3f}  "
+          f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
+  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  cfg = vae_lib.VAEConfig.from_diffusers(vae_config)
+  params = convert.torch_to_flax(state, vae_lib.abstract_params(cfg), source="torch VAE",
+                                 rename=vae_lib.legacy_rename, on_host=True)
+  return params, float(np.mean(losses[-100:]))
+
+
 def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: int,
                  batch: int, seed: int, lr: float, log: Callable[[str], None],
                  threads: int = 0):
