@@ -377,6 +377,16 @@ def test_train_base_eight_latent_channels_from_a_torch_vae(tmp_path, capsys, min
   settings = dataclasses.replace(sample.SampleSettings.from_config(cfg), steps=2)
   images, _ = sample.generate(bench.base_run_model(cfg), ["a star"], [0], settings)
   assert images.shape == (1, 32, 32, 3)
+  # --vae_only (tuning): the reconstructions and the ceiling they set, nothing else.
+  tune = tmp_path / "tune"
+  assert train_base.main([f"--out={tune}", "--images=16", "--seed=2", "--vae_only",
+                          "--vae_backend=torch", "--vae_latent_channels=8", "--vae_steps=2",
+                          "--vae_batch=4", "--torch_threads=1"]) == 0
+  ceiling = json.loads((tune / "ceiling.json").read_text())
+  assert set(ceiling["rows"]) == {c.name for c in world.CONCEPTS}
+  assert "--vae_latent_channels=8" in ceiling["command"]
+  assert sorted(os.listdir(tune)) == ["ceiling.json", "reconstructions.png"]
+  assert "| **mean** |" in capsys.readouterr().out
   # Channels that do not match, and a VAE both trained and reused, stop before any work.
   shipped = os.path.join(ASSETS, "mini_base")
   for bad, says in (

@@ -304,8 +304,10 @@ def _write_reconstructions(model, params, images: np.ndarray, out: str) -> None:
   z = encode_latents(model, params, images)
   rec = np.asarray(jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))(params, z))
   rec = np.clip((rec + 1) * 127.5, 0, 255).round().astype(np.uint8)
-  pairs = np.concatenate([images, rec], axis=2).reshape(4, 8, 32, 64, 3)
-  grid = pairs.transpose(0, 2, 1, 3, 4).reshape(4 * 32, 8 * 64, 3)
+  cols = min(8, len(images))  # up to 4 rows of 8 (render, reconstruction) pairs
+  rows = len(images) // cols
+  pairs = np.concatenate([images, rec], axis=2)[:rows * cols].reshape(rows, cols, 32, 64, 3)
+  grid = pairs.transpose(0, 2, 1, 3, 4).reshape(rows * 32, cols * 64, 3)
   os.makedirs(out, exist_ok=True)
   Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
       os.path.join(out, "reconstructions.png"))
@@ -377,7 +379,9 @@ def main(argv=None) -> int:
                   help="the VAE stage's training loop (without --vae_from): jax, or torch "
                   "(PyTorch CPU, the same loss and schedule)")
   ap.add_argument("--vae_only", action="store_true",
-                  help="stop after the VAE; write reconstructions.png to --out (tuning)")
+                  help="stop after the VAE (tuning): write reconstructions.png and "
+                  "ceiling.json (the oracle's accuracy on reconstructions of fresh renders, "
+                  "as python -m lfs_jax.mini.ceiling) to --out, and print that table")
   console.add_verbosity(ap)
   args = ap.parse_args(argv)
   console.setup(args.verbosity)
@@ -483,8 +487,13 @@ def main(argv=None) -> int:
   latents = raw * scale if raw is not None else None
   timings["vae_s"] = time.time() - t
   _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")
-  if args.vae_only:
+  if args.vae_only:  # tuning: the VAE's reconstructions and the ceiling they put on a UNet
+    from lfs_jax.mini import ceiling, oracle  # pylint: disable=g-import-not-at-top
     _write_reconstructions(vae_model, vae_params, images[-32:], args.out)
+    rows = ceiling.vae_ceiling(vae_model, vae_params, oracle.load())
+    with open(os.path.join(args.out, "ceiling.json"), "w") as f:
+      json.dump({"command": command, "vae_mse": vae_mse, "rows": rows}, f, indent=2)
+    _log(ceiling.table(rows))
     return 0
 
   text_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
