@@ -488,12 +488,12 @@ def main(argv=None) -> int:
   timings["vae_s"] = time.time() - t
   _log(f"vae: mse {vae_mse:.5f}, scaling_factor {scale:.4f}, {timings['vae_s']:.0f}s")
   if args.vae_only:  # tuning: the VAE's reconstructions and the ceiling they put on a UNet
-    from lfs_jax.mini import ceiling, oracle  # pylint: disable=g-import-not-at-top
+    from lfs_jax.mini import oracle, roundtrip  # pylint: disable=g-import-not-at-top
     _write_reconstructions(vae_model, vae_params, images[-32:], args.out)
-    rows = ceiling.vae_ceiling(vae_model, vae_params, oracle.load())
+    rows = roundtrip.vae_ceiling(vae_model, vae_params, oracle.load())
     with open(os.path.join(args.out, "ceiling.json"), "w") as f:
       json.dump({"command": command, "vae_mse": vae_mse, "rows": rows}, f, indent=2)
-    _log(ceiling.table(rows))
+    _log(roundtrip.table(rows))
     return 0
 
   text_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
