@@ -170,6 +170,28 @@ def _text_encoder(config: dict, params: dict):
   return model
 
 
+def _cosine_rates(lr: float, steps: int) -> np.ndarray:
+  """The VAE stages' per-step rates: `lr` cosine-decayed to 5 % (optax's cosine_decay)."""
+  return 0.05 * lr + 0.95 * lr * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / max(steps, 1)))
+
+
+def _images_nchw(images: np.ndarray):
+  """uint8 [N, H, W, 3] -> a float torch tensor [N, 3, H, W] in [-1, 1]."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.from_numpy(np.ascontiguousarray(
+      (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)))
+
+
+def _vae_to_flax(model, vae_config: dict) -> dict:
+  """A diffusers AutoencoderKL's weights as the project's Flax VAE tree."""
+  from lfs_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
+
+  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  return convert.torch_to_flax(state, vae_lib.abstract_params(vae_lib.VAEConfig.from_diffusers(
+      vae_config)), source="torch VAE", rename=vae_lib.legacy_rename, on_host=True)
+
+
 def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed: int,
               kl_weight: float, log: Callable[[str], None], threads: int = 0,
               lr: float = 2e-3):
@@ -179,14 +201,11 @@ def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed
   means over elements), Adam at `lr` cosine to 5 %, batches of `batch` renders drawn
   with replacement. On the 2-core CPU, two threads ran 2,000 steps of 32 at 10.5
   steps/s (docs/mini_world.md, "A VAE with 8 latent channels"); the JAX loop's
-  recorded VAE stage took 521 s for 500 steps, renders included. images: uint8 [N, H, W, 3]. Returns (Flax VAE params, mean MSE of the last
-  100 steps).
+  recorded VAE stage took 521 s for 500 steps, renders included. images: uint8
+  [N, H, W, 3]. Returns (Flax VAE params, mean MSE of the last 100 steps).
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
-
-  from lfs_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
   torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -195,9 +214,8 @@ def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed
   log(f"vae (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"{vae_config['latent_channels']} latent channels, {torch.get_num_threads()} threads")
   opt = torch.optim.Adam(model.parameters(), lr=lr)
-  lr_at = 0.05 * lr + 0.95 * lr * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / max(steps, 1)))
-  x_all = torch.from_numpy(np.ascontiguousarray(
-      (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)))
+  lr_at = _cosine_rates(lr, steps)
+  x_all = _images_nchw(images)
   rng = np.random.default_rng([seed, 2])
   gen = torch.Generator().manual_seed(seed + 14)
   t0, losses = time.time(), []
@@ -217,11 +235,7 @@ def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed
       rate = (i + 1) / (time.time() - t0)
       log(f"vae step {i + 1}/{steps}  mse {np.mean(losses[-100:]):.5f}  kl {kl.item():.3f}  "
           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
-  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  cfg = vae_lib.VAEConfig.from_diffusers(vae_config)
-  params = convert.torch_to_flax(state, vae_lib.abstract_params(cfg), source="torch VAE",
-                                 rename=vae_lib.legacy_rename, on_host=True)
-  return params, float(np.mean(losses[-100:]))
+  return _vae_to_flax(model, vae_config), float(np.mean(losses[-100:]))
 
 
 def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: int,
@@ -240,9 +254,6 @@ def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: i
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
 
-  from lfs_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  from lfs_jax.weights import convert  # pylint: disable=g-import-not-at-top
-
   torch.manual_seed(seed)
   torch.set_num_threads(threads or os.cpu_count() or 1)
   model = diffusers.AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")})
@@ -257,10 +268,9 @@ def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: i
       f"{torch.get_num_threads()} threads")
   opt = torch.optim.Adam(trained, lr=lr)
   t_enc = time.time()
-  lr_at = 0.05 * lr + 0.95 * lr * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / max(steps, 1)))
+  lr_at = _cosine_rates(lr, steps)
   # The encoder is frozen: its posterior for every image is computed once.
-  x_all = torch.from_numpy(np.ascontiguousarray(
-      (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)))
+  x_all = _images_nchw(images)
   with torch.no_grad():
     posts = [model.encode(x_all[i:i + 256]).latent_dist for i in range(0, len(x_all), 256)]
     z_mean = torch.cat([q.mean for q in posts])
@@ -285,8 +295,4 @@ def tune_decoder(vae_config: dict, vae_state: dict, images: np.ndarray, steps: i
       rate = (i + 1) / (time.time() - t0)
       log(f"decoder step {i + 1}/{steps}  mse {np.mean(losses[-100:]):.5f}  "
           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
-  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  cfg = vae_lib.VAEConfig.from_diffusers(vae_config)
-  params = convert.torch_to_flax(state, vae_lib.abstract_params(cfg), source="torch VAE",
-                                 rename=vae_lib.legacy_rename, on_host=True)
-  return params, float(np.mean(losses[-100:]))
+  return _vae_to_flax(model, vae_config), float(np.mean(losses[-100:]))
