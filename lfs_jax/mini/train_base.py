@@ -370,7 +370,7 @@ def main(argv=None) -> int:
   ap.add_argument("--decoder_batch", type=int, default=32)
   ap.add_argument("--decoder_lr", type=float, default=1e-3)
   ap.add_argument("--torch_threads", type=int, default=0,
-                  help="PyTorch CPU threads of the torch UNet loop and the decoder stage "
+                  help="PyTorch CPU threads of the torch UNet loop and VAE stages "
                   "(0 = one a core)")
   ap.add_argument("--vae_latent_channels", type=int, default=None,
                   help="the VAE's latent channels (the UNet's input and output follow); "
