@@ -282,6 +282,29 @@ def test_train_base_decoder_stage_keeps_encoder_and_unet(tmp_path):
   assert not (tmp_path / "bad").exists()
 
 
+def test_train_base_wide_unet_trains_from_scratch_and_refuses_a_graft(tmp_path, capsys):
+  """--unet_arch=wide: the base's blocks twice as wide, trained from scratch (two torch
+  steps here); the folder reads back at that width, and a narrow base is no graft."""
+  from lfs_jax.mini import train_base
+  from lfs_jax.weights import loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  out = tmp_path / "wide"
+  assert train_base.main([f"--out={out}", "--images=8", "--seed=3", "--unet_steps=2",
+                          "--unet_batch=4", "--backend=torch", "--torch_threads=1",
+                          "--unet_arch=wide", f"--vae_from={shipped}"]) == 0
+  module, params = loaders.load_unet(str(out))
+  assert module.config.block_out_channels == (64, 128)
+  assert params["conv_in"]["kernel"].shape == (3, 3, 4, 64)
+  narrow = loaders.load_unet(shipped)[1]
+  assert train_base.unet.num_params(params) > 3 * train_base.unet.num_params(narrow)
+  with pytest.raises(SystemExit):
+    train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=0",
+                     "--unet_arch=wide", f"--unet_from={shipped}", f"--vae_from={shipped}"])
+  assert "--unet_arch=wide" in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+
+
 def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path, capsys):
   """--unet_arch=cross16: the shipped UNet plus attention at 16x16, the same function."""
   import diffusers
