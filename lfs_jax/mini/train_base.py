@@ -18,7 +18,9 @@ project runs on it unchanged:
     what to draw), captions that drop the colour or the background at random (and
     10% empty captions, for classifier-free guidance); its EMA weights are shipped.
     `--backend=torch` runs this loop in PyTorch (2.5x faster on a CPU);
-    `--unet_from` continues from a folder's UNet (and its text encoder).
+    `--unet_from` continues from a folder's UNet (and its text encoder);
+    `--unet_arch` picks another shape (cross16: attention at 16x16 too, grafted from
+    `--unet_from`; wide: blocks twice as wide, from scratch).
 Both see the same renders: solid shapes, and (30%, `--pattern_share`) shapes with a
 pattern in a second colour. Without `--name_patterns` the caption never names it, so
 the base can draw patterns but no prompt can ask for a particular one; with it, half
