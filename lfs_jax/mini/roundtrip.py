@@ -37,10 +37,12 @@ def vae_ceiling(vae_model, vae_params, oracle_params, n: int = 64, seed: int = S
                 ) -> Dict[str, Dict[str, float]]:
   """{concept: {renders, reconstructions, shape, colour, pattern, colour2, mse}}."""
 
+  renders = {c.name: world.render_all(world.concept_scenes(c, n, seed)) for c in world.CONCEPTS}
+  # One round trip for every concept: reconstruct() compiles once a call.
+  recs = reconstruct(vae_model, vae_params, np.concatenate(list(renders.values())))
   out = {}
-  for c in world.CONCEPTS:
-    imgs = world.render_all(world.concept_scenes(c, n, seed))
-    rec = reconstruct(vae_model, vae_params, imgs)
+  for i, c in enumerate(world.CONCEPTS):
+    imgs, rec = renders[c.name], recs[i * n:(i + 1) * n]
     _, p = oracle.predict(oracle_params, imgs)
     _, pr = oracle.predict(oracle_params, rec)
     row = {"renders": float(oracle.concept_right(p, c).mean()),

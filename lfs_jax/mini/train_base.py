@@ -354,7 +354,8 @@ def main(argv=None) -> int:
                   help="the UNet's architecture: base (attention at 8x8 and in the mid "
                   "block), cross16 (at 16x16 too) or wide (base's blocks twice as wide); "
                   "default: --unet_from's, else base. "
-                  "With --unet_from of another architecture its weights are grafted in: "
+                  "With --unet_from of another architecture its weights are grafted in "
+                  "(a base onto cross16; wide is trained from scratch): "
                   "every one kept, the new attention blocks added with a zero output "
                   "projection, so training starts from the same function")
   ap.add_argument("--graft_lr_scale", type=float, default=1.0,
