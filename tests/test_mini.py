@@ -249,6 +249,66 @@ def test_train_base_same_command_same_weights(tmp_path):
   assert any(not np.array_equal(start[k], trained[k]) for k in start)
 
 
+def test_train_base_refuses_a_torch_device_it_cannot_use(tmp_path, capsys):
+  """--torch_device: a device PyTorch lacks here, a misspelt one, or one given to the
+  JAX loop is an error naming the flag before anything is rendered or written."""
+  import torch
+
+  from lfs_jax.mini import train_base
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  missing = "cuda" if not torch.cuda.is_available() else "cuda:99"
+  for device, backend, words in ((missing, "torch", "no such device"),
+                                 ("gpu0", "torch", "not a PyTorch device"),
+                                 ("meta", "torch", "holds no values"),
+                                 ("cpu:0", "jax", "--backend=torch")):
+    with pytest.raises(SystemExit):
+      train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=2",
+                       f"--backend={backend}", f"--torch_device={device}",
+                       f"--vae_from={shipped}", f"--unet_from={shipped}"])
+    err = capsys.readouterr().err
+    assert f"--torch_device={device}" in err and words in err, err
+  assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU "
+                    "(runs on the lent device machine: bench/gpu_bases.sh)")
+def test_train_torch_on_cuda_follows_the_cpu_run():
+  """The UNet loop on a GPU draws what the CPU run draws: the same few steps from the
+  same start end at nearly the same weights (only the arithmetic differs)."""
+  from lfs_jax.mini import train_base, train_torch
+  from lfs_jax.weights import convert, loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  init = loaders.load_unet(shipped, on_host=True)[1]
+  text = loaders.load_text_encoder(shipped, on_host=True)[1]
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((6, 16, 16, 4)).astype(np.float32)
+  ids = rng.integers(1, 300, (3, 77))
+  runs = [train_torch.train_unet(
+      train_base.UNET, np.linspace(0.999, 0.01, 1000), "v_prediction", latents,
+      np.arange(6)[:, None] % 3, None, 0, 3, 4, 0, 1e-3, 0.9, 0.1, lambda _: None,
+      init=init, threads=1, text=(train_base.TEXT, text, ids), device=device)
+      for device in ("cpu", "cuda")]
+  (cpu_unet, cpu_loss, cpu_text), (gpu_unet, gpu_loss, gpu_text) = runs
+  assert abs(cpu_loss - gpu_loss) < 1e-2 * max(1.0, abs(cpu_loss))
+
+  def update(trained, start):  # every weight's move from the start, as one vector
+    fa, fs = convert.flatten(trained), convert.flatten(start)
+    assert fa.keys() == fs.keys()
+    return np.concatenate([(np.asarray(fa[k], np.float64) - np.asarray(fs[k])).ravel()
+                           for k in sorted(fa)])
+
+  # Adam moves every weight by about the rate whatever its gradient's size, so a weight
+  # whose gradient is nearly zero may move either way on either device (TF32 on the
+  # GPU): the whole update is compared. On the CPU, 1 against 2 threads differ by 0.002
+  # of it; another seed's batches and noise by 113 % (UNet) and 124 % (encoder).
+  for (c, g), start in (((cpu_unet, gpu_unet), init), ((cpu_text, gpu_text), text)):
+    du_cpu, du_gpu = update(c, start), update(g, start)
+    assert np.linalg.norm(du_cpu) > 0
+    assert np.linalg.norm(du_gpu - du_cpu) < 0.2 * np.linalg.norm(du_cpu)
+
+
 def test_train_base_decoder_stage_keeps_encoder_and_unet(tmp_path):
   """--decoder_steps: only the decoder moves, so the shipped UNet's latent space stays."""
   import jax

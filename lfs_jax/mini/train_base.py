@@ -319,6 +319,22 @@ def _write_reconstructions(model, params, images: np.ndarray, out: str) -> None:
       os.path.join(out, "reconstructions.png"))
 
 
+def _torch_device_problem(name: str) -> str:
+  """Why PyTorch cannot train on device `name` here ('' when it can)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    dev = torch.device(name)
+  except (RuntimeError, ValueError) as e:
+    return f"not a PyTorch device ({str(e)[:160]})"
+  if dev.type == "meta":
+    return "the meta device holds no values to train"
+  try:
+    torch.zeros(1, device=dev)
+  except (RuntimeError, AssertionError) as e:  # no such backend, or no such card
+    return f"PyTorch has no such device on this machine ({str(e).splitlines()[0][:160]})"
+  return ""
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True, help="folder to write (replaced atomically)")
@@ -363,8 +379,8 @@ def main(argv=None) -> int:
                   "times --lr. They start with a zero output inside a UNet that already "
                   "does the job, and at the base's rate they stay near zero")
   ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
-                  help="the UNet's training loop: jax, or torch (PyTorch CPU, 2.5x faster "
-                  "than XLA:CPU on 2 cores; needs the test extras)")
+                  help="the UNet's training loop: jax, or torch (PyTorch, on the CPU "
+                  "2.5x faster than XLA:CPU on 2 cores; needs the test extras)")
   ap.add_argument("--snapshot_every", type=int, default=0,
                   help="also write the EMA so far to OUT_step<N> every N UNet steps "
                   "(torch backend)")
@@ -380,6 +396,10 @@ def main(argv=None) -> int:
   ap.add_argument("--torch_threads", type=int, default=0,
                   help="PyTorch CPU threads of the torch UNet loop and VAE stages "
                   "(0 = one a core)")
+  ap.add_argument("--torch_device", default="cpu",
+                  help="the torch UNet loop's device: cpu, or a PyTorch accelerator "
+                  "(cuda, cuda:1, ...); the same draws as on the CPU. The VAE stages "
+                  "stay on the CPU")
   ap.add_argument("--vae_latent_channels", type=int, default=None,
                   help="the VAE's latent channels (the UNet's input and output follow); "
                   f"default: --vae_from's, else {VAE['latent_channels']} (Stable Diffusion's)")
@@ -399,6 +419,13 @@ def main(argv=None) -> int:
     ap.error("--decoder_steps fine-tunes the decoder of --vae_from's VAE; give --vae_from")
   if args.unet_steps == 0 and not args.unet_from and not args.vae_only:
     ap.error("--unet_steps=0 keeps --unet_from's UNet unchanged; give --unet_from")
+  if args.torch_device != "cpu":
+    if args.backend != "torch":
+      ap.error(f"--torch_device={args.torch_device} is the torch loop's device; give "
+               "--backend=torch (the JAX loop runs on JAX's default device)")
+    problem = _torch_device_problem(args.torch_device)
+    if problem:
+      ap.error(f"--torch_device={args.torch_device}: {problem}")
   command = "python -m lfs_jax.mini.train_base " + " ".join(
       argv if argv is not None else sys.argv[1:])
   # The VAE's latent channels and the UNet to start from (grafted if the architecture
@@ -572,7 +599,8 @@ def main(argv=None) -> int:
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
         args.seed, args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
         high_share=args.high_noise, init=init_params, init_name=args.unet_from,
-        threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale, text=text)
+        threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale, text=text,
+        device=args.torch_device)
     if trained_text is not None:  # what save() writes from here on
       text_params = trained_text
   else:

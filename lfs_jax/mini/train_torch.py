@@ -4,13 +4,18 @@ The same loss, data, optimiser and EMA as `train_base.train_unet`, on diffusers'
 UNet2DConditionModel: on a 2-core CPU, PyTorch's oneDNN convolutions run this small
 UNet's forward, backward and Adam step 2.5x faster than XLA:CPU (294 vs 747 ms at
 batch 32, measured side by side; docs/mini_world.md), which is the difference
-between one and three hours of training. On an accelerator use the JAX loop. The
-trained weights come back as a Flax tree through the project's own torch->Flax
-converter, so the shipped folder is written, and read, exactly as with the JAX loop.
+between one and three hours of training. The UNet loop also runs on a PyTorch
+accelerator (`device`, `train_base --torch_device=cuda`): the only loop that trains
+the text encoder with the UNet, so the shipped base's recipe on a GPU. Batches, noise
+and timesteps are drawn on the host from the same streams on every device, so a
+device changes only the arithmetic. The trained weights come back as a Flax tree
+through the project's own torch->Flax converter, so the shipped folder is written, and
+read, exactly as with the JAX loop.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from typing import Callable, Optional
@@ -25,7 +30,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                snapshot: Optional[Callable[[dict, Optional[dict], int], None]] = None,
                snapshot_every: int = 0, high_share: float = 0.0,
                init: Optional[dict] = None, init_name: str = "", threads: int = 0,
-               fast=(), fast_scale: float = 1.0, text: Optional[tuple] = None):
+               fast=(), fast_scale: float = 1.0, text: Optional[tuple] = None,
+               device: str = "cpu"):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps,
   the text encoder's Flax params of the EMA, or None when it stays frozen).
 
@@ -39,7 +45,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   CLIPTextConfig dict, its Flax params, token ids [C, 77] of text_table's captions) to
   train the encoder's layers with the UNet (the token embedding table stays frozen, so
   every word keeps its row), the captions then encoded at each step and `text_table`
-  unused (None).
+  unused (None); `device`: the torch device the models, data and optimiser live on
+  (the host draws every random number either way).
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -51,16 +58,18 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
 
   torch.manual_seed(seed)
   torch.set_num_threads(threads or os.cpu_count() or 1)
+  dev = torch.device(device)
   model = diffusers.UNet2DConditionModel(
       **{k: v for k, v in unet_config.items() if not k.startswith("_")})
   if init is not None:  # strict: every weight of the model, each with its shape
     state = convert.flax_to_torch(init)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     log(f"unet (torch): starting from {init_name or 'the given weights'}")
-  model.train()
+  model.to(dev).train()
   encoder, ids, text_trained = None, None, []
   if text is not None:
-    encoder, ids = _text_encoder(text[0], text[1]), torch.from_numpy(np.asarray(text[2]))
+    encoder = _text_encoder(text[0], text[1]).to(dev)
+    ids = torch.from_numpy(np.asarray(text[2])).to(dev)
     encoder.train()
     for n, p in encoder.named_parameters():
       p.requires_grad_(not n.endswith("token_embedding.weight"))
@@ -68,7 +77,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     log(f"text encoder (torch): {sum(p.numel() for p in text_trained):,} parameters "
         f"trained with the UNet")
   log(f"unet (torch): {sum(p.numel() for p in model.parameters()):,} parameters, "
-      f"{torch.get_num_threads()} threads")
+      + (f"{torch.get_num_threads()} threads" if dev.type == "cpu" else str(dev)))
   # The JAX loop's schedule, evaluated once for every step.
   lr_at = np.asarray(recipe.lr_schedule(lr, steps)(np.arange(steps)), np.float64)
   fast_names = {convert.torch_name(tuple(p.split("/"))) for p in fast}
@@ -85,18 +94,19 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     log(f"unet (torch): {sum(p.numel() for n, p in named if n in fast_names):,} parameters "
         f"at {fast_scale:g}x the rate")
   ema = [torch.zeros_like(p) for p in trained]
-  ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
-  z_all = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
-  table = None if text_table is None else torch.from_numpy(np.asarray(text_table, np.float32))
+  ab = torch.tensor(alphas_cumprod, dtype=torch.float32, device=dev)
+  z_all = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2))).to(dev)
+  table = (None if text_table is None
+           else torch.from_numpy(np.asarray(text_table, np.float32)).to(dev))
   rng = np.random.default_rng([seed, 4])
   gen = torch.Generator().manual_seed(seed + 1)
 
   def ema_params(done: int):
     correction = 1.0 - ema_decay ** done
-    averaged = {id(p): (e / correction).numpy().copy() for p, e in zip(trained, ema)}
+    averaged = {id(p): (e / correction).cpu().numpy().copy() for p, e in zip(trained, ema)}
 
     def state_of(module):
-      state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+      state = {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
       for name, p in module.named_parameters():
         if id(p) in averaged:
           state[name] = averaged[id(p)]
@@ -112,13 +122,16 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
         state_of(encoder), clip.abstract_params(text_cfg), ignore=clip.IGNORED_KEYS,
         rename=clip.torch_rename, source="torch text encoder", on_host=True)
 
-  t0, losses = time.time(), []
+  # The last 200 losses, kept on the device: reading one back each step would make the
+  # host wait for the accelerator at every step.
+  t0, losses = time.time(), collections.deque(maxlen=200)
   for i in range(steps):
     idx, cap = recipe.draw_batch(rng, caption_index, batch, drop, empty_index)
-    z0 = z_all[idx]
+    z0 = z_all[torch.from_numpy(np.asarray(idx)).to(dev)]
+    cap = torch.from_numpy(cap).to(dev)
     u = torch.rand((2, batch), generator=gen).numpy()
-    t = torch.from_numpy(recipe.draw_timesteps(u[0], u[1], high_share)).long()
-    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.from_numpy(recipe.draw_timesteps(u[0], u[1], high_share)).long().to(dev)
+    noise = torch.randn(z0.shape, generator=gen).to(dev)
     a = ab[t].sqrt()[:, None, None, None]
     s = (1 - ab[t]).sqrt()[:, None, None, None]
     zt = a * z0 + s * noise
@@ -126,28 +139,34 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     for g in opt.param_groups:
       g["lr"] = float(lr_at[i]) * g["scale"]
     if encoder is None:
-      ctx = table[torch.from_numpy(cap)]
+      ctx = table[cap]
     else:
-      ctx = encoder(input_ids=ids[torch.from_numpy(cap)]).last_hidden_state
+      ctx = encoder(input_ids=ids[cap]).last_hidden_state
     out = model(zt, t, ctx).sample
     loss = torch.mean((out - target) ** 2)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
-    with torch.no_grad():
-      for e, p in zip(ema, trained):
-        e.mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
-    losses.append(loss.item())
+    with torch.no_grad():  # one kernel per op on an accelerator, not one per tensor
+      torch._foreach_mul_(ema, ema_decay)  # pylint: disable=protected-access
+      torch._foreach_add_(ema, [p.detach() for p in trained], alpha=1 - ema_decay)  # pylint: disable=protected-access
+    losses.append(loss.detach())
     if (i + 1) % max(1, steps // 50) == 0:
       rate = (i + 1) / (time.time() - t0)
-      log(f"unet step {i + 1}/{steps}  loss {np.mean(losses[-200:]):.4f}  "
+      log(f"unet step {i + 1}/{steps}  loss {_mean(losses):.4f}  "
           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
     if snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 \
         and i + 1 < steps:
       snapshot(*ema_params(i + 1), i + 1)
   unet_out, text_out = ema_params(steps)
-  return unet_out, float(np.mean(losses[-200:])), text_out
+  return unet_out, _mean(losses), text_out
+
+
+def _mean(losses) -> float:
+  """The mean of scalar loss tensors, read back to the host once (float64, as np.mean)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return float(np.mean(torch.stack(list(losses)).cpu().numpy().astype(np.float64)))
 
 
 def _text_encoder(config: dict, params: dict):
