@@ -70,9 +70,10 @@ def get_config(arg="full"):
   # On the shipped base (2026-12-04, three seeds, docs/mini_world.md, "Custom Diffusion's
   # recipe fields"): the rescale, with or without its cues, costs CD the concepts (acc
   # own 0.35 -> 0.04-0.06); cd is within the seeds' spread; ktn learns as much and keeps
-  # the class prompts better, but CD then forgets half as much (:long nIAD 0.211 ->
-  # 0.100, under the goal's 0.2) while lfs+kv keeps with either: the class word stays,
-  # for every variant alike, and the docs say the forgetting is partly its doing.
+  # the class prompts better, but CD then forgets about half as much (nIAD :long 0.211
+  # -> 0.100, :full 0.185 -> 0.110, under the goal's 0.2 on every world) while lfs+kv
+  # keeps with either: the class word stays, for every variant alike, and the docs say
+  # the forgetting is partly its doing.
   c.train.loss_reduction = "mean"
   c.concepts.initializer = "class"
   c.data.rescale_cues = False
