@@ -271,8 +271,8 @@ def test_train_base_refuses_a_torch_device_it_cannot_use(tmp_path, capsys):
   assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU "
-                    "(runs on the lent device machine: bench/gpu_bases.sh)")
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="needs an accelerator: a CUDA GPU (bench/gpu_bases.sh runs it)")
 def test_train_torch_on_cuda_follows_the_cpu_run():
   """The UNet loop on a GPU draws what the CPU run draws: the same few steps from the
   same start end at nearly the same weights (only the arithmetic differs)."""
