@@ -3,7 +3,7 @@
 # base's recipe (N1's flags: pattern-naming captions, its text encoder trained with the
 # UNet, the shipped VAE) at another UNet shape, then scored as the shipped base was.
 # On the 2-core CPU the wide UNet trains at 1.8 steps/s (3.7 h for 24,000 steps), so
-# these bases are trained here. Run from the repository root:
+# these bases are trained on the GPU. Run from the repository root:
 #
 #   bash bench/gpu_bases.sh train wide     # the CUDA check, then train + named designs
 #   bash bench/gpu_bases.sh score wide     # Custom Diffusion on it, three seeds

@@ -271,7 +271,12 @@ def test_train_base_refuses_a_torch_device_it_cannot_use(tmp_path, capsys):
   assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+def _has_cuda() -> bool:
+  import torch
+  return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(),
                     reason="needs an accelerator: a CUDA GPU (bench/gpu_bases.sh runs it)")
 def test_train_torch_on_cuda_follows_the_cpu_run():
   """The UNet loop on a GPU draws what the CPU run draws: the same few steps from the

@@ -127,7 +127,7 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   t0, losses = time.time(), collections.deque(maxlen=200)
   for i in range(steps):
     idx, cap = recipe.draw_batch(rng, caption_index, batch, drop, empty_index)
-    z0 = z_all[torch.from_numpy(np.asarray(idx)).to(dev)]
+    z0 = z_all[torch.from_numpy(idx).to(dev)]
     cap = torch.from_numpy(cap).to(dev)
     u = torch.rand((2, batch), generator=gen).numpy()
     t = torch.from_numpy(recipe.draw_timesteps(u[0], u[1], high_share)).long().to(dev)
