@@ -249,6 +249,54 @@ def test_train_base_same_command_same_weights(tmp_path):
   assert any(not np.array_equal(start[k], trained[k]) for k in start)
 
 
+def test_train_base_stopped_and_rerun_gives_the_uninterrupted_weights(tmp_path, capsys):
+  """--stop_after writes the whole training state and no model; rerunning the command
+  continues it to the weights (UNet and text encoder), loss and EMA of one run without
+  a stop, and removes the state. Another command is refused before it trains."""
+  from lfs_jax.mini import train_base
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  args = ["--backend=torch", "--images=16", "--unet_steps=5", "--unet_batch=2", "--seed=5",
+          "--train_text_encoder", f"--vae_from={shipped}", f"--unet_from={shipped}"]
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  state = tmp_path / "split.resume"
+  assert train_base.main([f"--out={whole}"] + args) == 0
+  assert train_base.main([f"--out={split}", "--stop_after=2"] + args) == 0
+  assert not split.exists() and (state / "state.json").exists()
+  assert json.loads((state / "state.json").read_text())["step"] == 2
+  # Another command (here another seed) must not continue this state.
+  with pytest.raises(SystemExit):
+    train_base.main([f"--out={split}"] + [a for a in args if a != "--seed=5"] + ["--seed=6"])
+  err = capsys.readouterr().err
+  assert "--seed=5 there, 6 here" in err and str(state) in err, err
+  # A second stop, then the rest with a state written every step on the way.
+  assert train_base.main([f"--out={split}", "--stop_after=3"] + args) == 0
+  assert train_base.main([f"--out={split}", "--resume_every=1"] + args) == 0
+  assert not state.exists()
+  for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+    assert (whole / part).read_bytes() == (split / part).read_bytes(), part
+  a, b = (json.loads((d / "TRAINING.json").read_text()) for d in (whole, split))
+  assert a["unet_loss"] == b["unet_loss"]
+  assert [h["resumed_at"] for h in b["resumed"]] == [2, 3] and "resumed" not in a
+
+
+def test_train_base_refuses_resume_flags_it_cannot_honour(tmp_path, capsys):
+  """--stop_after at or past the schedule's end, or either flag on the JAX loop, is an
+  error naming the flag before anything is rendered or written."""
+  from lfs_jax.mini import train_base
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  for flags, words in ((["--backend=torch", "--stop_after=4"], "--stop_after=4 is not before"),
+                       (["--backend=jax", "--resume_every=2"], "--backend=torch"),
+                       (["--backend=torch", "--resume_every=-1"], "must be >= 0")):
+    with pytest.raises(SystemExit):
+      train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=4",
+                       f"--vae_from={shipped}", f"--unet_from={shipped}"] + flags)
+    err = capsys.readouterr().err
+    assert words in err, err
+  assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.resume").exists()
+
+
 def test_train_base_refuses_a_torch_device_it_cannot_use(tmp_path, capsys):
   """--torch_device: a device PyTorch lacks here, a misspelt one, or one given to the
   JAX loop is an error naming the flag before anything is rendered or written."""

@@ -37,8 +37,10 @@ command, the wall time per part and the final losses.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Dict, List
@@ -384,6 +386,16 @@ def main(argv=None) -> int:
   ap.add_argument("--snapshot_every", type=int, default=0,
                   help="also write the EMA so far to OUT_step<N> every N UNet steps "
                   "(torch backend)")
+  ap.add_argument("--resume_every", type=int, default=0,
+                  help="(torch backend) every N UNet steps, write the whole training state "
+                  "(weights, optimiser, EMA, random streams, step) to OUT.resume; rerunning "
+                  "the same command continues from it (with the same --torch_threads and "
+                  "device: to the bytes one uninterrupted run gives). OUT.resume is "
+                  "removed when OUT is written")
+  ap.add_argument("--stop_after", type=int, default=0,
+                  help="(torch backend) stop after this UNet step of the schedule and write "
+                  "the state to OUT.resume (no OUT yet); rerun the command, without or "
+                  "with a later --stop_after, to continue")
   ap.add_argument("--vae_from", default="",
                   help="a model folder written by this command: reuse its VAE and scaling "
                   "factor, skip that stage")
@@ -419,6 +431,15 @@ def main(argv=None) -> int:
     ap.error("--decoder_steps fine-tunes the decoder of --vae_from's VAE; give --vae_from")
   if args.unet_steps == 0 and not args.unet_from and not args.vae_only:
     ap.error("--unet_steps=0 keeps --unet_from's UNet unchanged; give --unet_from")
+  if args.resume_every < 0 or args.stop_after < 0:
+    ap.error("--resume_every and --stop_after must be >= 0")
+  if (args.resume_every or args.stop_after) and (args.backend != "torch"
+                                                 or not args.unet_steps):
+    ap.error("--resume_every and --stop_after resume the torch UNet loop: give "
+             "--backend=torch and --unet_steps > 0")
+  if args.stop_after >= args.unet_steps > 0:
+    ap.error(f"--stop_after={args.stop_after} is not before the schedule's end "
+             f"(--unet_steps={args.unet_steps})")
   if args.torch_device != "cpu":
     if args.backend != "torch":
       ap.error(f"--torch_device={args.torch_device} is the torch loop's device; give "
@@ -428,6 +449,24 @@ def main(argv=None) -> int:
       ap.error(f"--torch_device={args.torch_device}: {problem}")
   command = "python -m lfs_jax.mini.train_base " + " ".join(
       argv if argv is not None else sys.argv[1:])
+  # A state left by an earlier run of this command (--resume_every, --stop_after, or a
+  # kill) is continued, and only by the same command.
+  state_dir = os.path.abspath(args.out) + ".resume"
+  resumed = None
+  if args.backend == "torch" and args.unet_steps:
+    from lfs_jax.mini import train_torch  # pylint: disable=g-import-not-at-top
+    resumed = train_torch.read_state_meta(state_dir)
+  if resumed is not None:
+    mine, theirs = _resume_args(vars(args)), _resume_args(resumed.get("args", {}))
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+      ap.error(f"{state_dir} holds the state of another command (it differs in "
+               + ", ".join(f"--{k}={theirs.get(k)!r} there, {mine.get(k)!r} here"
+                           for k in differ[:4])
+               + "): rerun that command to continue it, or remove the folder to start over")
+    if args.stop_after and args.stop_after <= resumed["step"]:
+      ap.error(f"--stop_after={args.stop_after}: {state_dir} is already at step "
+               f"{resumed['step']}")
   # The VAE's latent channels and the UNet to start from (grafted if the architecture
   # changes): checked before any work.
   from lfs_jax.weights import files  # pylint: disable=g-import-not-at-top
@@ -548,6 +587,7 @@ def main(argv=None) -> int:
     _log(f"{len(captions)} distinct captions")
 
   vae_cfg = dict(vae_base_cfg, scaling_factor=round(scale, 5))
+  resume_history: List[dict] = []
   out = os.path.abspath(args.out)
 
   def save(unet_params, folder: str, unet_loss, steps_done: int, text_out=None) -> None:
@@ -568,6 +608,8 @@ def main(argv=None) -> int:
         record["vae_record"] = vae_record
       if graft:
         record["graft"] = graft
+      if resume_history:  # the runs this one's UNet schedule was split into
+        record["resumed"] = resume_history
       if args.unet_from:  # the run the UNet continued from (and its own predecessors)
         with open(os.path.join(args.unet_from, "TRAINING.json")) as f:
           source = json.load(f)
@@ -594,13 +636,31 @@ def main(argv=None) -> int:
     text = None
     if args.train_text_encoder:
       text = (TEXT, text_params, concepts_lib.tokenize(tokenizer, captions, 77))
+    # The latents a state was trained on: a VAE stage that did not reproduce them must
+    # not be continued silently.
+    latents_sum = hashlib.sha256(np.ascontiguousarray(latents, np.float32)).hexdigest()
+    if resumed is not None and resumed.get("latents_sha256") != latents_sum:
+      raise SystemExit(f"train_base: {state_dir} was trained on other latents than this "
+                       "run's VAE stage gives (a VAE trained again on another machine?); "
+                       "remove it to start over")
+    if resumed is not None:
+      resume_history.extend(resumed.get("history", []))
+      resume_history.append({"resumed_at": resumed["step"],
+                             "unet_s_before": resumed["elapsed_s"]})
+    state_meta = {"args": vars(args), "command": command, "latents_sha256": latents_sum,
+                  "history": resume_history}
     unet_params, unet_loss, trained_text = train_torch.train_unet(
         unet_config, np.asarray(sched.alphas_cumprod), SCHEDULER["prediction_type"],
         latents, caption_index, table, cap_id[""], args.unet_steps, args.unet_batch,
         args.seed, args.lr, args.ema, args.cfg_drop, _log, snapshot, args.snapshot_every,
         high_share=args.high_noise, init=init_params, init_name=args.unet_from,
         threads=args.torch_threads, fast=added, fast_scale=args.graft_lr_scale, text=text,
-        device=args.torch_device)
+        device=args.torch_device, state_dir=state_dir, state_every=args.resume_every,
+        stop_after=args.stop_after, state_meta=state_meta)
+    if unet_params is None:  # --stop_after: the state is written, the model is not
+      _log(f"stopped after step {args.stop_after} of {args.unet_steps}: the training "
+           f"state is in {state_dir}; rerun the command to continue")
+      return 0
     if trained_text is not None:  # what save() writes from here on
       text_params = trained_text
   else:
@@ -611,8 +671,20 @@ def main(argv=None) -> int:
     del unet_model
   timings["unet_s"] = time.time() - t
   save(unet_params, out, unet_loss, args.unet_steps)
+  if os.path.exists(state_dir):  # OUT holds what the state was for
+    shutil.rmtree(state_dir)
   _log(f"wrote {out} in {time.time() - started:.0f}s")
   return 0
+
+
+# Flags that change how a run goes, not what it computes: a state written under one value
+# is continued under another.
+_RESUME_FREE = ("stop_after", "resume_every", "torch_threads", "torch_device", "verbosity",
+                "snapshot_every")
+
+
+def _resume_args(args: dict) -> dict:
+  return {k: v for k, v in args.items() if k not in _RESUME_FREE}
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ read, exactly as with the JAX loop.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 from typing import Callable, Optional
@@ -31,9 +32,11 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
                snapshot_every: int = 0, high_share: float = 0.0,
                init: Optional[dict] = None, init_name: str = "", threads: int = 0,
                fast=(), fast_scale: float = 1.0, text: Optional[tuple] = None,
-               device: str = "cpu"):
+               device: str = "cpu", state_dir: str = "", state_every: int = 0,
+               stop_after: int = 0, state_meta: Optional[dict] = None):
   """Returns (Flax UNet params of the bias-corrected EMA, mean loss of the last 200 steps,
-  the text encoder's Flax params of the EMA, or None when it stays frozen).
+  the text encoder's Flax params of the EMA, or None when it stays frozen); (None, loss,
+  None) when `stop_after` ended the run before the schedule's end.
 
   latents [N, h, w, c] (scaled, NHWC as in JAX); caption_index [N, V] rows of
   text_table [C, 77, d] per image; `snapshot(params, text_params, step)` is called
@@ -47,6 +50,14 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   every word keeps its row), the captions then encoded at each step and `text_table`
   unused (None); `device`: the torch device the models, data and optimiser live on
   (the host draws every random number either way).
+
+  Resuming: with `state_dir`, the whole training state (weights, optimiser, EMA, both
+  random streams, the step, the recent losses, and `state_meta`) is written there every
+  `state_every` steps and when the run stops after step `stop_after` (0: run to the
+  end), each time atomically; if `state_dir` holds a state when the loop starts, it
+  continues from that step, so a run stopped and rerun ends with the weights of one
+  uninterrupted run (on one device, thread count and library version). The caller checks that the
+  state was written by the same command (`read_state_meta`) and removes it when done.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -100,6 +111,21 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
            else torch.from_numpy(np.asarray(text_table, np.float32)).to(dev))
   rng = np.random.default_rng([seed, 4])
   gen = torch.Generator().manual_seed(seed + 1)
+  # The last 200 losses, kept on the device: reading one back each step would make the
+  # host wait for the accelerator at every step.
+  losses = collections.deque(maxlen=200)
+  start, elapsed_before, began = 0, 0.0, time.time()
+  if state_dir and os.path.exists(os.path.join(state_dir, STATE_JSON)):
+    start, elapsed_before = _load_state(state_dir, model, encoder, opt, ema, rng, gen,
+                                        losses, dev)
+    log(f"unet (torch): resuming at step {start} of {steps} from {state_dir}")
+  if not 0 <= start < steps:
+    raise ValueError(f"{state_dir} is at step {start}, outside this run's {steps} steps")
+
+  def save_state(done: int):
+    _save_state(state_dir, done, elapsed_before + time.time() - began, model, encoder,
+                opt, ema, rng, gen, losses, state_meta or {})
+    log(f"unet (torch): training state at step {done} written to {state_dir}")
 
   def ema_params(done: int):
     correction = 1.0 - ema_decay ** done
@@ -122,10 +148,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
         state_of(encoder), clip.abstract_params(text_cfg), ignore=clip.IGNORED_KEYS,
         rename=clip.torch_rename, source="torch text encoder", on_host=True)
 
-  # The last 200 losses, kept on the device: reading one back each step would make the
-  # host wait for the accelerator at every step.
-  t0, losses = time.time(), collections.deque(maxlen=200)
-  for i in range(steps):
+  t0 = time.time()
+  for i in range(start, steps):
     idx, cap = recipe.draw_batch(rng, caption_index, batch, drop, empty_index)
     z0 = z_all[torch.from_numpy(idx).to(dev)]
     cap = torch.from_numpy(cap).to(dev)
@@ -153,14 +177,104 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
       torch._foreach_add_(ema, [p.detach() for p in trained], alpha=1 - ema_decay)  # pylint: disable=protected-access
     losses.append(loss.detach())
     if (i + 1) % max(1, steps // 50) == 0:
-      rate = (i + 1) / (time.time() - t0)
+      rate = (i + 1 - start) / (time.time() - t0)
       log(f"unet step {i + 1}/{steps}  loss {_mean(losses):.4f}  "
           f"{rate:.2f} steps/s  ETA {(steps - i - 1) / rate:.0f}s")
     if snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 \
         and i + 1 < steps:
       snapshot(*ema_params(i + 1), i + 1)
+    if state_dir and i + 1 < steps and (
+        i + 1 == stop_after or (state_every and (i + 1) % state_every == 0)):
+      save_state(i + 1)
+    if i + 1 == stop_after and i + 1 < steps:
+      return None, _mean(losses), None
   unet_out, text_out = ema_params(steps)
   return unet_out, _mean(losses), text_out
+
+
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+
+
+def read_state_meta(state_dir: str) -> Optional[dict]:
+  """The `state_meta` and step of the state in `state_dir` (None if there is none)."""
+  path = os.path.join(state_dir, STATE_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    state = json.load(f)
+  return dict(state["meta"], step=state["step"], elapsed_s=state["elapsed_s"])
+
+
+def _save_state(state_dir: str, done: int, elapsed_s: float, model, encoder, opt, ema, rng, gen, losses,
+                meta: dict) -> None:
+  """Writes the loop's whole state to `state_dir` atomically (safetensors + JSON)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  from lfs_jax import mini  # pylint: disable=g-import-not-at-top
+
+  def host(x):
+    return x.detach().to("cpu").contiguous().clone()
+
+  tensors = {f"unet/{k}": host(v) for k, v in model.state_dict().items()}
+  if encoder is not None:
+    tensors.update({f"text/{k}": host(v) for k, v in encoder.state_dict().items()})
+  tensors.update({f"ema/{i}": host(e) for i, e in enumerate(ema)})
+  opt_state = opt.state_dict()
+  for pid, entry in opt_state["state"].items():
+    for key, value in entry.items():
+      tensors[f"opt/{pid}/{key}"] = host(torch.as_tensor(value))
+  tensors["gen"] = gen.get_state()
+  tensors["torch_rng"] = torch.get_rng_state()
+  if losses:
+    tensors["losses"] = host(torch.stack(list(losses)))
+  state = {"step": done, "elapsed_s": round(elapsed_s, 1), "rng": rng.bit_generator.state,
+           "param_groups": opt_state["param_groups"], "meta": meta}
+
+  def write(tmp):
+    save_file(tensors, os.path.join(tmp, STATE_TENSORS))
+    with open(os.path.join(tmp, STATE_JSON), "w") as f:
+      json.dump(state, f, indent=1)
+  mini.write_folder_atomically(state_dir, write)
+
+
+def _load_state(state_dir: str, model, encoder, opt, ema, rng, gen, losses, dev):
+  """Puts the state `_save_state` wrote back into the loop's objects; returns its step
+  and the training seconds spent before it."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(state_dir, STATE_JSON)) as f:
+    state = json.load(f)
+  tensors = load_file(os.path.join(state_dir, STATE_TENSORS))
+
+  def part(prefix):
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+  model.load_state_dict(part("unet/"))  # strict: the same architecture
+  if encoder is not None:
+    encoder.load_state_dict(part("text/"))
+  elif part("text/"):
+    raise ValueError(f"{state_dir} trained the text encoder; this run keeps it frozen")
+  saved_ema = part("ema/")
+  if len(saved_ema) != len(ema):
+    raise ValueError(f"{state_dir} holds {len(saved_ema)} averaged tensors, this run "
+                     f"trains {len(ema)}")
+  with torch.no_grad():
+    for i, e in enumerate(ema):
+      e.copy_(saved_ema[str(i)])
+  opt_state = collections.defaultdict(dict)
+  for k, v in part("opt/").items():
+    pid, key = k.split("/", 1)
+    opt_state[int(pid)][key] = v
+  opt.load_state_dict({"state": dict(opt_state), "param_groups": state["param_groups"]})
+  rng.bit_generator.state = state["rng"]
+  gen.set_state(tensors["gen"])
+  torch.set_rng_state(tensors["torch_rng"])
+  if "losses" in tensors:
+    losses.extend(tensors["losses"].to(dev))
+  return int(state["step"]), float(state["elapsed_s"])
 
 
 def _mean(losses) -> float:
