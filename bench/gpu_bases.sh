@@ -15,7 +15,9 @@
 # encoder come back as $OUT/<arch>_unet.tar and _text_encoder.tar with _TRAINING.json
 # (the rest is the shipped base's). A later `score` call rebuilds the model from them:
 # copy the three files into a git-ignored folder, carry it, FROM=that/folder.
-# Prints, and writes to $OUT/<arch>_table.md: the named-design rates (ceiling --named,
+# The training state is written every 2,000 steps (train_base --resume_every): a call
+# killed at the run's time limit is continued by the next `train` call while the
+# machine is still warm. Prints, and writes to $OUT/<arch>_table.md: the named-design rates (ceiling --named,
 # 32 seeds) and Custom Diffusion's row (bench: acc own, nIA own, class accuracy; 3
 # seeds, 16 samples a concept, striped_star, checked_square, dotted_star), as
 # docs/mini_world.md scores the shipped base.
@@ -50,7 +52,7 @@ train() {
   python3 -m lfs_jax.mini.train_base --out="$model" --backend=torch --torch_device="$DEVICE" \
     --seed=26 --images="$IMAGES" --pattern_share=0.5 --name_patterns --pattern_words=distinct \
     --train_text_encoder --unet_arch="$arch" --vae_from=lfs_jax/assets/mini_base \
-    --unet_steps="$STEPS" 2>&1 | tee "$OUT/${arch}_train.log" | grep -v "unet step" || true
+    --unet_steps="$STEPS" --resume_every=2000 2>&1 | tee "$OUT/${arch}_train.log" | grep -v "unet step" || true
   grep "unet step" "$OUT/${arch}_train.log" | tail -2
   echo "train: $((SECONDS - t0)) s"
   [ -f "$model/TRAINING.json" ] || { echo "no model at $model" >&2; return 1; }
