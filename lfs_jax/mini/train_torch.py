@@ -56,8 +56,9 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
   `state_every` steps and when the run stops after step `stop_after` (0: run to the
   end), each time atomically; if `state_dir` holds a state when the loop starts, it
   continues from that step, so a run stopped and rerun ends with the weights of one
-  uninterrupted run (on one device, thread count and library version). The caller checks that the
-  state was written by the same command (`read_state_meta`) and removes it when done.
+  uninterrupted run (on one device, thread count and library version). The caller
+  checks that the state was written by the same command (`read_state_meta`) and
+  removes it when done.
   """
   import torch  # pylint: disable=g-import-not-at-top
   import diffusers  # pylint: disable=g-import-not-at-top
@@ -206,8 +207,8 @@ def read_state_meta(state_dir: str) -> Optional[dict]:
   return dict(state["meta"], step=state["step"], elapsed_s=state["elapsed_s"])
 
 
-def _save_state(state_dir: str, done: int, elapsed_s: float, model, encoder, opt, ema, rng, gen, losses,
-                meta: dict) -> None:
+def _save_state(state_dir: str, done: int, elapsed_s: float, model, encoder, opt, ema,
+                rng, gen, losses, meta: dict) -> None:
   """Writes the loop's whole state to `state_dir` atomically (safetensors + JSON)."""
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
