@@ -17,8 +17,8 @@
 # copy the three files into a git-ignored folder, carry it, FROM=that/folder.
 # The training state is written every 2,000 steps (train_base --resume_every): a call
 # killed at the run's time limit is continued by the next `train` call while the
-# machine is still warm. Prints, and writes to $OUT/<arch>_table.md: the named-design rates (ceiling --named,
-# 32 seeds) and Custom Diffusion's row (bench: acc own, nIA own, class accuracy; 3
+# machine is still warm. Prints, and writes to $OUT/<arch>_table.md: the named-design
+# rates (ceiling --named, 32 seeds) and Custom Diffusion's row (bench: acc own, nIA own, class accuracy; 3
 # seeds, 16 samples a concept, striped_star, checked_square, dotted_star), as
 # docs/mini_world.md scores the shipped base.
 #

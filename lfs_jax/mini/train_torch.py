@@ -122,6 +122,8 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     log(f"unet (torch): resuming at step {start} of {steps} from {state_dir}")
   if not 0 <= start < steps:
     raise ValueError(f"{state_dir} is at step {start}, outside this run's {steps} steps")
+  if stop_after and not state_dir:
+    raise ValueError("stop_after without a state_dir would lose the steps it ran")
 
   def save_state(done: int):
     _save_state(state_dir, done, elapsed_before + time.time() - began, model, encoder,
@@ -184,10 +186,11 @@ def train_unet(unet_config: dict, alphas_cumprod: np.ndarray, prediction_type: s
     if snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0 \
         and i + 1 < steps:
       snapshot(*ema_params(i + 1), i + 1)
-    if state_dir and i + 1 < steps and (
-        i + 1 == stop_after or (state_every and (i + 1) % state_every == 0)):
+    stopping = i + 1 == stop_after < steps
+    periodic = state_every and (i + 1) % state_every == 0 and i + 1 < steps
+    if state_dir and (stopping or periodic):
       save_state(i + 1)
-    if i + 1 == stop_after and i + 1 < steps:
+    if stopping:
       return None, _mean(losses), None
   unet_out, text_out = ema_params(steps)
   return unet_out, _mean(losses), text_out
