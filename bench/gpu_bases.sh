@@ -18,9 +18,9 @@
 # The training state is written every 2,000 steps (train_base --resume_every): a call
 # killed at the run's time limit is continued by the next `train` call while the
 # machine is still warm. Prints, and writes to $OUT/<arch>_table.md: the named-design
-# rates (ceiling --named, 32 seeds) and Custom Diffusion's row (bench: acc own, nIA own, class accuracy; 3
-# seeds, 16 samples a concept, striped_star, checked_square, dotted_star), as
-# docs/mini_world.md scores the shipped base.
+# rates (ceiling --named, 32 seeds) and Custom Diffusion's row (bench: acc own, nIA
+# own, class accuracy; 3 seeds, 16 samples a concept, striped_star, checked_square,
+# dotted_star), as docs/mini_world.md scores the shipped base.
 #
 # Wheels: as bench/gpu.sh's header says (carry .whl). A CPU dry run of every command,
 # in minutes: DEVICE=cpu STEPS=20 IMAGES=400 SEEDS=0 NAMED=2 EVAL=2 OUT=/tmp/o \
