@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 import threading
@@ -60,8 +61,10 @@ def _reading(what: str, path: str, recover: str):
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Orbax raises ValueError, FileNotFoundError, JSONDecodeError or a bare Exception
-    # around TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND. The hook stays: the
-    # reads still in flight land on Orbax's closed event loop, now or a bit later.
+    # around TensorStore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND. The hooks stay: the
+    # reads still in flight land on Orbax's closed event loop, now or a bit later, and
+    # the sibling reads that failed too are reported by asyncio when collected.
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_reads)
     raise CheckpointError(f"{what} is damaged and cannot be trusted: {path} "
                           f"({_first_line(e)}). Nothing was changed. {recover}") from None
   _restore_hooks(hooks)
@@ -94,6 +97,12 @@ def _quiet_closed_loop():
   sys.excepthook, threading.excepthook, sys.unraisablehook = (
       excepthook, thread_hook, unraisable_hook)
   return old
+
+
+def _drop_unretrieved_reads(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" for the other reads of a damaged
+  checkpoint: the first failure is already the CheckpointError that names it."""
+  return not record.getMessage().startswith("Task exception was never retrieved")
 
 
 def _restore_hooks(old) -> None:
