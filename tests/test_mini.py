@@ -1,5 +1,6 @@
 """The mini world: renderer, shipped oracle and base, and a smoke run of the benchmark."""
 
+import dataclasses
 import json
 import os
 
@@ -114,6 +115,49 @@ def test_drawn_pattern_shares_and_training_captions():
   assert abs(share - train_base.TRAIN_PATTERN_SHARE) < 0.06, share
   with pytest.raises(SystemExit, match="--guidance must be"):
     ceiling.main(["--drawn", "--guidance=4,x"])
+
+
+def test_named_designs_on_each_background(monkeypatch):
+  # `ceiling --named --backgrounds`: each design asked on each background, each cell
+  # scored on its own samples, the mean over the backgrounds a photo can have (never
+  # the design's own two colours). A stand-in sampler draws the asked design only on
+  # green and a solid shape elsewhere, so the cells must read 1 on green and 0 off it.
+  from lfs_jax.mini import bench, ceiling, oracle
+
+  c = world.concept("striped_star")
+  assert (ceiling.named_design(c, "distinct", "green")
+          == "a blue star with gold stripes on a green background")
+  assert ceiling.named_design(c) == "a blue star with yellow stripes"
+  with pytest.raises(ValueError, match="background must be one of"):
+    ceiling.named_design(c, background="teal")
+  with pytest.raises(SystemExit, match="--backgrounds goes with --named"):
+    ceiling.main(["--backgrounds"])
+
+  asked = {ceiling.named_design(c, "distinct", b): b for b in world.BACKGROUNDS}
+
+  def fake_generate(run_model, prompts, seeds, strength, cfg):
+    del run_model, strength, cfg
+    out = []
+    for p, seed in zip(prompts, seeds):
+      b = asked[p]
+      scene = c.scene(np.random.default_rng(seed))
+      scene = dataclasses.replace(scene, background=b, pattern=(
+          c.pattern if b == "green" else "solid"))
+      out.append(world.render(scene))
+    return np.stack(out)
+
+  monkeypatch.setattr(bench, "_generate", fake_generate)
+  monkeypatch.setattr(bench, "base_run_model", lambda cfg: None)
+  params = oracle.load()
+  params = params[0] if isinstance(params, tuple) else params
+  rows = ceiling.reachability_by_background(None, params, n=3, pattern_words="distinct",
+                                            concepts=[c])
+  assert set(rows) == {"striped_star"}
+  row = rows["striped_star"]
+  assert row["green"] == 1.0
+  assert all(row[b] == 0.0 for b in world.BACKGROUNDS if b != "green"), row
+  # blue and yellow (the design's colours) are no photo's background: 1 of 7 cells.
+  assert row["mean"] == pytest.approx(1 / 7)
 
 
 def test_shipped_oracle_reads_fresh_renders():

@@ -1,7 +1,7 @@
 """How much of each mini-world concept survives a base model's VAE: a ceiling for any UNet.
 
   python -m lfs_jax.mini.ceiling [--model=lfs_jax/assets/mini_base] [--images=64]
-  python -m lfs_jax.mini.ceiling --named [--model=...] [--images=32]
+  python -m lfs_jax.mini.ceiling --named [--model=...] [--images=32] [--backgrounds]
   python -m lfs_jax.mini.ceiling --drawn [--model=...] [--images=96] [--guidance=1,4]
 
 A sample is decoded by the VAE, so a concept whose fresh renders the oracle no
@@ -14,6 +14,10 @@ reconstructions, each head's accuracy on the reconstructions, and the pixel MSE
 `--named` asks the base model for each concept's design in words ("a blue star with
 yellow stripes") and scores the samples the same way: whether a concept is reachable
 from the base's vocabulary before any session teaches it.
+
+`--named --backgrounds` asks for each design on each of the nine backgrounds ("a blue
+star with yellow stripes on a green background"): a concept's photos sit on random
+backgrounds, and a base may draw a design on some backgrounds and not on others.
 
 `--drawn` asks whether the base draws patterns at all: the share of its samples that
 the oracle's pattern head reads as patterned (and as each pattern), for the class
@@ -39,10 +43,17 @@ from lfs_jax.mini.roundtrip import SEED, table, vae_ceiling
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "mini_base")
 
 
-def named_design(c: world.Concept, pattern_words: str = "plain") -> str:
-  """The concept's design in the world's words: "a blue star with yellow stripes"."""
-  return world.caption(world.Scene(c.shape, c.colour, "white", c.pattern, c.colour2),
-                       background=False, pattern_words=pattern_words)
+def named_design(c: world.Concept, pattern_words: str = "plain",
+                 background: str = "") -> str:
+  """The concept's design in the world's words: "a blue star with yellow stripes".
+
+  With `background`, on it: "a blue star with yellow stripes on a green background".
+  """
+  if background and background not in world.BACKGROUNDS:
+    raise ValueError(f"background must be one of {world.BACKGROUNDS}, got {background!r}")
+  return world.caption(world.Scene(c.shape, c.colour, background or "white", c.pattern,
+                                   c.colour2),
+                       background=bool(background), pattern_words=pattern_words)
 
 
 def reachability(cfg, oracle_params, n: int = 32,
@@ -67,6 +78,37 @@ def reachability(cfg, oracle_params, n: int = 32,
     row = {"prompt": prompt, "named": float(oracle.concept_right(p, c).mean())}
     row.update({h: float(v.mean()) for h, v in oracle.head_hits(p, c).items()})
     out[c.name] = row
+  return out
+
+
+def reachability_by_background(cfg, oracle_params, n: int = 16,
+                               pattern_words: str = "plain",
+                               concepts: Sequence[world.Concept] = world.CONCEPTS
+                               ) -> Dict[str, Dict[str, float]]:
+  """Each concept's design asked in words on each background, `n` seeds a caption.
+
+  {concept: {background: strict accuracy, ..., "mean": over the backgrounds a photo
+  can have}}. A concept's photos sit on random backgrounds (`world.Concept.scene`: any
+  but the design's two colours), and the base may draw a design on some and not on
+  others. A background equal to one of the design's colours appears neither among the
+  photos nor in the base's training renders (`world.scenes`), so its cell asks for a
+  scene the base never saw and stays out of the mean.
+  """
+  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
+
+  cells = [(c, b) for c in concepts for b in world.BACKGROUNDS]
+  prompts = [named_design(c, pattern_words, b) for c, b in cells]
+  imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
+                         [i for _ in prompts for i in range(n)], 1.0, cfg)
+  _, pred = oracle.predict(oracle_params, imgs)
+  out: Dict[str, Dict[str, float]] = {}
+  for k, (c, b) in enumerate(cells):
+    p = {h: v[k * n:(k + 1) * n] for h, v in pred.items()}
+    out.setdefault(c.name, {})[b] = float(oracle.concept_right(p, c).mean())
+  for c in concepts:
+    row = out[c.name]
+    row["mean"] = float(np.mean([row[b] for b in world.BACKGROUNDS
+                                 if b not in (c.colour, c.colour2)]))
   return out
 
 
@@ -131,6 +173,9 @@ def main(argv=None) -> int:
                   help="instead: sample the base (--model) on each concept's design in words "
                   "('a blue star with yellow stripes', --images seeds, the benchmark's short "
                   "config's sampler) and score those samples")
+  ap.add_argument("--backgrounds", action="store_true",
+                  help="--named: ask each design on each of the nine backgrounds ('... on a "
+                  "green background', --images seeds each) and print concept x background")
   ap.add_argument("--pattern_words", choices=world.PATTERN_WORDINGS, default="plain",
                   help="--named: how the design's second colour is worded (as the base "
                   "was trained: train_base --pattern_words)")
@@ -142,6 +187,8 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.images < 1:
     raise SystemExit(f"--images must be >= 1, got {args.images}")
+  if args.backgrounds and not args.named:
+    raise SystemExit("--backgrounds goes with --named (it asks designs in words)")
   try:
     guidances = [float(g) for g in args.guidance.split(",") if g.strip()]
   except ValueError:
@@ -160,6 +207,9 @@ def main(argv=None) -> int:
   if args.drawn:
     rows = drawn_patterns(cfg, oracle_params, args.images, args.seed, guidances)
     print(table(rows, ("patterned",) + world.PATTERNS[1:], first="samples", mean=False))
+  elif args.backgrounds:
+    rows = reachability_by_background(cfg, oracle_params, args.images, args.pattern_words)
+    print(table(rows, world.BACKGROUNDS + ("mean",)))
   elif args.named:
     rows = reachability(cfg, oracle_params, args.images, args.pattern_words)
     print(table(rows, ("named", "shape", "colour", "pattern", "colour2")))
