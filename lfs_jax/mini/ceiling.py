@@ -56,6 +56,18 @@ def named_design(c: world.Concept, pattern_words: str = "plain",
                        background=bool(background), pattern_words=pattern_words)
 
 
+def _oracle_on_prompts(cfg, oracle_params, prompts: Sequence[str],
+                       n: int) -> List[Dict[str, np.ndarray]]:
+  """The base (cfg's model and sampler) on each prompt with seeds 0..n-1: the oracle's
+  predictions {head: [n]} per prompt, in order."""
+  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
+
+  imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
+                         [i for _ in prompts for i in range(n)], 1.0, cfg)
+  _, pred = oracle.predict(oracle_params, imgs)
+  return [{h: v[k * n:(k + 1) * n] for h, v in pred.items()} for k in range(len(prompts))]
+
+
 def reachability(cfg, oracle_params, n: int = 32,
                  pattern_words: str = "plain") -> Dict[str, Dict[str, float]]:
   """The base model asked for each concept's design in words (`named_design`), `n` seeds.
@@ -66,15 +78,10 @@ def reachability(cfg, oracle_params, n: int = 32,
   prompts (it trains "a <ck> star"); cfg is a benchmark config (its model.path and
   sampler are used).
   """
-  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
-
   prompts = [named_design(c, pattern_words) for c in world.CONCEPTS]
-  imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
-                         [i for _ in prompts for i in range(n)], 1.0, cfg)
-  _, pred = oracle.predict(oracle_params, imgs)
   out = {}
-  for k, (c, prompt) in enumerate(zip(world.CONCEPTS, prompts)):
-    p = {h: v[k * n:(k + 1) * n] for h, v in pred.items()}
+  for c, prompt, p in zip(world.CONCEPTS, prompts,
+                          _oracle_on_prompts(cfg, oracle_params, prompts, n)):
     row = {"prompt": prompt, "named": float(oracle.concept_right(p, c).mean())}
     row.update({h: float(v.mean()) for h, v in oracle.head_hits(p, c).items()})
     out[c.name] = row
@@ -94,16 +101,10 @@ def reachability_by_background(cfg, oracle_params, n: int = 16,
   photos nor in the base's training renders (`world.scenes`), so its cell asks for a
   scene the base never saw and stays out of the mean.
   """
-  from lfs_jax.mini import bench  # pylint: disable=g-import-not-at-top
-
   cells = [(c, b) for c in concepts for b in world.BACKGROUNDS]
   prompts = [named_design(c, pattern_words, b) for c, b in cells]
-  imgs = bench._generate(bench.base_run_model(cfg), [p for p in prompts for _ in range(n)],  # pylint: disable=protected-access
-                         [i for _ in prompts for i in range(n)], 1.0, cfg)
-  _, pred = oracle.predict(oracle_params, imgs)
   out: Dict[str, Dict[str, float]] = {}
-  for k, (c, b) in enumerate(cells):
-    p = {h: v[k * n:(k + 1) * n] for h, v in pred.items()}
+  for (c, b), p in zip(cells, _oracle_on_prompts(cfg, oracle_params, prompts, n)):
     out.setdefault(c.name, {})[b] = float(oracle.concept_right(p, c).mean())
   for c in concepts:
     row = out[c.name]
