@@ -337,7 +337,7 @@ def train_vae(vae_config: dict, images: np.ndarray, steps: int, batch: int, seed
   Pixel MSE of the decoded posterior sample plus `kl_weight` x the KL to N(0, 1) (both
   means over elements), Adam at `lr` cosine to 5 %, batches of `batch` renders drawn
   with replacement. On the 2-core CPU, two threads ran 2,000 steps of 32 at 10.5
-  steps/s (docs/mini_world.md, "A VAE with 8 latent channels"); the JAX loop's
+  steps/s (docs/mini_world_history.md, "A VAE with 8 latent channels"); the JAX loop's
   recorded VAE stage took 521 s for 500 steps, renders included. images: uint8
   [N, H, W, 3]. Returns (Flax VAE params, mean MSE of the last 100 steps).
   """
