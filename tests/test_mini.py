@@ -462,6 +462,47 @@ def test_train_base_wide_unet_trains_from_scratch_and_refuses_a_graft(tmp_path, 
   assert not (tmp_path / "bad").exists()
 
 
+def test_train_base_text_width_sets_the_encoder_and_the_unets_cross_attention(tmp_path,
+                                                                              capsys):
+  """--text_width=48: a new encoder 48 wide (MLP 96, 3 heads), the UNet's cross-attention
+  reading it; the folder loads and its encoder's output feeds its UNet. A UNet continued
+  with --unet_from keeps its folder's width, and a width that is not one refused."""
+  from lfs_jax.mini import train_base
+  from lfs_jax.weights import loaders
+
+  shipped = os.path.join(ASSETS, "mini_base")
+  out = tmp_path / "t48"
+  assert train_base.main([f"--out={out}", "--images=8", "--seed=3", "--unet_steps=2",
+                          "--unet_batch=4", "--backend=torch", "--torch_threads=1",
+                          "--train_text_encoder", "--text_width=48",
+                          f"--vae_from={shipped}"]) == 0
+  text, text_params = loaders.load_text_encoder(str(out))
+  unet_module, unet_params = loaders.load_unet(str(out))
+  assert (text.config.hidden_size, text.config.intermediate_size,
+          text.config.num_attention_heads) == (48, 96, 3)
+  assert unet_module.config.cross_attention_dim == 48
+  ids = np.zeros((2, 77), np.int32)
+  context = text.apply({"params": text_params}, ids)
+  context = context[0] if isinstance(context, (tuple, list)) else context
+  assert context.shape == (2, 77, 48)
+  x = np.zeros((2, 16, 16, 4), np.float32)
+  eps = unet_module.apply({"params": unet_params}, x, np.array([10, 500]), context)
+  assert eps.shape == x.shape and np.isfinite(np.asarray(eps)).all()
+  # Continued: the folder's 48-wide encoder is kept (and written back).
+  more = tmp_path / "t48b"
+  assert train_base.main([f"--out={more}", "--images=8", "--seed=4", "--unet_steps=1",
+                          "--unet_batch=4", "--backend=torch", "--torch_threads=1",
+                          f"--unet_from={out}", f"--vae_from={shipped}"]) == 0
+  assert loaders.load_text_encoder(str(more))[0].config.hidden_size == 48
+  for bad, says in [(["--text_width=40"], "multiple of 16"),
+                    ([f"--unet_from={shipped}", "--text_width=48"], "32-wide")]:
+    with pytest.raises(SystemExit):
+      train_base.main([f"--out={tmp_path / 'bad'}", "--images=4", "--unet_steps=1",
+                       "--backend=torch", f"--vae_from={shipped}"] + bad)
+    assert says in capsys.readouterr().err
+  assert not (tmp_path / "bad").exists()
+
+
 def test_train_base_grafts_attention_at_16x16_without_changing_the_unet(tmp_path, capsys):
   """--unet_arch=cross16: the shipped UNet plus attention at 16x16, the same function."""
   import diffusers

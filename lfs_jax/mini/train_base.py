@@ -106,6 +106,9 @@ UNET_CROSS16 = dict(UNET, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDo
 # fp32). Trained from scratch; a base's weights cannot be grafted onto it.
 UNET_WIDE = dict(UNET, block_out_channels=[64, 128])
 UNET_ARCHS = {"base": UNET, "cross16": UNET_CROSS16, "wide": UNET_WIDE}
+# The text encoder config fields that set its shape (--text_width changes them).
+_TEXT_SHAPE = ("hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
+               "num_hidden_layers")
 # Stable Diffusion's schedule, with SD 2.x's v-prediction: a model this small,
 # trained this briefly, learned to denoise with epsilon-prediction but could not
 # generate from pure noise (at high noise an epsilon error is amplified ~14x in the
@@ -362,6 +365,11 @@ def main(argv=None) -> int:
                   help="with --name_patterns: the second colour as a bare colour word "
                   "('yellow stripes', plain) or in words no other colour uses ('gold "
                   "stripes', distinct: world.PATTERN_COLOUR_WORDS)")
+  ap.add_argument("--text_width", type=int, default=None,
+                  help="width of a new text encoder (its MLP twice that, heads of 16) and "
+                       "of the UNet's cross-attention input; default the tiny encoder's "
+                       f"{TEXT['hidden_size']} (a UNet continued with --unet_from keeps its "
+                       "folder's encoder)")
   ap.add_argument("--train_text_encoder", action="store_true",
                   help="train the text encoder's layers with the UNet (--backend=torch; the "
                   "token embedding table stays frozen); by default the encoder is frozen")
@@ -483,8 +491,16 @@ def main(argv=None) -> int:
   latent_channels = vae_base_cfg["latent_channels"]
   if args.vae_from and args.vae_backend != "jax":
     ap.error("--vae_backend trains a VAE; --vae_from reuses one (give one of them)")
+  text_config = TEXT
+  if args.text_width is not None:
+    w = args.text_width
+    if w < 16 or w % 16:
+      ap.error(f"--text_width must be a multiple of 16 (heads of 16), got {w}")
+    text_config = dict(TEXT, hidden_size=w, intermediate_size=2 * w, projection_dim=w,
+                       num_attention_heads=w // 16)
   unet_config = dict(UNET_ARCHS[args.unet_arch or "base"], in_channels=latent_channels,
-                     out_channels=latent_channels)
+                     out_channels=latent_channels,
+                     cross_attention_dim=text_config["hidden_size"])
   init_params, graft, added = None, None, []
   if args.train_text_encoder and (args.backend != "torch" or not args.unet_steps):
     ap.error("--train_text_encoder needs --backend=torch (the JAX loop reads a frozen "
@@ -496,6 +512,10 @@ def main(argv=None) -> int:
     if source_config["in_channels"] != latent_channels:
       ap.error(f"--unet_from={args.unet_from} reads {source_config['in_channels']}-channel "
                f"latents, the VAE has {latent_channels}")
+    if (args.text_width is not None
+        and source_config["cross_attention_dim"] != args.text_width):
+      ap.error(f"--text_width={args.text_width}: --unet_from={args.unet_from} reads a "
+               f"{source_config['cross_attention_dim']}-wide text encoder, which it keeps")
     init_params = loaders.load_unet(args.unet_from, on_host=True)[1]
     if args.unet_arch is None:
       unet_config = source_config
@@ -570,7 +590,10 @@ def main(argv=None) -> int:
     _log(roundtrip.table(rows))
     return 0
 
-  text_cfg = clip.CLIPTextConfig.from_transformers(TEXT)
+  if args.unet_from:  # its folder's encoder, at its width
+    src = files.read_config(files.component_folder(args.unet_from, "text_encoder"))
+    text_config = dict(TEXT, **{k: src[k] for k in _TEXT_SHAPE if k in src})
+  text_cfg = clip.CLIPTextConfig.from_transformers(text_config)
   text_model = clip.CLIPTextModel(text_cfg)
   if args.unet_from:  # the UNet learned to read that folder's frozen encoder, whatever --seed is
     text_params = loaders.load_text_encoder(args.unet_from)[1]
@@ -594,7 +617,7 @@ def main(argv=None) -> int:
     def write(tmp):
       tiny.write_folder({"unet": unet_params, "vae": vae_params,
                          "text_encoder": text_params if text_out is None else text_out},
-                        tmp, unet_config=unet_config, vae_config=vae_cfg, text_config=TEXT,
+                        tmp, unet_config=unet_config, vae_config=vae_cfg, text_config=text_config,
                         scheduler_config=SCHEDULER)
       record = {
           "command": command,
@@ -635,7 +658,7 @@ def main(argv=None) -> int:
 
     text = None
     if args.train_text_encoder:
-      text = (TEXT, text_params, concepts_lib.tokenize(tokenizer, captions, 77))
+      text = (text_config, text_params, concepts_lib.tokenize(tokenizer, captions, 77))
     # The latents a state was trained on: a VAE stage that did not reproduce them must
     # not be continued silently.
     latents_sum = hashlib.sha256(np.ascontiguousarray(latents, np.float32)).hexdigest()
