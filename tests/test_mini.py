@@ -483,7 +483,6 @@ def test_train_base_text_width_sets_the_encoder_and_the_unets_cross_attention(tm
   assert unet_module.config.cross_attention_dim == 48
   ids = np.zeros((2, 77), np.int32)
   context = text.apply({"params": text_params}, ids)
-  context = context[0] if isinstance(context, (tuple, list)) else context
   assert context.shape == (2, 77, 48)
   x = np.zeros((2, 16, 16, 4), np.float32)
   eps = unet_module.apply({"params": unet_params}, x, np.array([10, 500]), context)

@@ -491,13 +491,22 @@ def main(argv=None) -> int:
   latent_channels = vae_base_cfg["latent_channels"]
   if args.vae_from and args.vae_backend != "jax":
     ap.error("--vae_backend trains a VAE; --vae_from reuses one (give one of them)")
-  text_config = TEXT
-  if args.text_width is not None:
-    w = args.text_width
-    if w < 16 or w % 16:
-      ap.error(f"--text_width must be a multiple of 16 (heads of 16), got {w}")
+  # The text encoder's shape: --unet_from's folder's (its UNet reads that encoder), else
+  # the tiny one's, or --text_width's.
+  w = args.text_width
+  if w is not None and (w < 16 or w % 16):
+    ap.error(f"--text_width must be a multiple of 16 (heads of 16), got {w}")
+  if args.unet_from:
+    src = files.read_config(files.component_folder(args.unet_from, "text_encoder"))
+    text_config = dict(TEXT, **{k: src[k] for k in _TEXT_SHAPE if k in src})
+    if w is not None and text_config["hidden_size"] != w:
+      ap.error(f"--text_width={w}: --unet_from={args.unet_from} has a "
+               f"{text_config['hidden_size']}-wide text encoder, which it keeps")
+  elif w is not None:
     text_config = dict(TEXT, hidden_size=w, intermediate_size=2 * w, projection_dim=w,
                        num_attention_heads=w // 16)
+  else:
+    text_config = TEXT
   unet_config = dict(UNET_ARCHS[args.unet_arch or "base"], in_channels=latent_channels,
                      out_channels=latent_channels,
                      cross_attention_dim=text_config["hidden_size"])
@@ -512,10 +521,6 @@ def main(argv=None) -> int:
     if source_config["in_channels"] != latent_channels:
       ap.error(f"--unet_from={args.unet_from} reads {source_config['in_channels']}-channel "
                f"latents, the VAE has {latent_channels}")
-    if (args.text_width is not None
-        and source_config["cross_attention_dim"] != args.text_width):
-      ap.error(f"--text_width={args.text_width}: --unet_from={args.unet_from} reads a "
-               f"{source_config['cross_attention_dim']}-wide text encoder, which it keeps")
     init_params = loaders.load_unet(args.unet_from, on_host=True)[1]
     if args.unet_arch is None:
       unet_config = source_config
@@ -590,9 +595,6 @@ def main(argv=None) -> int:
     _log(roundtrip.table(rows))
     return 0
 
-  if args.unet_from:  # its folder's encoder, at its width
-    src = files.read_config(files.component_folder(args.unet_from, "text_encoder"))
-    text_config = dict(TEXT, **{k: src[k] for k in _TEXT_SHAPE if k in src})
   text_cfg = clip.CLIPTextConfig.from_transformers(text_config)
   text_model = clip.CLIPTextModel(text_cfg)
   if args.unet_from:  # the UNet learned to read that folder's frozen encoder, whatever --seed is
