@@ -1,14 +1,19 @@
 """The concept registry: modifier tokens, class words, photos and the session of each.
 
-Concept k (1-based, over the whole run) owns the token `token_format.format(k)`,
-which the tokenizer maps to id `vocab_size + k - 1`, i.e. row k-1 of the extra
-embedding table that the CLIP text model appends to its frozen vocabulary.
+Concept k (1-based, over the whole run) owns the token `token_format.format(k)`
+("<c3>") and, with `concepts.vectors` = n > 1, n - 1 more ("<c3>_1" … "<c3>_{n-1}",
+textual inversion's multi-vector form, named as diffusers' `load_textual_inversion`
+names the rows of an [n, D] embedding). The registry's tokens, concept by concept,
+are rows 0, 1, … of the extra embedding table that the CLIP text model appends to its
+frozen vocabulary; the tokenizer maps row r to id `vocab_size + r`. A prompt names a
+concept by its first token; `Registry.expand` writes the others after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,6 +42,13 @@ class Concept:
   split_seed: Optional[int] = None
   # The dataset's own training prompts ("photo of {}"); () = concepts.templates.
   train_prompts: Tuple[str, ...] = ()
+  # Embedding rows of the concept (concepts.vectors when it was learned).
+  vectors: int = 1
+
+  @property
+  def tokens(self) -> Tuple[str, ...]:
+    """("<c3>", "<c3>_1", …): the concept's tokens, one per embedding row."""
+    return (self.token,) + tuple(f"{self.token}_{i}" for i in range(1, self.vectors))
 
   def training_prompts(self, templates: Sequence[str]) -> List[str]:
     """The concept's training prompts, one per template slot (len(templates) of them).
@@ -48,8 +60,8 @@ class Concept:
     return [own[i % len(own)].replace("{}", self.phrase()) for i in range(len(templates))]
 
   def phrase(self) -> str:
-    """"<c3> dog": what "{}" in a template becomes."""
-    return f"{self.token} {self.class_word}"
+    """"<c3> dog" ("<c3> <c3>_1 dog" with two vectors): what "{}" in a template becomes."""
+    return f"{' '.join(self.tokens)} {self.class_word}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +70,23 @@ class Registry:
 
   @property
   def tokens(self) -> List[str]:
+    """Every token, concept by concept: token i is row i of the extra embedding table."""
+    return [t for c in self.concepts for t in c.tokens]
+
+  @property
+  def names(self) -> List[str]:
+    """Each concept's first token: the one prompts name it by."""
     return [c.token for c in self.concepts]
+
+  def expand(self, prompt: str) -> str:
+    """"a <c3> dog" -> "a <c3> <c3>_1 dog": each multi-vector concept's other tokens
+    written after its first (what the text encoder must read). Idempotent."""
+    for c in self.concepts:
+      if c.vectors > 1:
+        rest = " ".join(c.tokens[1:])
+        prompt = re.sub(re.escape(c.token) + r"(?!_\d)(?! " + re.escape(c.tokens[1]) + ")",
+                        lambda m: f"{c.token} {rest}", prompt)
+    return prompt
 
   def in_session(self, session: int) -> List[Concept]:
     return [c for c in self.concepts if c.session == session]
@@ -71,8 +99,10 @@ class Registry:
 
   def add_session(self, specs: Sequence[ConceptSpec], session: int, *,
                   token_format: str, vocab: Sequence[str] = (),
-                  initializer: str = "class") -> "Registry":
+                  initializer: str = "class", vectors: int = 1) -> "Registry":
     """Returns a registry with `specs` learned in `session` (tokens numbered on).
+
+    Each new concept gets `vectors` embedding rows (tokens "<ck>", "<ck>_1", …).
 
     Raises:
       ConceptError: a concept without images, a name or token already taken, or a
@@ -80,6 +110,8 @@ class Registry:
     """
     if any(c.session >= session for c in self.concepts):
       raise ConceptError(f"session {session} is not after the registry's last session")
+    if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
+      raise ConceptError(f"concepts.vectors must be an integer >= 1, got {vectors!r}")
     concepts = list(self.concepts)
     names = {c.name for c in concepts}
     vocab = set(vocab)
@@ -89,9 +121,12 @@ class Registry:
       if spec.name in names:
         raise ConceptError(f"concept {spec.name!r} was already learned in an earlier session")
       token = token_format.format(len(concepts) + 1)
-      if token in vocab or token in {c.token for c in concepts}:
+      taken = vocab | {t for c in concepts for t in c.tokens}
+      clash = [t for t in (token,) + tuple(f"{token}_{i}" for i in range(1, vectors))
+               if t in taken]
+      if clash:
         raise ConceptError(
-            f"modifier token {token!r} for concept {spec.name!r} already exists in the "
+            f"modifier token {clash[0]!r} for concept {spec.name!r} already exists in the "
             "tokenizer; choose another concepts.token_format")
       record = lambda paths: tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p))
                                    for p in paths)
@@ -101,7 +136,7 @@ class Registry:
                        else initializer), session=session,
           images=record(spec.images), prompts=tuple(spec.prompts),
           references=record(spec.heldout), split_seed=spec.split_seed,
-          train_prompts=tuple(spec.train_prompts)))
+          train_prompts=tuple(spec.train_prompts), vectors=vectors))
       names.add(spec.name)
     return Registry(tuple(concepts))
 
@@ -130,7 +165,7 @@ class Registry:
 
 
 def add_tokens(tokenizer, registry: Registry, vocab_size: int) -> None:
-  """Adds the registry's tokens to `tokenizer` so token k-1 gets id vocab_size + k-1."""
+  """Adds the registry's tokens to `tokenizer` so token i (row i) gets id vocab_size + i."""
   if len(tokenizer) < vocab_size:
     raise ConceptError(
         f"the tokenizer has {len(tokenizer)} entries but the text encoder {vocab_size}")
@@ -156,11 +191,12 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> np.ndarray:
 
 
 def initial_rows(tokenizer, concepts: Sequence[Concept], table: np.ndarray) -> np.ndarray:
-  """Initial embedding rows [len(concepts), D]: the mean embedding of each initializer."""
+  """Initial embedding rows [sum of vectors, D]: each of a concept's rows starts at the
+  mean embedding of its initializer's tokens."""
   rows = []
   for c in concepts:
     ids = tokenizer(c.initializer, add_special_tokens=False)["input_ids"]
     if not ids:
       raise ConceptError(f"initializer word {c.initializer!r} of {c.name!r} has no tokens")
-    rows.append(np.asarray(table)[ids].mean(axis=0))
+    rows += [np.asarray(table)[ids].mean(axis=0)] * c.vectors
   return np.stack(rows).astype(np.float32) if rows else np.zeros((0, table.shape[1]), np.float32)

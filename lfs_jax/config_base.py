@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ^ training prompts; "{}" becomes "<token> <class>" (or "<class>" for DFKD class prompts)
   c.concepts.initializer = "class"  # a new token's starting embedding: "class" (its concept's class
   # ^ word) or this word's for every concept (Custom Diffusion: "ktn", a rare token)
+  c.concepts.vectors = 1           # embedding rows a modifier token: 1 as Custom Diffusion; n > 1
+  # ^ textual inversion's multi-vector form: "<c3>" stands for "<c3> <c3>_1 … <c3>_{n-1}"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 40              # optimiser steps per session

@@ -34,12 +34,13 @@ class PromptConcepts(NamedTuple):
   concept: Optional[str]     # the one that picks the context (the first), or None
 
 
-def token_pattern(token_format: str) -> re.Pattern:
-  """A regex for every token `token_format` can produce ("<c{}>" -> r"<c\\d+>")."""
+def token_pattern(token_format: str, *, rows: bool = False) -> re.Pattern:
+  """A regex for every token `token_format` can produce ("<c{}>" -> r"<c\\d+>");
+  `rows`: a multi-vector concept's other tokens too ("<c3>_1")."""
   if token_format.count("{}") != 1:
     raise ValueError(f"concepts.token_format must contain '{{}}' once, got {token_format!r}")
   head, tail = token_format.split("{}")
-  return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+  return re.compile(re.escape(head) + r"\d+" + re.escape(tail) + (r"(?:_\d+)?" if rows else ""))
 
 
 # Any "<word>" (no space or bracket inside): what a user types as a modifier token.
@@ -61,7 +62,7 @@ def resolve(prompt: str, registry: concepts_lib.Registry, token_format: str,
     ValueError: an unknown token (e.g. "<c9>", a concept of a later session, or a
       typo such as "<dgo>"); the message lists the known ones.
   """
-  known = registry.tokens
+  known = registry.names
   found = [m.group(0) for m in token_pattern(token_format).finditer(prompt)]
   words = [m.group(0) for m in _BRACKETED.finditer(prompt)] if strict else found
   unknown = [t for t in words if t not in known]
@@ -78,8 +79,8 @@ def resolve(prompt: str, registry: concepts_lib.Registry, token_format: str,
 
 
 def bank_key(registry: concepts_lib.Registry, token: str) -> str:
-  """"concept<i>": the bank entry of the concept whose token is `token`."""
-  return f"concept{registry.tokens.index(token) + 1}"
+  """"concept<i>": the bank entry of the concept whose (first) token is `token`."""
+  return f"concept{registry.names.index(token) + 1}"
 
 
 def context_latent(bank: Dict[str, Dict[str, np.ndarray]], key: str, select: str,

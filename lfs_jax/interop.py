@@ -267,32 +267,38 @@ def export_session(workdir: str, out_dir: str, session: Optional[int] = None) ->
     weights_name = WEIGHTS_NAME
     tensors = processor_tensors(delta["unet"], attention_modules(_abstract_unet(cfg.model)))
   rows = np.asarray(delta["tokens"], np.float32)
-  if rows.shape[0] != len(registry.concepts):
-    raise InteropError(f"session {session}: {rows.shape[0]} token rows for "
-                       f"{len(registry.concepts)} concepts {registry.tokens}")
+  if rows.shape[0] != len(registry.tokens):
+    raise InteropError(f"session {session}: {rows.shape[0]} token rows for the "
+                       f"{len(registry.tokens)} tokens {registry.tokens}")
   names = {c.token: _token_filename(c.token) for c in registry.concepts}
+  starts = np.cumsum([0] + [c.vectors for c in registry.concepts])
 
   with _staged(out_dir) as tmp:
     safetensors_io.save_file(tensors, os.path.join(tmp, weights_name), metadata={"format": "pt"})
-    for c, row in zip(registry.concepts, rows):
-      safetensors_io.save_file({c.token: row}, os.path.join(tmp, names[c.token]),
-                               metadata={"format": "pt"})
+    for c, start in zip(registry.concepts, starts):
+      # One vector: [D], as Custom Diffusion writes it; n: [n, D], which diffusers'
+      # load_textual_inversion turns into "<ck>", "<ck>_1", … (the registry's names).
+      own = rows[start:start + c.vectors]
+      safetensors_io.save_file({c.token: own if c.vectors > 1 else own[0]},
+                               os.path.join(tmp, names[c.token]), metadata={"format": "pt"})
     paths.write_text(os.path.join(tmp, CONCEPTS_NAME), json.dumps(
         [{"token": c.token, "class_word": c.class_word, "name": c.name,
-          "session": c.session, "prompts": list(c.prompts)} for c in registry.concepts],
+          "session": c.session, "prompts": list(c.prompts),
+          **({"vectors": c.vectors} if c.vectors > 1 else {})} for c in registry.concepts],
         indent=2))
     paths.write_text(os.path.join(tmp, README_NAME),  # last: an export with it is complete
                      _readme(cfg, workdir, session, registry, paths.abspath(out_dir),
                              weights_name))
-  return {"session": session, "out_dir": paths.abspath(out_dir), "tokens": registry.tokens,
+  return {"session": session, "out_dir": paths.abspath(out_dir), "tokens": registry.names,
           "files": [weights_name] + list(names.values())}
 
 
 def _readme(cfg, workdir: str, session: int, registry, out_dir: str, weights_name: str) -> str:
   base, base_path = _base_description(cfg.model, cfg.seed)
   q = json.dumps  # Python string literals with double quotes
-  tokens = registry.tokens
-  example = cfg.concepts.templates[0].format(registry.concepts[-1].phrase())
+  tokens = registry.names
+  last = registry.concepts[-1]  # diffusers' pipeline writes a multi-vector token's others itself
+  example = cfg.concepts.templates[0].format(f"{last.token} {last.class_word}")
   table = "\n".join(f"| `{c.token}` | {c.class_word} | {c.name} | {c.session} |"
                     for c in registry.concepts)
   if weights_name == lora_format.WEIGHTS_NAME:
@@ -321,7 +327,9 @@ Base model it needs: {base}.
 
 Files:
 - `{weights_name}`: {what}.
-- `<token>.safetensors`: each modifier token's text embedding ({{token: [D]}}).
+- `<token>.safetensors`: each modifier token's text embedding ({{token: [D]}}, or
+  {{token: [n, D]}} for a token of n vectors: diffusers then adds `<token>_1` … and
+  writes them after `<token>` in every prompt).
 - `{CONCEPTS_NAME}`: tokens and class words, read by `python -m lfs_jax.main --mode=import`.
 
 ## Use with diffusers (PyTorch)
@@ -347,7 +355,7 @@ not part of this export; diffusers samples plain text-to-image.
 
 
 def _read_tokens(from_dir: str) -> Dict[str, Tuple[np.ndarray, str]]:
-  """{token: ([D] float32, file name)} from the other *.safetensors / *.bin files."""
+  """{token: ([n, D] float32, file name)} from the other *.safetensors / *.bin files."""
   out: Dict[str, Tuple[np.ndarray, str]] = {}
   stems = {n.rsplit(".", 1)[0] for n in (WEIGHTS_NAME, lora_format.WEIGHTS_NAME)}
   for name in paths.listdir(from_dir):
@@ -362,11 +370,11 @@ def _read_tokens(from_dir: str) -> Dict[str, Tuple[np.ndarray, str]]:
           "{token: [D]}")
     (token, arr), = state.items()
     arr = np.asarray(arr, np.float32)
-    if arr.ndim == 2 and arr.shape[0] == 1:
-      arr = arr[0]
-    if arr.ndim != 1:
-      raise InteropError(f"{path}: embedding of {token!r} has shape {arr.shape}; only "
-                         "single-vector tokens [D] are supported")
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2 or not arr.shape[0]:
+      raise InteropError(f"{path}: embedding of {token!r} has shape {arr.shape}; a token "
+                         "embedding is [D] or, with several vectors, [n, D]")
     if token in out:
       raise InteropError(f"token {token!r} is in both {out[token][1]} and {name}")
     out[token] = (arr, name)
@@ -498,12 +506,15 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
   vocab = pipe.tokenizer.get_vocab()
   concepts, names = [], set()
   for e in entries:
-    row, fname = tokens[e["token"]]
-    if row.shape != (d,):
-      raise InteropError(f"{fname}: embedding of {e['token']!r} has width {row.shape[0]}, "
+    own, fname = tokens[e["token"]]
+    if own.shape[1] != d:
+      raise InteropError(f"{fname}: embedding of {e['token']!r} has width {own.shape[1]}, "
                          f"the text encoder's is {d}")
     if e["token"] in vocab:
       raise InteropError(f"token {e['token']!r} ({fname}) is already a word of the tokenizer")
+    if e.get("vectors", len(own)) != len(own):
+      raise InteropError(f"{CONCEPTS_NAME} gives {e['token']!r} {e['vectors']} vectors, "
+                         f"{fname} holds {len(own)}")
     name = e.get("name") or e["token"].strip("<>") or e["token"]
     if name in names:
       raise InteropError(f"concept name {name!r} appears twice in {CONCEPTS_NAME}")
@@ -511,16 +522,21 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
     concepts.append(concepts_lib.Concept(
         name=name, token=e["token"], class_word=e["class_word"],
         initializer=e["class_word"].split()[-1], session=1, images=(),
-        prompts=tuple(e.get("prompts") or ())))
+        prompts=tuple(e.get("prompts") or ()), vectors=len(own)))
   registry = concepts_lib.Registry(tuple(concepts))
-  rows = np.stack([tokens[c.token][0] for c in concepts])
+  firsts = {c.token for c in concepts}
+  taken = [t for c in concepts for t in c.tokens[1:] if t in vocab or t in firsts]
+  if taken:
+    raise InteropError(f"token {taken[0]!r} (a multi-vector token's row) is already a word "
+                       "of the tokenizer")
+  rows = np.concatenate([tokens[c.token][0] for c in concepts])
 
   config = runs.jsonable(cfg.to_dict())
   config["data"]["sessions"] = ""
   meta = runs.session_meta(
       1, registry, config, steps=0, metrics={}, seconds=0.0,
       imported={"from": paths.abspath(from_dir), "weights": os.path.basename(weights),
-                "tokens": {t: tokens[t][1] for t in registry.tokens}})
+                "tokens": {t: tokens[t][1] for t in registry.names}})
   optimizer = step_lib.make_optimizer(cfg.train)
   opt_state = optimizer.init({"unet": delta_unet, "tokens": rows})
   with _staged(workdir) as tmp:
@@ -528,5 +544,5 @@ def import_delta(from_dir: str, workdir: str, cfg) -> Dict[str, Any]:
                             opt_state=opt_state, meta=meta)
     registry.save(os.path.join(tmp, runs.CONCEPTS))
     runs.write_config(tmp, config)  # last: a folder with config.json is a run
-  return {"workdir": paths.abspath(workdir), "session": 1, "tokens": registry.tokens,
+  return {"workdir": paths.abspath(workdir), "session": 1, "tokens": registry.names,
           "from_export": len(imported), "from_base": n_total - len(imported)}

@@ -137,7 +137,7 @@ class RunModel(NamedTuple):
   session: int                    # the session whose weights these are
   finished: List[int]             # every finished session of the run
   pipe: Any                       # weights.Pipeline: unet_params = base + delta; tokens added
-  token_rows: np.ndarray          # [R, D] float32 rows of <c1>..<cR> (text extra_embeddings)
+  token_rows: np.ndarray          # [R, D] float32 rows of registry.tokens (text extra_embeddings)
   registry: concepts_lib.Registry  # concepts learned up to `session`
   # "concept<i>" -> {"mean", "logvar"}, each [n, h, w, c] unscaled VAE latents of its photos
   bank: Dict[str, Dict[str, np.ndarray]]
@@ -244,9 +244,9 @@ def load_run(workdir: str, session: Optional[int] = None, *,
   registry = concepts_lib.Registry.from_json(json.dumps(meta["concepts"]))
   rows = np.asarray(delta["tokens"], np.float32)
   d = pipe.text_encoder.config.hidden_size
-  if rows.shape != (len(registry.concepts), d):
+  if rows.shape != (len(registry.tokens), d):
     raise RunError(f"session {session}: token rows have shape {rows.shape}, expected "
-                   f"({len(registry.concepts)}, {d}) for tokens {registry.tokens}")
+                   f"({len(registry.tokens)}, {d}) for tokens {registry.tokens}")
   concepts_lib.add_tokens(pipe.tokenizer, registry, pipe.text_encoder.config.vocab_size)
 
   bank: Dict[str, Dict[str, np.ndarray]] = {}

@@ -209,7 +209,8 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
   rows = jnp.asarray(run.token_rows, pipe.text_encoder.dtype)
   encode = lambda texts: sampler_lib.encode_text_jit(
       pipe.text_encoder_params, rows,
-      jnp.asarray(concepts_lib.tokenize(pipe.tokenizer, texts, max_len)),
+      jnp.asarray(concepts_lib.tokenize(pipe.tokenizer,
+                                        [run.registry.expand(t) for t in texts], max_len)),
       text=pipe.text_encoder)
   uncond = encode([""] * b)[0]  # the same shapes as every batch: no extra compile
   scalars = [jnp.asarray(v, jnp.float32)

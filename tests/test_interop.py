@@ -97,6 +97,7 @@ def _diffusers_eps(folder, export_dir, tokens, prompt, load=None):
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
   for token in tokens:
     pipe.load_textual_inversion(export_dir, weight_name=f"{token}.safetensors")
+  prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)  # as pipe(prompt) does
   ids = pipe.tokenizer([prompt] * 2, padding="max_length", max_length=77, truncation=True,
                        return_tensors="pt").input_ids
   with torch.no_grad():
@@ -128,6 +129,57 @@ def test_diffusers_reproduces_an_exported_session(world, tmp_path):
   mine = _lfs_eps(world, "crossattn_kv", stored["delta"], registry, prompt)
   assert _rel(mine, want) <= 1e-5
   assert _rel(base, want) > 1e-3  # the processors were really applied
+
+
+@pytest.fixture(scope="module")
+def world_vectors(tmp_path_factory, compile_cache):
+  """The same two sessions, each token three embedding rows (concepts.vectors)."""
+  return make_world(tmp_path_factory, compile_cache, name="vectors",
+                    **{"concepts.vectors": 3, "sample.steps": 2})
+
+
+def test_a_multi_vector_session_goes_to_diffusers_and_back(world_vectors, tmp_path):
+  world = world_vectors
+  stored = checkpoint.restore_session(world["run"], 2)
+  registry = concepts.Registry.from_json(json.dumps(stored["meta"]["concepts"]))
+  rows = np.asarray(stored["delta"]["tokens"])
+  assert registry.tokens == ["<c1>", "<c1>_1", "<c1>_2", "<c2>", "<c2>_1", "<c2>_2"]
+  assert rows.shape == (6, 32)
+  assert np.abs(rows[0] - rows[1]).max() > 1e-5  # one start, trained apart
+
+  out = str(tmp_path / "export")
+  got = interop.export_session(world["run"], out, session=2)
+  assert got["tokens"] == ["<c1>", "<c2>"]
+  c2 = safetensors_io.load_file(os.path.join(out, "<c2>.safetensors"))
+  np.testing.assert_array_equal(c2["<c2>"], rows[3:6])
+  assert "<c2> dog" in open(os.path.join(out, "README.md")).read()
+  assert [e["vectors"] for e in json.load(open(os.path.join(out, "concepts.json")))] == [3, 3]
+
+  prompt = "photo of a <c1> cat and a <c2> dog"
+  want, base = _diffusers_eps(world["folder"], out, got["tokens"], prompt)
+  mine = _lfs_eps(world, "crossattn_kv", stored["delta"], registry, registry.expand(prompt))
+  assert _rel(mine, want) <= 1e-5
+  short = _lfs_eps(world, "crossattn_kv", stored["delta"], registry, prompt)
+  assert _rel(short, want) > 1e-3  # the other rows are read, not just the first
+
+  run = str(tmp_path / "imported")
+  assert interop.import_delta(out, run, world["cfg"])["tokens"] == ["<c1>", "<c2>"]
+  have = checkpoint.restore_session(run, 1)["delta"]
+  np.testing.assert_array_equal(have["tokens"], rows)
+  assert concepts.Registry.load(os.path.join(run, "concepts.json")).tokens == registry.tokens
+
+
+def test_sampling_a_multi_vector_run_writes_the_other_rows_into_prompts(world_vectors):
+  import dataclasses
+  from lfs_jax import runs, sample
+  run = runs.load_run(world_vectors["run"])
+  assert run.token_rows.shape == (6, 32)
+  st = dataclasses.replace(sample.SampleSettings.from_config(run.cfg), strength=1.0)
+  images, records = sample.generate(
+      run, ["a <c2> dog", "a <c2> <c2>_1 <c2>_2 dog", "a <c2> <c2>_1 dog"], [0, 0, 0], st)
+  np.testing.assert_array_equal(images[0], images[1])
+  assert records[0]["prompt"] == "a <c2> dog" and records[0]["concept"] == "<c2>"
+  assert np.abs(images[0].astype(int) - images[2]).max() > 0  # a row left out is read as such
 
 
 @pytest.mark.parametrize("selection", ["crossattn", "attn"])

@@ -250,7 +250,7 @@ def compute_cell(run: runs.RunModel, cell: Cell, scorers: Scorers,
     st = dataclasses.replace(st, strength=1.0)
   all_prompts, seeds = sample_lib.expand(prompts, st)
   images, records = sample_lib.generate(run, all_prompts, seeds, st)
-  pattern = icgen.token_pattern(run.cfg.concepts.token_format)
+  pattern = icgen.token_pattern(run.cfg.concepts.token_format, rows=True)
   texts = [p if settings.keep_token else metrics.strip_tokens(p, pattern) for p in all_prompts]
   record = {"session": cell.session, "concept": c.name, "token": c.token,
             "class_word": c.class_word, "learned": c.session, "variant": cell.variant,

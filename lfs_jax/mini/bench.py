@@ -297,7 +297,7 @@ def session_job(run_model, cfg, *, icgen: bool, oracle_params,
   # single sample worth 1/(classes * class_prompts) of the accuracy.
   cls = [pc for pc in class_prompts(classes, m.class_prompts, cfg.seed)
          for _ in range(m.class_seeds)]
-  prompts = [f"a {c.token} {c.class_word}" for c in concepts for _ in range(m.eval_images)]
+  prompts = [f"a {c.phrase()}" for c in concepts for _ in range(m.eval_images)]
   seeds = [i for _ in concepts for i in range(m.eval_images)]
   prompts += [p for p, _ in cls]
   seeds += [i % m.class_seeds for i in range(len(cls))]

@@ -64,7 +64,7 @@ def session_inputs(run, session: int, prev_delta) -> SessionInputs:
   table = np.asarray(pipe.text_encoder_params["text_model"]["embeddings"]
                      ["token_embedding"]["embedding"], np.float32)
   old_rows = np.asarray(prev_delta["tokens"], np.float32)
-  n_rows = len(run.registry.concepts) + run.max_new
+  n_rows = len(run.registry.tokens) + run.max_new
   token_table = pad(old_rows, n_rows)
   new_rows = pad(concepts_lib.initial_rows(tokenizer, new, table), run.max_new)
 

@@ -44,7 +44,7 @@ class Run(NamedTuple):
   images: Dict[str, np.ndarray]    # concept name -> uint8 [n, R, R, 3]
   registry: concepts_lib.Registry  # every concept of the run
   max_images: int                  # largest session, in photos
-  max_new: int                     # largest session, in concepts
+  max_new: int                     # largest session, in token rows (concepts x vectors)
   max_kd: int                      # most DFKD conditions of any session
   first: int                       # run session of sessions[0] (2 after an imported session 1)
   encode: Callable                 # jitted VAE encoder
@@ -70,6 +70,10 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   if not isinstance(cfg.concepts.initializer, str) or not cfg.concepts.initializer.strip():
     raise ConfigError("concepts.initializer must be 'class' or a word whose embedding starts "
                       f"every new token, got {cfg.concepts.initializer!r}")
+  vectors = cfg.concepts.get("vectors", 1)
+  if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
+    raise ConfigError(f"concepts.vectors must be an integer >= 1 (embedding rows a "
+                      f"modifier token), got {vectors!r}")
   selection = delta_lib.from_config(cfg.train)
   validation_lib.check_config(cfg)
   sessions = base_lib.session_specs(cfg.data, cfg.seed)
@@ -93,7 +97,8 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   vocab = pipe.tokenizer.get_vocab()
   for k, specs in enumerate(sessions, start=first):
     registry = registry.add_session(specs, k, token_format=cfg.concepts.token_format,
-                                    vocab=vocab, initializer=cfg.concepts.initializer)
+                                    vocab=vocab, initializer=cfg.concepts.initializer,
+                                    vectors=vectors)
   kd_counts = [len(kd_lib.prompts(cfg, registry, k) or [""])
                for k in range(first, first + len(sessions))]
   spec = losses.make_spec(cfg, mesh=mesh, scaling_factor=pipe.vae.config.scaling_factor,
@@ -119,7 +124,8 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
       losses.Models(unet=pipe.unet, text=pipe.text_encoder),
       sessions, images, registry,
       max_images=max(sum(len(images[c.name]) for c in s) for s in sessions),
-      max_new=max(len(s) for s in sessions), max_kd=max(kd_counts), first=first,
+      max_new=max(sum(c.vectors for c in registry.in_session(k))
+                  for k in range(first, first + len(sessions))), max_kd=max(kd_counts), first=first,
       encode=jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode")),
       text=jax.jit(lambda p, ids, rows: pipe.text_encoder.apply(
           {"params": p}, ids, extra_embeddings=rows)),

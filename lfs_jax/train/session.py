@@ -220,7 +220,7 @@ def _train_session(run: Run, session: int, prev_delta, trainer: Optional[Trainer
 def _save(run: Run, su: SessionSetup, state, session: int, last, seconds: float) -> None:
   """Writes sessions/<k>/ (delta, every token row so far, bank, meta); drops progress/."""
   trained = parallel.to_host(state.trainable)
-  n_new = len(su.registry.in_session(session))
+  n_new = sum(c.vectors for c in su.registry.in_session(session))
   offset = int(su.data.token_offset)
   tokens = np.array(su.token_table[:offset + n_new])
   tokens[offset:] = np.asarray(trained.get("tokens", su.new_rows))[:n_new]

@@ -188,7 +188,7 @@ class Validator:
     self.writer = writer
     # Rows of the token table: the run's whole registry, so the text encoder's
     # shapes (and its compile) are the same at every session.
-    self.n_rows = len(run.registry.concepts)
+    self.n_rows = len(run.registry.tokens)
 
   def missing(self, session: int, step: Optional[int] = None) -> bool:
     """No finished grid for this moment (agreed by every process)."""
