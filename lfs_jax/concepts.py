@@ -110,8 +110,7 @@ class Registry:
     """
     if any(c.session >= session for c in self.concepts):
       raise ConceptError(f"session {session} is not after the registry's last session")
-    if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
-      raise ConceptError(f"concepts.vectors must be an integer >= 1, got {vectors!r}")
+    check_vectors(vectors)
     concepts = list(self.concepts)
     names = {c.name for c in concepts}
     vocab = set(vocab)
@@ -120,23 +119,23 @@ class Registry:
         raise ConceptError(f"concept {spec.name!r} has no images")
       if spec.name in names:
         raise ConceptError(f"concept {spec.name!r} was already learned in an earlier session")
-      token = token_format.format(len(concepts) + 1)
-      taken = vocab | {t for c in concepts for t in c.tokens}
-      clash = [t for t in (token,) + tuple(f"{token}_{i}" for i in range(1, vectors))
-               if t in taken]
-      if clash:
-        raise ConceptError(
-            f"modifier token {clash[0]!r} for concept {spec.name!r} already exists in the "
-            "tokenizer; choose another concepts.token_format")
       record = lambda paths: tuple(data_lib.ImageRecord(p, data_lib.sha256_file(p))
                                    for p in paths)
-      concepts.append(Concept(
-          name=spec.name, token=token, class_word=spec.class_word,
+      concept = Concept(
+          name=spec.name, token=token_format.format(len(concepts) + 1),
+          class_word=spec.class_word,
           initializer=(spec.class_word.split()[-1] if initializer == "class"
                        else initializer), session=session,
           images=record(spec.images), prompts=tuple(spec.prompts),
           references=record(spec.heldout), split_seed=spec.split_seed,
-          train_prompts=tuple(spec.train_prompts), vectors=vectors))
+          train_prompts=tuple(spec.train_prompts), vectors=vectors)
+      taken = vocab | {t for c in concepts for t in c.tokens}
+      clash = [t for t in concept.tokens if t in taken]
+      if clash:
+        raise ConceptError(
+            f"modifier token {clash[0]!r} for concept {spec.name!r} already exists in the "
+            "tokenizer; choose another concepts.token_format")
+      concepts.append(concept)
       names.add(spec.name)
     return Registry(tuple(concepts))
 
@@ -162,6 +161,13 @@ class Registry:
   @classmethod
   def load(cls, path: str) -> "Registry":
     return cls.from_json(paths.read_text(path))
+
+
+def check_vectors(vectors) -> None:
+  """Raises ConceptError unless `vectors` (concepts.vectors) is an integer >= 1."""
+  if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
+    raise ConceptError(f"concepts.vectors must be an integer >= 1 (embedding rows a "
+                       f"modifier token), got {vectors!r}")
 
 
 def add_tokens(tokenizer, registry: Registry, vocab_size: int) -> None:

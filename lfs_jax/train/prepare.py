@@ -70,10 +70,8 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   if not isinstance(cfg.concepts.initializer, str) or not cfg.concepts.initializer.strip():
     raise ConfigError("concepts.initializer must be 'class' or a word whose embedding starts "
                       f"every new token, got {cfg.concepts.initializer!r}")
-  vectors = cfg.concepts.get("vectors", 1)
-  if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
-    raise ConfigError(f"concepts.vectors must be an integer >= 1 (embedding rows a "
-                      f"modifier token), got {vectors!r}")
+  vectors = cfg.concepts.vectors
+  concepts_lib.check_vectors(vectors)  # before the base is loaded
   selection = delta_lib.from_config(cfg.train)
   validation_lib.check_config(cfg)
   sessions = base_lib.session_specs(cfg.data, cfg.seed)
