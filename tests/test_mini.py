@@ -159,6 +159,21 @@ def test_named_designs_on_each_background(monkeypatch):
   # blue and yellow (the design's colours) are no photo's background: 1 of 7 cells.
   assert row["mean"] == pytest.approx(1 / 7)
 
+  # `--misses`: off green only the pattern head misses, and it reads the solid shape.
+  with pytest.raises(SystemExit, match="--misses goes with --named --backgrounds"):
+    ceiling.main(["--named", "--misses"])
+  cells = ceiling.misses_by_background(None, params, n=3, pattern_words="distinct",
+                                       concepts=[c])
+  assert list(cells) == [f"striped_star on {b}" for b in world.BACKGROUNDS
+                         if b not in ("blue", "yellow")]
+  assert cells["striped_star on green"]["right"] == 1.0
+  assert cells["striped_star on green"]["read as"] == ""
+  red = cells["striped_star on red"]
+  assert (red["right"], red["pattern"], red["shape"], red["colour"]) == (0.0, 0.0, 1.0, 1.0)
+  assert red["read as"].startswith("pattern solid 3"), red
+  table = ceiling.misses_table(cells)
+  assert table.count("\n") == len(cells) + 1 and "| striped_star on red | 0.00 |" in table
+
 
 def test_shipped_oracle_reads_fresh_renders():
   from lfs_jax.mini import oracle

@@ -1,7 +1,7 @@
 """How much of each mini-world concept survives a base model's VAE: a ceiling for any UNet.
 
   python -m lfs_jax.mini.ceiling [--model=lfs_jax/assets/mini_base] [--images=64]
-  python -m lfs_jax.mini.ceiling --named [--model=...] [--images=32] [--backgrounds]
+  python -m lfs_jax.mini.ceiling --named [--model=...] [--images=32] [--backgrounds [--misses]]
   python -m lfs_jax.mini.ceiling --drawn [--model=...] [--images=96] [--guidance=1,4]
 
 A sample is decoded by the VAE, so a concept whose fresh renders the oracle no
@@ -18,6 +18,8 @@ from the base's vocabulary before any session teaches it.
 `--named --backgrounds` asks for each design on each of the nine backgrounds ("a blue
 star with yellow stripes on a green background"): a concept's photos sit on random
 backgrounds, and a base may draw a design on some backgrounds and not on others.
+With `--misses`, each of those cells (the design's own two colours left out) says which
+head misses and what it reads instead ("pattern dots 12": checks drawn as dots).
 
 `--drawn` asks whether the base draws patterns at all: the share of its samples that
 the oracle's pattern head reads as patterned (and as each pattern), for the class
@@ -101,16 +103,73 @@ def reachability_by_background(cfg, oracle_params, n: int = 16,
   photos nor in the base's training renders (`world.scenes`), so its cell asks for a
   scene the base never saw and stays out of the mean.
   """
-  cells = [(c, b) for c in concepts for b in world.BACKGROUNDS]
-  prompts = [named_design(c, pattern_words, b) for c, b in cells]
   out: Dict[str, Dict[str, float]] = {}
-  for (c, b), p in zip(cells, _oracle_on_prompts(cfg, oracle_params, prompts, n)):
+  for c, b, p in _background_cells(cfg, oracle_params, n, pattern_words, concepts):
     out.setdefault(c.name, {})[b] = float(oracle.concept_right(p, c).mean())
   for c in concepts:
     row = out[c.name]
     row["mean"] = float(np.mean([row[b] for b in world.BACKGROUNDS
                                  if b not in (c.colour, c.colour2)]))
   return out
+
+
+def _background_cells(cfg, oracle_params, n: int, pattern_words: str,
+                      concepts: Sequence[world.Concept]):
+  """[(concept, background, the oracle's predictions {head: [n]})], every background."""
+  cells = [(c, b) for c in concepts for b in world.BACKGROUNDS]
+  prompts = [named_design(c, pattern_words, b) for c, b in cells]
+  return [(c, b, p) for (c, b), p in zip(
+      cells, _oracle_on_prompts(cfg, oracle_params, prompts, n))]
+
+
+# The heads a concept is judged on, and the names each head's predictions index.
+_JUDGED = (("shape", world.SHAPES), ("colour", world.COLOURS),
+           ("pattern", world.PATTERNS), ("colour2", world.BACKGROUNDS))
+
+
+def misses(pred, c: world.Concept) -> Dict[str, object]:
+  """How samples of concept `c` (the oracle's predictions {head: [n]}) go wrong.
+
+  {"right": strict accuracy, <head>: that head's hit rate for each judged head,
+  "read as": the commonest wrong reading of each head that missed, with its count
+  ("pattern dots 12, colour purple 3"), or "" when every head read right}.
+  """
+  hits = oracle.head_hits(pred, c)
+  row: Dict[str, object] = {"right": float(oracle.concept_right(pred, c).mean())}
+  read_as = []
+  for head, names in _JUDGED:
+    row[head] = float(hits[head].mean())
+    wrong = np.asarray(pred[head])[~hits[head]]
+    if wrong.size:
+      values, counts = np.unique(wrong, return_counts=True)
+      k = int(np.argmax(counts))  # np.unique sorts, so ties go to the lower index
+      read_as.append(f"{head} {names[int(values[k])]} {int(counts[k])}")
+  row["read as"] = ", ".join(read_as)
+  return row
+
+
+def misses_by_background(cfg, oracle_params, n: int = 16, pattern_words: str = "plain",
+                         concepts: Sequence[world.Concept] = world.CONCEPTS
+                         ) -> Dict[str, Dict[str, object]]:
+  """`misses` of each design asked in words on each background a photo can have.
+
+  {"<concept> on <background>": misses(...)}: where `reachability_by_background`
+  says a cell fails, which head fails there and what it reads instead. The design's
+  own two colours are left out, as from that table's mean.
+  """
+  return {f"{c.name} on {b}": misses(p, c)
+          for c, b, p in _background_cells(cfg, oracle_params, n, pattern_words, concepts)
+          if b not in (c.colour, c.colour2)}
+
+
+def misses_table(rows: Dict[str, Dict[str, object]]) -> str:
+  heads = [h for h, _ in _JUDGED]
+  lines = ["| cell | right | " + " | ".join(heads) + " | read as (commonest miss, count) |",
+           "|---" * (len(heads) + 3) + "|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {r['right']:.2f} | "
+                 + " | ".join(f"{r[h]:.2f}" for h in heads) + f" | {r['read as']} |")
+  return "\n".join(lines)
 
 
 def pattern_shares(pattern_pred: np.ndarray) -> Dict[str, float]:
@@ -177,6 +236,9 @@ def main(argv=None) -> int:
   ap.add_argument("--backgrounds", action="store_true",
                   help="--named: ask each design on each of the nine backgrounds ('... on a "
                   "green background', --images seeds each) and print concept x background")
+  ap.add_argument("--misses", action="store_true",
+                  help="--named --backgrounds: instead of the concept x background table, "
+                  "each cell's head hit rates and the commonest wrong reading of each head")
   ap.add_argument("--pattern_words", choices=world.PATTERN_WORDINGS, default="plain",
                   help="--named: how the design's second colour is worded (as the base "
                   "was trained: train_base --pattern_words)")
@@ -190,6 +252,8 @@ def main(argv=None) -> int:
     raise SystemExit(f"--images must be >= 1, got {args.images}")
   if args.backgrounds and not args.named:
     raise SystemExit("--backgrounds goes with --named (it asks designs in words)")
+  if args.misses and not args.backgrounds:
+    raise SystemExit("--misses goes with --named --backgrounds (it reads each cell's samples)")
   try:
     guidances = [float(g) for g in args.guidance.split(",") if g.strip()]
   except ValueError:
@@ -208,6 +272,9 @@ def main(argv=None) -> int:
   if args.drawn:
     rows = drawn_patterns(cfg, oracle_params, args.images, args.seed, guidances)
     print(table(rows, ("patterned",) + world.PATTERNS[1:], first="samples", mean=False))
+  elif args.misses:
+    rows = misses_by_background(cfg, oracle_params, args.images, args.pattern_words)
+    print(misses_table(rows))
   elif args.backgrounds:
     rows = reachability_by_background(cfg, oracle_params, args.images, args.pattern_words)
     print(table(rows, world.BACKGROUNDS + ("mean",)))
