@@ -122,11 +122,6 @@ def _background_cells(cfg, oracle_params, n: int, pattern_words: str,
       cells, _oracle_on_prompts(cfg, oracle_params, prompts, n))]
 
 
-# The heads a concept is judged on, and the names each head's predictions index.
-_JUDGED = (("shape", world.SHAPES), ("colour", world.COLOURS),
-           ("pattern", world.PATTERNS), ("colour2", world.BACKGROUNDS))
-
-
 def misses(pred, c: world.Concept) -> Dict[str, object]:
   """How samples of concept `c` (the oracle's predictions {head: [n]}) go wrong.
 
@@ -137,13 +132,13 @@ def misses(pred, c: world.Concept) -> Dict[str, object]:
   hits = oracle.head_hits(pred, c)
   row: Dict[str, object] = {"right": float(oracle.concept_right(pred, c).mean())}
   read_as = []
-  for head, names in _JUDGED:
-    row[head] = float(hits[head].mean())
-    wrong = np.asarray(pred[head])[~hits[head]]
+  for head, hit in hits.items():  # the judged heads, as oracle.head_hits names them
+    row[head] = float(hit.mean())
+    wrong = np.asarray(pred[head])[~hit]
     if wrong.size:
       values, counts = np.unique(wrong, return_counts=True)
       k = int(np.argmax(counts))  # np.unique sorts, so ties go to the lower index
-      read_as.append(f"{head} {names[int(values[k])]} {int(counts[k])}")
+      read_as.append(f"{head} {oracle.HEADS[head][int(values[k])]} {int(counts[k])}")
   row["read as"] = ", ".join(read_as)
   return row
 
@@ -163,7 +158,7 @@ def misses_by_background(cfg, oracle_params, n: int = 16, pattern_words: str = "
 
 
 def misses_table(rows: Dict[str, Dict[str, object]]) -> str:
-  heads = [h for h, _ in _JUDGED]
+  heads = [h for h in next(iter(rows.values()), {}) if h in oracle.HEADS]
   lines = ["| cell | right | " + " | ".join(heads) + " | read as (commonest miss, count) |",
            "|---" * (len(heads) + 3) + "|"]
   for name, r in rows.items():
