@@ -214,15 +214,17 @@ def _second_colour(pattern: str, shape: str, u: np.ndarray, v: np.ndarray) -> np
   """
   if pattern == "solid":
     return np.zeros(u.shape, bool)
-  if pattern == "stripes":
-    return (v + 1) * 2.5 % 1 > 0.62
-  if pattern == "checks":  # small squares on a lattice
-    return ((u + 1) * 2 % 1 > 0.5) & ((v + 1) * 2 % 1 > 0.5)
-  if pattern == "dots":  # round, on a coarser lattice than checks, one at the centre
-    # (on the checks' lattice a dot and a check were the same 2-3 px blob at 32 px:
-    # no oracle told them apart better than a coin)
-    fu, fv = (u + 1) * 1.5 % 1 - 0.5, (v + 1) * 1.5 % 1 - 0.5
-    return fu * fu + fv * fv <= 0.32 ** 2
+  # The lattices are coarse: at 32 px a feature must span several latent pixels
+  # for a small base to draw it (with stripes of period 0.4 and checks of 0.5 its
+  # samples were blotchy textures, read as the wrong lattice; docs/mini_world.md,
+  # "Coarser patterns").
+  if pattern == "stripes":  # period 0.8 of the radius: two bands across a star
+    return (v + 1) * 1.25 % 1 > 0.62
+  if pattern == "checks":  # squares 0.4 of the radius on a side: four on a square
+    return ((u + 1) * 1.25 % 1 > 0.5) & ((v + 1) * 1.25 % 1 > 0.5)
+  if pattern == "dots":  # round, period 1, one at the centre
+    fu, fv = (u + 0.5) % 1 - 0.5, (v + 0.5) % 1 - 0.5
+    return fu * fu + fv * fv <= 0.35 ** 2
   if pattern == "split":  # the right third
     return u > 0.3
   if pattern == "ring":
