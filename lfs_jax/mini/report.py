@@ -15,6 +15,8 @@ import numpy as np
 Summaries = Dict[str, Dict[str, Any]]
 
 # The goal of issue 17 (judged on means over seeds).
+LEARNS_ACC = 0.8           # custom_diffusion's concept accuracy right after its session ...
+LEARNS_NIA = 0.8           # ... and its normalised IA then, at least these (item 1)
 CD_FORGETS_NIAD = 0.2      # custom_diffusion's mean normalised IAD at least this ...
 MIN_SESSIONS = 6           # ... over at least this many sessions
 KEEPS_IAD_SHARE = 0.25     # a method's nIAD at most this share of custom_diffusion's
@@ -57,8 +59,9 @@ def _mark(ok: bool) -> str:
 
 def goal_lines(per_seed: Sequence[Summaries], bases: Sequence[float],
                n_sessions: int) -> List[str]:
-  """Issue 17's goal on the means over seeds: does custom_diffusion forget, and which
-  variants keep (each condition, then the verdict, one line a variant)."""
+  """Issue 17's goal on the means over seeds: does custom_diffusion learn each concept
+  in its session (item 1), does it forget, and which variants keep (each condition,
+  then the verdict, one line a variant)."""
   m = means(per_seed, bases)
   n = f"{len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}"
   cd = m.get("custom_diffusion")
@@ -66,6 +69,9 @@ def goal_lines(per_seed: Sequence[Summaries], bases: Sequence[float],
   if cd is None:
     lines.append("goal: custom_diffusion not run, so neither half can be judged")
   else:
+    ok = cd["concept_accuracy_own"] >= LEARNS_ACC and cd["nia_own"] >= LEARNS_NIA
+    lines.append(f"CD learns: acc own {cd['concept_accuracy_own']:.3f} >= {LEARNS_ACC} and "
+                 f"nIA own {cd['nia_own']:.3f} >= {LEARNS_NIA}, {n}: {_mark(ok)}")
     ok = cd["niad_mean"] >= CD_FORGETS_NIAD and n_sessions >= MIN_SESSIONS
     lines.append(f"CD forgets: mean nIAD(custom_diffusion) {cd['niad_mean']:.3f} >= "
                  f"{CD_FORGETS_NIAD} over {n_sessions} sessions (>= {MIN_SESSIONS}), {n}: "
