@@ -4,7 +4,8 @@
 
 `arg`: full (default: six sessions, every variant), hard (six stars), long (nine
 sessions of three classes), short (three sessions, custom_diffusion vs lfs+kv, with
-separate+icgen), smoke (the test's). Seeds: --config.mini.seeds=0,1,2.
+separate+icgen), plastic (item 1: custom_diffusion learning three designs), smoke (the
+test's). Seeds: --config.mini.seeds=0,1,2.
 Sweeps: --config.kd.steps (T_tau), --config.kd.weight (lambda), --config.icgen.strength (s).
 """
 
