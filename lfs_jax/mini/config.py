@@ -47,6 +47,8 @@ LONG_CONCEPTS = ("dotted_square=square,blue,dots,yellow;ringed_circle=circle,pur
 
 
 def get_config(arg="full"):
+  # The numbers in the comments below were measured in the fine world (patterns of 1-3 px,
+  # before the twenty-first session) unless they say "coarse world".
   c = config_base.get_config()
   c.model.source = "local"
   c.model.path = os.path.join(ASSETS, "mini_base")
