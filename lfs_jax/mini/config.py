@@ -166,7 +166,7 @@ def get_config(arg="full"):
     # Item 1 (plasticity) alone: sequential Custom Diffusion on three designs (two stars
     # and a square), with the session recipe that learned the most in the mini world
     # (docs/mini_world.md, "Plasticity (item 1)"): four token rows a concept, 32 photos,
-    # 1,000-step sessions; 16 samples a concept. No forgetting judged (three sessions).
+    # 1,000-step sessions; 16 samples a concept. Three sessions: "CD forgets" cannot be met.
     c.data.sessions = "striped_star;checked_square;dotted_star"
     c.mini.variants = "custom_diffusion"
     c.concepts.vectors = 4

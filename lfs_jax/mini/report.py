@@ -67,7 +67,7 @@ def goal_lines(per_seed: Sequence[Summaries], bases: Sequence[float],
   cd = m.get("custom_diffusion")
   lines = []
   if cd is None:
-    lines.append("goal: custom_diffusion not run, so neither half can be judged")
+    lines.append("goal: custom_diffusion not run, so 'CD learns' and 'CD forgets' cannot be judged")
   else:
     ok = cd["concept_accuracy_own"] >= LEARNS_ACC and cd["nia_own"] >= LEARNS_NIA
     lines.append(f"CD learns: acc own {cd['concept_accuracy_own']:.3f} >= {LEARNS_ACC} and "
