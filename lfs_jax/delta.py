@@ -50,7 +50,8 @@ SELECTIONS = {
     "crossattn": re.compile(r".*/attn2/.*"),
     "attn": re.compile(r".*/attn[12]/.*"),
     # Every UNet weight: not a Custom Diffusion selection (no export), the upper bound
-    # on what a session can learn (the mini world's plasticity diagnosis, docs/mini_world.md).
+    # on what a session can learn (the mini world's plasticity diagnosis,
+    # docs/mini_world_history.md, "The diagnosis").
     "unet": re.compile(r".*"),
 }
 LORA = "lora"

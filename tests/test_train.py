@@ -127,7 +127,8 @@ def test_loss_falls_when_overfitting_one_concept(tmp_path, tiny_config):
 
 
 def test_unet_selection_is_the_whole_unet_and_refuses_export():
-  # train.selection=unet (the mini world's plasticity upper bound, docs/mini_world.md):
+  # train.selection=unet (the mini world's plasticity upper bound, docs/mini_world_history.md,
+  # "Item 1 in the fine world"):
   # the delta is every UNet leaf, nothing of the UNet stays frozen, the merge is the base,
   # and diffusers' Custom Diffusion format refuses it by name. (A session trained with it
   # is the docs' measurement; a step compile here would cost over a minute on 2 cores.)

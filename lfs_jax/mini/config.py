@@ -9,7 +9,8 @@ the shipped oracle judges the samples. `arg`:
         for forgetting; three designs from mini.concepts below);
   long  full's six sessions and three more of its classes (two squares, a circle):
         nine sessions, the harder case item 4 asks for when six do not make
-        sequential Custom Diffusion forget (docs/mini_world.md, "Nine sessions");
+        sequential Custom Diffusion forget (docs/mini_world_history.md, "Nine
+        sessions (`:long`), three seeds", in the fine world);
   short three sessions (striped_star, dotted_star, ringed_star), custom_diffusion
         vs lfs+kv, separate+icgen the reference, four token rows a concept, 32 photos,
         300-step sessions (the bench's default, the README's first command);
@@ -91,7 +92,7 @@ def get_config(arg="full"):
   c.train.log_every = 20
   c.train.progress_every = 0
   # lambda; at 1 the class prompts ended at 0.573 after six sessions, at 10 at 0.823
-  # (docs/mini_world.md, "History").
+  # (docs/mini_world_history.md, "History: superseded findings that still matter").
   c.kd.weight = 10.0
   c.kd.batch_size = 4
   c.kd.steps = 4

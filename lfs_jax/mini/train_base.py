@@ -8,8 +8,8 @@ project runs on it unchanged:
     By default frozen at its random initialisation (the UNet's cross-attention learns
     to read it); `--train_text_encoder` trains its layers with the UNet (the token
     rows stay frozen), which the shipped base needed before a caption could name a
-    design (docs/mini_world.md, "A base trained from scratch on pattern-naming
-    captions");
+    design (docs/mini_world_history.md, "A base trained from scratch on
+    pattern-naming captions");
   - VAE (AutoencoderKL, 32 px -> 16x16x4 latents; `--vae_latent_channels=8` gives
     16x16x8, the UNet's input and output following), trained first, in JAX or with
     `--vae_backend=torch` in PyTorch;
