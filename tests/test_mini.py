@@ -698,6 +698,10 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
       for k, nia in row.items():
         ia = v["ia_matrix"][n][k]
         np.testing.assert_allclose(nia * (b["ceiling"] - b["floor"]) + b["floor"], ia, rtol=1e-6)
+    # A concept is right only with all four heads right: never above any head's share.
+    from lfs_jax.mini import report
+    assert set(v["heads_own"]) == set(report.CONCEPT_HEADS)
+    assert v["concept_accuracy_own"] <= min(v["heads_own"].values()) + 1e-9
     # Class accuracy needs shape and colour right: never above either share alone.
     for k, acc in v["class_accuracy"].items():
       assert acc <= min(v["class_shape"][k], v["class_colour"][k]) + 1e-9
@@ -709,6 +713,8 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
     assert os.path.getsize(os.path.join(work, name)) > 0
   assert "custom_diffusion+prior" in got["table"] and "base model" in got["table"]
   assert "lfs keeps:" in got["table"]  # the goal line, judged per variant
+  with open(os.path.join(work, "report.md")) as f:
+    assert "| lfs | " in f.read().split("each oracle head reads right")[1]  # per-head table
   # A rerun reuses the finished runs and the stored evaluations: same numbers, and
   # neither a train step nor an evaluation runs again.
   from lfs_jax.train import step as step_lib

@@ -122,6 +122,22 @@ def test_several_seeds_print_mean_and_std_beside_every_number():
   assert mean == pytest.approx(7 / 3) and std == pytest.approx(np.std([1, 2, 4], ddof=1))
 
 
+def test_heads_table_shows_which_attribute_acc_own_misses():
+  heads = [dict(shape=1.0, colour=1.0, pattern=p, colour2=0.9) for p in (0.5, 0.7)]
+  per_seed = [{"custom_diffusion": dict(_summary(0.2, 0.5, 0.1), heads_own=h)}
+              for h in heads]
+  lines = report.heads_table(per_seed)
+  row = next(l for l in lines if l.startswith("| custom_diffusion |"))
+  # acc own, then shape, colour, pattern, second colour: mean±std over the two seeds
+  assert row == ("| custom_diffusion | 0.500±0.000 | 1.000±0.000 | 1.000±0.000 | "
+                 "0.600±0.141 | 0.900±0.000 |")
+  assert "second colour" in "\n".join(lines)
+  # Evaluations stored before the per-head record: no table rather than a wrong one.
+  old = [{"custom_diffusion": dict(per_seed[0]["custom_diffusion"], heads_own={})},
+         per_seed[1]]
+  assert report.heads_table(old) == []
+
+
 def test_seeds_run_into_their_own_folders_and_aggregate(tmp_path, monkeypatch, mini_config):
   """mini.seeds=3,5: run_seed gets a config with seed 3, then 5, each its own folder;
   the top level has the mean table, results.json, report.md and plots.png."""

@@ -308,9 +308,12 @@ def session_job(run_model, cfg, *, icgen: bool, oracle_params,
     for i, c in enumerate(concepts):
       spec = design(cfg, c.name)
       sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
-      right = oracle.concept_right({k: v[sl] for k, v in pred.items()}, spec)
+      hits = oracle.head_hits({k: v[sl] for k, v in pred.items()}, spec)
+      right = hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
       out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats[c.name].T).mean()),
-                                 "accuracy": float(right.mean()), "prompt": prompts[sl.start]}
+                                 "accuracy": float(right.mean()), "prompt": prompts[sl.start],
+                                 # which attribute a wrong sample misses
+                                 "heads": {h: float(x.mean()) for h, x in hits.items()}}
       if photo_feats is not None:
         out["concepts"][c.name]["ia_photos"] = float((feats[sl] @ photo_feats[c.name].T).mean())
       out["samples"][c.name] = images[sl][:4]
@@ -402,6 +405,10 @@ def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
   iad = {n: ia[n][sessions_of[n]] - ia[n][k_last] for n in names if sessions_of[n] < k_last}
   niad = {n: nia[n][sessions_of[n]] - nia[n][k_last] for n in iad}
   final_class = per_session[k_last]["class"]["accuracy"]
+  heads = matrix("heads")  # evaluations stored before 2026-12-06 have none
+  heads_own = ({h: float(np.mean([heads[n][sessions_of[n]][h] for n in names]))
+                for h in report.CONCEPT_HEADS}
+               if all(sessions_of[n] in heads[n] for n in names) else {})
   return {
       "ia_matrix": ia, "accuracy_matrix": acc, "nia_matrix": nia, "iad": iad,
       "ia_photos_matrix": ia_photos,
@@ -415,6 +422,8 @@ def _summary(per_session: Dict[int, Dict[str, Any]], names: List[str],
       # plasticity: each concept right after its own session
       "concept_accuracy_own": float(np.mean([acc[n][sessions_of[n]] for n in names])),
       "nia_own": float(np.mean([nia[n][sessions_of[n]] for n in names])),
+      # the same, per oracle head (shape, colour, pattern, colour2): what acc own misses
+      "heads_own": heads_own,
       "class_accuracy": {k: per_session[k]["class"]["accuracy"] for k in per_session},
       "class_shape": {k: per_session[k]["class"]["shape"] for k in per_session},
       "class_colour": {k: per_session[k]["class"]["colour"] for k in per_session},

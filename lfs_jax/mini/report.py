@@ -23,6 +23,9 @@ KEEPS_IAD_SHARE = 0.25     # a method's nIAD at most this share of custom_diffus
 KEEPS_NIA_SHARE = 0.8      # its final nIA at least this share of separate's
 KEEPS_CLASS_DROP = 0.03    # its final class-prompt accuracy at most this below the base
 NOT_JUDGED = ("custom_diffusion", "separate", "separate+icgen")
+# The oracle heads a concept sample must all read right (oracle.head_hits), as printed.
+CONCEPT_HEADS = ("shape", "colour", "pattern", "colour2")
+HEAD_NAMES = ("shape", "colour", "pattern", "second colour")
 
 # Printed columns: (summary key, header, sign shown).
 COLUMNS = (("ia_final", "IA", False), ("ia_photos_final", "IA photos", False),
@@ -179,6 +182,24 @@ def samples_png(path: str, header: List[str], rows: List[Tuple[str, List[np.ndar
   canvas.save(path)
 
 
+def heads_table(per_seed: Sequence[Summaries]) -> List[str]:
+  """Markdown lines: per variant, the share of a concept's samples right after its own
+  session that each oracle head reads right ("acc own" needs all four at once); []
+  where the evaluations predate the per-head record."""
+  have = [v for v in per_seed[0] if all(s[v].get("heads_own") for s in per_seed)]
+  if not have:
+    return []
+  lines = ["", "Right after its own session, the share of a concept's samples each oracle "
+           "head reads right (acc own needs all four in one sample):", "",
+           "| variant | acc own | " + " | ".join(HEAD_NAMES) + " |",
+           "|---|---|" + "---|" * len(HEAD_NAMES)]
+  for v in have:
+    lines.append(f"| {v} | " + fmt([s[v]["concept_accuracy_own"] for s in per_seed]) + " | "
+                 + " | ".join(fmt([s[v]["heads_own"][h] for s in per_seed])
+                              for h in CONCEPT_HEADS) + " |")
+  return lines
+
+
 def markdown(per_seed: Sequence[Summaries], bases: Sequence[float], seeds: Sequence[int],
              names: Sequence[str], sessions_of: Dict[str, int], cfg,
              timings: Dict[str, float]) -> str:
@@ -208,6 +229,7 @@ def markdown(per_seed: Sequence[Summaries], bases: Sequence[float], seeds: Seque
         fmt([s[v][k] for s in per_seed], sign) for k, _, sign in COLUMNS) + " |")
   lines.append("| base model | " + " | " * (len(COLUMNS) - 2) + fmt(bases) + " | |")
   lines += [""] + [f"- {line}" for line in goal_lines(per_seed, bases, n_sessions)]
+  lines += heads_table(per_seed)
   for v in per_seed[0]:
     ks = sorted(per_seed[0][v]["class_accuracy"])
     lines += ["", f"## {v}: IA[concept, session] (concept accuracy in brackets)"
