@@ -99,8 +99,10 @@ def get_config(arg="full"):
   c.kd.kv_weight = 1000.0         # our K/V anchor (not the paper's): without it the class prompts lose ~24 points (docs)
   # ^ 300 from 2026-12-03 to 2026-12-06: in the coarse world (twenty-second session, three
   #   seeds, docs/mini_world.md, "Item 4 in the coarse world") 300 left :long's class
-  #   prompts 3.3 points under (limit 3), 1000 1.2 under, learning as much (acc own 0.333
-  #   against 0.306); on :short 1000 keeps too (acc own 0.417 against 300's 0.458).
+  #   prompts 3.3 points under (limit 3), 1000 1.2 under, learning as much with ICGen
+  #   (acc own 0.333 against 0.306) but almost nothing without it (dfkd+kv 0.056, the
+  #   anchor alone 0.051: the weights barely learn); on :short 1000 keeps too (acc own
+  #   0.417 against 300's 0.458).
   # ^ 100 until 2026-12-03 (fine world): on :long (nine sessions) it left the class prompts 4.7 points
   #   under (limit 3), 300 0.9 under; 300 was chosen there and then checked on :hard and
   #   :full, where it keeps too, acc own within 0.03 of 100's (three seeds each); on
