@@ -309,7 +309,7 @@ def session_job(run_model, cfg, *, icgen: bool, oracle_params,
       spec = design(cfg, c.name)
       sl = slice(i * m.eval_images, (i + 1) * m.eval_images)
       hits = oracle.head_hits({k: v[sl] for k, v in pred.items()}, spec)
-      right = hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
+      right = oracle.all_right(hits)
       out["concepts"][c.name] = {"ia": float((feats[sl] @ ref_feats[c.name].T).mean()),
                                  "accuracy": float(right.mean()), "prompt": prompts[sl.start],
                                  # which attribute a wrong sample misses

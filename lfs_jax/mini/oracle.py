@@ -38,10 +38,14 @@ def head_hits(pred: Mapping[str, np.ndarray], c: world.Concept) -> Dict[str, np.
           "colour2": pred["colour2"] == world.BACKGROUNDS.index(c.colour2)}
 
 
+def all_right(hits: Mapping[str, np.ndarray]) -> np.ndarray:
+  """[N] bool: every head of `head_hits` right (strict accuracy)."""
+  return np.logical_and.reduce(list(hits.values()))
+
+
 def concept_right(pred: Mapping[str, np.ndarray], c: world.Concept) -> np.ndarray:
   """[N] bool: shape, colour, pattern and second colour all right (strict accuracy)."""
-  hits = head_hits(pred, c)
-  return hits["shape"] & hits["colour"] & hits["pattern"] & hits["colour2"]
+  return all_right(head_hits(pred, c))
 
 
 HEADS = {
