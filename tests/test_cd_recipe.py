@@ -2,6 +2,8 @@
 initialiser, the learning rate with a regulariser (each against an independent numpy or
 hand-written reference)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,8 @@ def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
     ({"train__regulariser_lr_scale": 0.0}, "train.regulariser_lr_scale"),
     ({"concepts__initializer": " "}, "concepts.initializer"),
     ({"train__token_lr_scale": 0.0}, "train.token_lr_scale"),
+    ({"train__high_noise": 1.5}, "train.high_noise"),
+    ({"train__high_noise": -0.1}, "train.high_noise"),
 ])
 def test_bad_recipe_fields_are_named(tmp_path, tiny_config, overrides, needle):
   with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
@@ -177,3 +181,22 @@ def test_leafwise_adamw_is_optax_adamw_bit_for_bit_and_traced_per_shape():
   jaxpr = jax.make_jaxpr(ours.update)(tree, ours.init(tree), tree).jaxpr
   calls = [e.params["jaxpr"] for e in jaxpr.eqns if e.primitive.name == "jit"]
   assert len(calls) == 4 and len({id(c) for c in calls}) == 3  # a, b share one trace
+
+
+def test_high_noise_draws_that_share_of_timesteps_from_the_top_and_is_off_at_zero():
+  """train.high_noise: at 0 the very draw of before (runs without it are unchanged); at s
+  about s of the timesteps come from [0.6 T, T) on top of the uniform draw's 0.4 share
+  there; at 1 all of them."""
+  key, n, big_t = jax.random.key(3), 20000, 1000
+  uniform = jax.random.randint(key, (n,), 0, big_t)
+  np.testing.assert_array_equal(losses.draw_timesteps(key, n, big_t, 0.0), uniform)
+  for share in (0.5, 1.0):
+    t = np.asarray(losses.draw_timesteps(key, n, big_t, share))
+    assert t.min() >= 0 and t.max() < big_t
+    high = (t >= 600).mean()
+    assert abs(high - (share + (1 - share) * 0.4)) < 0.015, (share, high)
+  # the spec carries the config's share to loss_fn
+  cfg = config_base.get_config()
+  cfg.train.high_noise = 0.25
+  assert losses.make_spec(cfg, mesh=types.SimpleNamespace(size=1), scaling_factor=1.0, scheduler=None,
+                          selection=None, lfs=False).high_noise == 0.25

@@ -357,6 +357,20 @@ def test_prior_rows_draw_every_real_class_image_and_only_those():
   assert seen == {0, 1}, seen
 
 
+def test_high_noise_moves_the_concept_rows_timesteps_to_the_top():
+  """train.high_noise=1: every concept row reaches the UNet at t >= 0.6 T; at 0 the
+  uniform draw (some rows below)."""
+  low = []
+  for share in (0.0, 1.0):
+    trainable, frozen, _, data, spec = _problem(use_kd=False, kd_weight=0.0, kv_weight=0.0,
+                                                high_noise=share)
+    ts = np.concatenate([_run_loss(trainable, frozen, None, data, spec, seed)[2][0][1]
+                         for seed in range(10)])
+    assert ts.shape == (20,) and ts.max() < 1000
+    low.append(int((ts < 600).sum()))
+  assert low[0] > 0 and low[1] == 0, low
+
+
 # ---------------------------------------------------------------------------
 # Augmentation and the loss mask
 

@@ -43,6 +43,7 @@ class LossSpec:
   loss_reduction: str = "mean"  # train.loss_reduction: mean | cd (see denoise_loss)
   rescale_cues: bool = False  # data.rescale_cues: prompt_ids hold len(RESCALE_CUES) per template
   prior_weight: float = 0.0  # prior.weight: class-image rows (batch_size of them) in every step
+  high_noise: float = 0.0    # train.high_noise: share of the concept rows' t in [HIGH_NOISE_FROM T, T)
 
   @property
   def regularised(self) -> bool:
@@ -75,6 +76,9 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
     raise ConfigError(f"train.regulariser_lr_scale must be > 0, got "
                       f"{cfg.train.regulariser_lr_scale}")
   check_token_lr(cfg.train)
+  if not 0.0 <= cfg.train.high_noise <= 1.0:
+    raise ConfigError(f"train.high_noise is a share of the timesteps, in [0, 1]; got "
+                      f"{cfg.train.high_noise!r}")
   if cfg.data.rescale_cues and not cfg.data.rescale:
     raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
                       "needs data.rescale=True")
@@ -97,7 +101,7 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
       kd_from_base=use_kd and bool(kd_lib.kinds(cfg, "from_base")),
       kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
       loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues),
-      prior_weight=float(cfg.prior.weight))
+      prior_weight=float(cfg.prior.weight), high_noise=float(cfg.train.high_noise))
 
 
 def check_token_lr(train_cfg) -> None:
@@ -226,6 +230,22 @@ def _text(models: Models, text_params, rows, ids):
   return models.text.apply({"params": text_params}, ids, extra_embeddings=rows)
 
 
+HIGH_NOISE_FROM = 0.6  # train.high_noise draws from [0.6 T, T) (the mini base's recipe, mini/recipe.py)
+
+
+def draw_timesteps(key, n: int, num_train_timesteps: int, high_noise: float = 0.0) -> jax.Array:
+  """[n] int32 training timesteps: uniform on [0, T), each replaced with probability
+  `high_noise` by one uniform on [HIGH_NOISE_FROM T, T). With high_noise 0 exactly the
+  uniform draw (the same numbers from the same key), so runs without it are unchanged."""
+  t = jax.random.randint(key, (n,), 0, num_train_timesteps)
+  if not high_noise:
+    return t
+  k_share, k_high = jax.random.split(jax.random.fold_in(key, 1))
+  high = jax.random.randint(k_high, (n,), int(HIGH_NOISE_FROM * num_train_timesteps),
+                            num_train_timesteps)
+  return jnp.where(jax.random.uniform(k_share, (n,)) < high_noise, high, t)
+
+
 _PRIOR = 1  # purpose folded into the step key for the class-image rows (the others stay as they were)
 
 
@@ -276,7 +296,7 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
   z, mask, scale = _augment(z * spec.scaling_factor, k_aug, spec)
   noise = jax.random.normal(k_noise, z.shape, z.dtype)
-  t = jax.random.randint(k_t, (spec.batch_size,), 0, spec.scheduler.num_train_timesteps)
+  t = draw_timesteps(k_t, spec.batch_size, spec.scheduler.num_train_timesteps, spec.high_noise)
   x_t = schedule_lib.add_noise(schedule, z, noise, t)
   target = schedule_lib.training_target(schedule, spec.scheduler.prediction_type, z, noise, t)
   n_cues = len(RESCALE_CUES) if spec.rescale_cues else 1
