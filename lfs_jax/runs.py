@@ -90,6 +90,26 @@ def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
         f"{b.get(key)!r}. Continue with the original value or use a new --workdir.")
 
 
+def without_new_defaults(current: Mapping[str, Any], recorded: Any,
+                         defaults: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """`current` (a config dict) less each field `recorded` lacks that holds its config_base
+  default: a field added to the code after `recorded` was written, at the value that
+  record was made under. So a stored record (the benchmark's evaluations) stays valid
+  when the code gains a field, and only then."""
+  if defaults is None:
+    defaults = jsonable(config_base.get_config().to_dict())
+  if not isinstance(recorded, Mapping):
+    return dict(current)
+  out = {}
+  for key, value in current.items():
+    if key not in recorded and key in defaults and jsonable(value) == defaults[key]:
+      continue
+    if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):
+      value = without_new_defaults(value, recorded.get(key), defaults[key])
+    out[key] = value
+  return out
+
+
 def jsonable(obj):
   """`obj` as it reads back from JSON (tuples become lists, anything odd a string)."""
   return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))

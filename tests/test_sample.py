@@ -318,6 +318,23 @@ def test_resume_ignores_sampling_fields():
     runs.check_compatible(older, current.to_dict())
 
 
+def test_a_record_without_a_field_added_since_matches_only_at_its_default():
+  """The benchmark's stored evaluations name the run config they judged; a field the code
+  gained since (absent from the record) matches at its default, and only there."""
+  recorded = config_base.get_config().to_dict()
+  del recorded["train"]["high_noise"], recorded["kd"]["from_base"]
+  recorded = runs.jsonable(recorded)
+  current = config_base.get_config()
+  assert runs.jsonable(runs.without_new_defaults(current.to_dict(), recorded)) == recorded
+  current.train.high_noise = 0.5
+  got = runs.jsonable(runs.without_new_defaults(current.to_dict(), recorded))
+  assert got != recorded and got["train"]["high_noise"] == 0.5
+  current.train.high_noise = 0.0
+  current.seed = 4  # a field the record has: never dropped
+  assert runs.without_new_defaults(current.to_dict(), recorded)["seed"] == 4
+  assert runs.without_new_defaults(current.to_dict(), None) == current.to_dict()
+
+
 def test_slugs_and_grids():
   assert sample.slug("a <c1> dog, on GRASS!") == "a_c1_dog_on_grass"
   assert sample.slug("") == "empty"

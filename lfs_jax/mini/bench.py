@@ -546,11 +546,13 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
     return json.loads(json.dumps(dict(stamp, trained_by=trained_by)))
 
   def stored(path, trained_by):
-    # Reused only if the sampling, the judging and the model's training all match.
+    # Reused only if the sampling, the judging and the model's training all match (a
+    # config field added to the code since, at its default, matches).
     if os.path.exists(path):
       with open(path) as f:
         got = json.load(f)
-      if got.get("stamp") == stamp_of(trained_by):
+      recorded = (got.get("stamp") or {}).get("trained_by")
+      if got.get("stamp") == stamp_of(runs.without_new_defaults(trained_by, recorded)):
         return got
     return None
 
