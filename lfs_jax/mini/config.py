@@ -102,7 +102,9 @@ def get_config(arg="full"):
   #   prompts 3.3 points under (limit 3), 1000 1.2 under, learning as much with ICGen
   #   (acc own 0.333 against 0.306) but almost nothing without it (dfkd+kv 0.056, the
   #   anchor alone 0.051: the weights barely learn); on :short 1000 keeps too (acc own
-  #   0.417 against 300's 0.458).
+  #   0.417 against 300's 0.458). Lower weights let the weights learn only as the class
+  #   prompts go (twenty-third session, :long, three seeds): dfkd+kv 0.074 at 300 (3.3
+  #   under), 0.218 at 100 (6.8 under; lfs+kv NOT met), the paper's dfkd 0.329 (10.2 under).
   # ^ 100 until 2026-12-03 (fine world): on :long (nine sessions) it left the class prompts 4.7 points
   #   under (limit 3), 300 0.9 under; 300 was chosen there and then checked on :hard and
   #   :full, where it keeps too, acc own within 0.03 of 100's (three seeds each); on
