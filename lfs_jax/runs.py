@@ -66,6 +66,23 @@ def is_free_field(key: str) -> bool:
   return key in _FREE_FIELDS or key.startswith(_FREE_PREFIXES)
 
 
+def _added_at_default(recorded: Dict[str, Any], current: Dict[str, Any]) -> set:
+  """The flat keys of `current` that `recorded` lacks and that hold their config_base
+  default: fields added to the code after the record was written, at the value it was
+  made under."""
+  defaults = _flat(config_base.get_config().to_dict())
+  return {k for k, v in current.items() if k not in recorded and k in defaults and v == defaults[k]}
+
+
+def same_config(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+  """True when `current` is the config `recorded` was written under, up to fields added
+  since at their default (a stored record, the benchmark's evaluations, stays valid when
+  the code gains a field, and only then)."""
+  a, b = _flat(jsonable(recorded)), _flat(jsonable(current))
+  added = _added_at_default(a, b)
+  return a == {k: v for k, v in b.items() if k not in added}
+
+
 def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
   """Refuses to continue a run under a config that would change its results.
 
@@ -74,11 +91,9 @@ def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
   default, which is how that run was trained.
   """
   a, b = _flat(stored), _flat(current)
-  defaults = _flat(config_base.get_config().to_dict())
+  added = _added_at_default(a, b)
   for key in sorted(set(a) | set(b)):
-    if is_free_field(key) or a.get(key) == b.get(key):
-      continue
-    if key not in a and key in defaults and b.get(key) == defaults[key]:
+    if is_free_field(key) or a.get(key) == b.get(key) or key in added:
       continue
     if key == "data.sessions":
       # "" = none yet (a run that starts with an imported session, see interop).
@@ -88,26 +103,6 @@ def check_compatible(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
     raise ConfigError(
         f"this run was started with {key}={a.get(key)!r}; the config now says "
         f"{b.get(key)!r}. Continue with the original value or use a new --workdir.")
-
-
-def without_new_defaults(current: Mapping[str, Any], recorded: Any,
-                         defaults: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """`current` (a config dict) less each field `recorded` lacks that holds its config_base
-  default: a field added to the code after `recorded` was written, at the value that
-  record was made under. So a stored record (the benchmark's evaluations) stays valid
-  when the code gains a field, and only then."""
-  if defaults is None:
-    defaults = jsonable(config_base.get_config().to_dict())
-  if not isinstance(recorded, Mapping):
-    return dict(current)
-  out = {}
-  for key, value in current.items():
-    if key not in recorded and key in defaults and jsonable(value) == defaults[key]:
-      continue
-    if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):
-      value = without_new_defaults(value, recorded.get(key), defaults[key])
-    out[key] = value
-  return out
 
 
 def jsonable(obj):

@@ -198,5 +198,6 @@ def test_high_noise_draws_that_share_of_timesteps_from_the_top_and_is_off_at_zer
   # the spec carries the config's share to loss_fn
   cfg = config_base.get_config()
   cfg.train.high_noise = 0.25
-  assert losses.make_spec(cfg, mesh=types.SimpleNamespace(size=1), scaling_factor=1.0, scheduler=None,
-                          selection=None, lfs=False).high_noise == 0.25
+  spec = losses.make_spec(cfg, mesh=types.SimpleNamespace(size=1), scaling_factor=1.0,
+                          scheduler=None, selection=None, lfs=False)
+  assert spec.high_noise == 0.25

@@ -325,14 +325,14 @@ def test_a_record_without_a_field_added_since_matches_only_at_its_default():
   del recorded["train"]["high_noise"], recorded["kd"]["from_base"]
   recorded = runs.jsonable(recorded)
   current = config_base.get_config()
-  assert runs.jsonable(runs.without_new_defaults(current.to_dict(), recorded)) == recorded
+  assert runs.same_config(recorded, current.to_dict())
   current.train.high_noise = 0.5
-  got = runs.jsonable(runs.without_new_defaults(current.to_dict(), recorded))
-  assert got != recorded and got["train"]["high_noise"] == 0.5
+  assert not runs.same_config(recorded, current.to_dict())
   current.train.high_noise = 0.0
-  current.seed = 4  # a field the record has: never dropped
-  assert runs.without_new_defaults(current.to_dict(), recorded)["seed"] == 4
-  assert runs.without_new_defaults(current.to_dict(), None) == current.to_dict()
+  current.seed = 4  # a field the record has: a change is a change
+  assert not runs.same_config(recorded, current.to_dict())
+  current.seed = recorded["seed"]
+  assert not runs.same_config({**recorded, "extra": 1}, current.to_dict())
 
 
 def test_slugs_and_grids():

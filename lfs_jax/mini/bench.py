@@ -551,8 +551,9 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
     if os.path.exists(path):
       with open(path) as f:
         got = json.load(f)
-      recorded = (got.get("stamp") or {}).get("trained_by")
-      if got.get("stamp") == stamp_of(runs.without_new_defaults(trained_by, recorded)):
+      got_stamp = got.get("stamp") or {}
+      if ("trained_by" in got_stamp and runs.same_config(got_stamp["trained_by"], trained_by)
+          and dict(got_stamp, trained_by=None) == stamp_of(None)):
         return got
     return None
 
