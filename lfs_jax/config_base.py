@@ -134,6 +134,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.sampler = "ddim"       # ddim | ddpm (diffusers' schedulers for the model's scheduler config)
   c.sample.steps = 10             # denoising steps (tiny; 50 is the usual for Stable Diffusion)
   c.sample.guidance = 7.5         # classifier-free guidance scale w: eps_u + w (eps_c - eps_u)
+  c.sample.guidance_rescale = 0.0  # phi of Lin et al. 2023 (diffusers' guidance_rescale): the guided
+  # ^ output rescaled to the conditional one's per-image std, mixed by phi; 0 = off. The paper
+  #   uses 0.7 for zero-terminal-SNR v-prediction models (SD 2.x-style, the mini base)
   c.sample.eta = 0.0              # DDIM eta (0 = deterministic); ignored by ddpm
   c.sample.num_images = 2         # images per prompt, with seeds seed, seed+1, ...
   c.sample.seed = 0               # seed of each prompt's first image

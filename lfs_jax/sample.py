@@ -49,6 +49,7 @@ class SampleSettings:
   sampler: str
   steps: int
   guidance: float
+  guidance_rescale: float
   eta: float
   num_images: int
   seed: int
@@ -67,6 +68,8 @@ class SampleSettings:
     need(self.batch_size >= 1, "sample.batch_size", "must be >= 1")
     need(0 <= self.seed <= _MAX_SEED, "sample.seed", f"must be in [0, {_MAX_SEED}]")
     need(self.eta >= 0, "sample.eta", "must be >= 0")
+    need(0.0 <= self.guidance_rescale <= 1.0, "sample.guidance_rescale",
+         "must be in [0, 1] (0 = off)")
     need(0.0 < self.strength <= 1.0, "icgen.strength",
          "must be in (0, 1] (1 = plain text-to-image)")
     need(self.select in icgen.SELECTS, "icgen.select", f"use one of {list(icgen.SELECTS)}")
@@ -75,7 +78,7 @@ class SampleSettings:
   def from_config(cls, cfg) -> "SampleSettings":
     s = cfg.sample
     return cls(sampler=s.sampler, steps=s.steps, guidance=float(s.guidance),
-               eta=float(s.eta), num_images=s.num_images, seed=s.seed,
+               guidance_rescale=float(s.guidance_rescale), eta=float(s.eta), num_images=s.num_images, seed=s.seed,
                batch_size=s.batch_size, strength=float(cfg.icgen.strength),
                select=cfg.icgen.select)
 
@@ -114,7 +117,8 @@ def _plan(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
     pc = named[prompt]
     rec = {"prompt": prompt, "seed": int(seed), "session": run.session,
            "sampler": settings.sampler, "steps": settings.steps,
-           "guidance": settings.guidance, "eta": settings.eta,
+           "guidance": settings.guidance, "guidance_rescale": settings.guidance_rescale,
+           "eta": settings.eta,
            "strength": settings.strength, "select": settings.select,
            "concept": pc.concept, "concepts_named": pc.tokens, "icgen": False,
            "context_photo": None, "start_step": 0, "start_timestep": int(grid[0])}
@@ -214,7 +218,8 @@ def generate(run: runs.RunModel, prompts: Sequence[str], seeds: Sequence[int],
       text=pipe.text_encoder)
   uncond = encode([""] * b)[0]  # the same shapes as every batch: no extra compile
   scalars = [jnp.asarray(v, jnp.float32)
-             for v in (settings.guidance, settings.strength, settings.eta)]
+             for v in (settings.guidance, settings.strength, settings.eta,
+                       settings.guidance_rescale)]
   drawn = {}
   batches = _batches([records[j]["start_step"] for j in reps], b, len(schedule.timesteps))
   for batch in tqdm.tqdm(batches, desc=f"sampling session {run.session}", unit="batch",

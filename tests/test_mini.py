@@ -1,6 +1,7 @@
 """The mini world: renderer, shipped oracle and base, and a smoke run of the benchmark."""
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -726,7 +727,19 @@ def test_benchmark_smoke_run(tmp_path, mini_config):
     m.setattr(step_lib, "compile_step", refuse)
     m.setattr(bench, "run_jobs", refuse)
     again = bench.run(cfg, work)
-  assert again["variants"] == got["variants"]
+    assert again["variants"] == got["variants"]
+    # An evaluation stored before a sample.* field existed (here guidance_rescale) was
+    # drawn at its default: still reused; the field at another value is not.
+    for name in glob.glob(os.path.join(work, "eval", "*.json")):
+      with open(name) as f:
+        ev = json.load(f)
+      del ev["stamp"]["sample"]["guidance_rescale"]
+      with open(name, "w") as f:
+        json.dump(ev, f)
+    assert bench.run(cfg, work)["variants"] == got["variants"]
+    with pytest.raises(AssertionError, match="recomputed"):
+      bench.run(mini_config("smoke", **{"mini.variants": cfg.mini.variants,
+                                        "sample.guidance_rescale": 0.5}), work)
   # Stored evaluations are keyed by how their model was trained, not only by sampling.
   with open(os.path.join(work, "eval", "lfs_session1.json")) as f:
     trained_by = json.load(f)["stamp"]["trained_by"]

@@ -62,14 +62,37 @@ def test_class_images_generated_once_then_read_back_and_stale_ones_refused(
   for word in ("dog", "cat"):
     np.testing.assert_array_equal(again[word], got[word])
 
+  # Resuming the run with other sampling settings (free on a resume: they choose how it
+  # samples and evaluates) reads them back too: they stay the run's training data, made
+  # with the sampler settings it began with.
+  resumed = session.prepare(tiny_config(**{**SMALL, "sample__steps": 3, "sample__guidance": 2.0,
+                                           "sample__guidance_rescale": 0.5}), work, resume=True)
+  assert not calls
+  np.testing.assert_array_equal(resumed.prior_images["cat"], got["cat"])
+
   # A changed count, prompt or sampler setting is refused, naming the field.
   for overrides, field in (({"prior__count": 4}, "prior.count"),
                            ({"prior__template": "a {}"}, "prior.template"),
                            ({"sample__steps": 3}, "sample.steps"),
+                           ({"sample__guidance_rescale": 0.7}, "sample.guidance_rescale"),
                            ({"seed": 1}, "seed")):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as e:
       prior.class_images(tiny_config(**{**SMALL, **overrides}), work, pipe, ["dog"])
     assert "delete" in str(e.value) and not calls
+
+  # A class.json written before sample.guidance_rescale existed holds images made without
+  # it: read back at the default, refused at another value.
+  path = os.path.join(prior.folder(work, "dog"), "class.json")
+  with open(path) as f:
+    rec = json.load(f)
+  del rec["sample"]["guidance_rescale"]
+  with open(path, "w") as f:
+    json.dump(rec, f)
+  np.testing.assert_array_equal(prior.class_images(cfg, work, pipe, ["dog"])["dog"], got["dog"])
+  with pytest.raises(ConfigError, match=r"sample\.guidance_rescale"):
+    prior.class_images(tiny_config(**{**SMALL, "sample__guidance_rescale": 0.5}), work, pipe,
+                       ["dog"])
+  assert not calls
 
   # Deleted on purpose: generated again. A half-written attempt (.tmp) is redone.
   import shutil

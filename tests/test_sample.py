@@ -193,24 +193,29 @@ def test_new_prompts_seeds_guidance_and_strength_do_not_recompile(run):
   assert before["sample"] >= 1 and before["encode_text"] >= 1 and before["decode"] >= 1
   _gen(run, [CAT + " on a beach", "a dog", "<c1>"], [11, 12, 2 ** 32 - 1], guidance=2.0,
        strength=0.3, eta=0.5, select="mean")
-  _gen(run, ["something else entirely"], [99], guidance=12.0, strength=1.0)
+  _gen(run, ["something else entirely"], [99], guidance=12.0, strength=1.0,
+       guidance_rescale=0.7)
   assert sampler.TRACES == before
 
 
 class _FakeUNet(nn.Module):
-  """A parameter-free stand-in for the UNet: a smooth function of x, t and the text."""
+  """A parameter-free stand-in for the UNet: a smooth function of x, t and the text (which
+  scales the output as well as shifting it, so guidance changes its spread)."""
 
   @nn.compact
   def __call__(self, x, t, context):
-    return (0.5 * jnp.tanh(x) + 1e-4 * t[:, None, None, None]
-            + context.mean(axis=(1, 2))[:, None, None, None])
+    c = context.mean(axis=(1, 2))[:, None, None, None]
+    return 0.5 * jnp.tanh(x) + 0.2 * c * x + 1e-4 * t[:, None, None, None] + c
 
 
-@pytest.mark.parametrize("kind,strength,eta", [
-    ("ddim", 1.0, 0.0), ("ddim", 0.6, 0.0), ("ddim", 0.6, 1.0), ("ddpm", 1.0, 0.0),
-    ("ddpm", 0.6, 0.0)])
-def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
-  """The whole loop (grid, pairing, CFG, ICGen start, per-step noise) vs diffusers."""
+@pytest.mark.parametrize("kind,strength,eta,phi", [
+    ("ddim", 1.0, 0.0, 0.0), ("ddim", 0.6, 0.0, 0.0), ("ddim", 0.6, 1.0, 0.0),
+    ("ddpm", 1.0, 0.0, 0.0), ("ddpm", 0.6, 0.0, 0.0), ("ddim", 1.0, 0.0, 0.7),
+    ("ddpm", 0.6, 0.0, 1.0)])
+def test_guided_loop_matches_diffusers(kind, strength, eta, phi, monkeypatch):
+  """The whole loop (grid, pairing, CFG and its rescale, ICGen start, per-step noise) vs
+  diffusers (its pipelines' `rescale_noise_cfg` for guidance_rescale phi)."""
+  from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
   from lfs_jax import tiny  # its scheduler config is SD 1.5's
   config = {k: v for k, v in tiny.SCHEDULER.items() if k != "skip_prk_steps"}
   spec = sampler.SamplerSpec(kind, sampler.schedule_lib.SchedulerConfig.from_diffusers(config))
@@ -223,7 +228,7 @@ def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
   ours = sampler.sample_jit({}, sampler.make_schedule(spec, steps), jnp.asarray(context),
                             jnp.asarray(uncond), seeds, jnp.asarray(z), jnp.ones(2, bool),
                             jnp.float32(g), jnp.float32(strength), jnp.float32(eta),
-                            unet=_FakeUNet(), spec=spec)
+                            jnp.float32(phi), unet=_FakeUNet(), spec=spec)
 
   if kind == "ddim":
     ref = diffusers.DDIMScheduler.from_config(config)
@@ -238,13 +243,16 @@ def test_guided_loop_matches_diffusers(kind, strength, eta, monkeypatch):
   tensor = lambda a: torch.from_numpy(np.array(a))
   eps = tensor(sampler.initial_noise(seeds, shape))
   x = eps if strength >= 1 else ref.add_noise(tensor(z), eps, ts[start:start + 1])
-  f = lambda x, t, c: (0.5 * torch.tanh(x) + 1e-4 * float(t)
-                       + tensor(c).mean(dim=(1, 2))[:, None, None, None])
+  mean = lambda c: tensor(c).mean(dim=(1, 2))[:, None, None, None]
+  f = lambda x, t, c: 0.5 * torch.tanh(x) + 0.2 * mean(c) * x + 1e-4 * float(t) + mean(c)
   for i in range(start, steps):
     t = ts[i]
     noise = tensor(sampler.step_noise(seeds, i, shape))
     e_u = f(x, t, np.broadcast_to(uncond, context.shape))
-    e = e_u + g * (f(x, t, context) - e_u)
+    e_c = f(x, t, context)
+    e = e_u + g * (e_c - e_u)
+    if phi > 0:  # as diffusers' pipelines do
+      e = rescale_noise_cfg(e, e_c, guidance_rescale=phi)
     if kind == "ddim":
       x = ref.step(e, t, x, eta=eta, variance_noise=noise).prev_sample
     else:
@@ -295,6 +303,8 @@ def test_load_run_and_run_config_errors(run_dir, tmp_path):
   assert cfg.sample.steps == 7 and cfg.icgen.strength == 1.0 and cfg.data.sessions == "dog;cat"
   with pytest.raises(ConfigError, match="icgen.strength"):
     sample.SampleSettings.from_config(runs.run_config(run_dir, {"icgen.strength": 0.0}))
+  with pytest.raises(ConfigError, match=r"sample\.guidance_rescale=1\.5"):
+    sample.SampleSettings.from_config(runs.run_config(run_dir, {"sample.guidance_rescale": 1.5}))
 
 
 def test_resume_ignores_sampling_fields():

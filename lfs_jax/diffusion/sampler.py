@@ -110,8 +110,8 @@ def step_noise(seeds: jax.Array, step, shape) -> jax.Array:
 
 def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: jax.Array,
            seeds: jax.Array, context_latents: jax.Array, has_context: jax.Array,
-           guidance: jax.Array, strength: jax.Array, eta: jax.Array, *, unet,
-           spec: SamplerSpec) -> jax.Array:
+           guidance: jax.Array, strength: jax.Array, eta: jax.Array,
+           guidance_rescale: jax.Array = 0.0, *, unet, spec: SamplerSpec) -> jax.Array:
   """Runs the reverse process for a batch of prompts; pure (same inputs, same bits).
 
   Args:
@@ -127,6 +127,10 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
     guidance: scalar w: eps = eps_u + w (eps_c - eps_u).
     strength: scalar s of ICGen; s >= 1 ignores the context latents.
     eta: scalar DDIM eta (unused by DDPM).
+    guidance_rescale: scalar phi in [0, 1] (Lin et al. 2023, diffusers'
+      `guidance_rescale`): the guided output is rescaled to the conditional output's
+      per-image standard deviation and mixed back, phi * rescaled + (1 - phi) * guided;
+      0 leaves it as it is, bit for bit.
     unet: the UNet module (static).
     spec: the sampler (static).
 
@@ -138,6 +142,7 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
   shape = context_latents.shape[1:]
   guidance = jnp.asarray(guidance, jnp.float32)
   strength = jnp.asarray(strength, jnp.float32)
+  guidance_rescale = jnp.asarray(guidance_rescale, jnp.float32)
 
   eps = initial_noise(seeds, shape)
   icgen = has_context & (strength < 1.0)
@@ -160,7 +165,7 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
     t_in = jnp.full((x_in.shape[0],), t, jnp.int32)
     out = unet.apply({"params": unet_params}, x_in, t_in, cond_uncond).astype(jnp.float32)
     out_u, out_c = jnp.split(out, 2)
-    guided = out_u + guidance * (out_c - out_u)
+    guided = rescale_guided(out_u + guidance * (out_c - out_u), out_c, guidance_rescale)
     noise = step_noise(seeds, i, shape)
     if spec.kind == "ddim":
       x_new = steps_lib.ddim_step(schedule.noise, spec.scheduler, guided, t, prev, x, eta,
@@ -178,6 +183,18 @@ def sample(unet_params, schedule: SamplingSchedule, context: jax.Array, uncond: 
   body = lambda i, c: jax.lax.cond(jnp.any(i >= start), step, lambda _, c: c, i, c)
   x, _ = jax.lax.fori_loop(0, n, body, (x, _solver_state(spec, x)))
   return x
+
+
+def rescale_guided(guided: jax.Array, cond: jax.Array, phi: jax.Array) -> jax.Array:
+  """Classifier-free guidance rescale ("Common Diffusion Noise Schedules and Sample
+  Steps are Flawed", Lin et al. 2023, eq. 15-16): guidance w > 1 inflates the output's
+  scale, which over-saturates a zero-terminal-SNR v-prediction model's images; the
+  guided output [B, ...] is scaled to the standard deviation of the conditional one,
+  per image, and mixed with itself by phi. phi == 0 returns `guided` unchanged."""
+  axes = tuple(range(1, guided.ndim))
+  rescaled = guided * (jnp.std(cond, axis=axes, keepdims=True)
+                       / jnp.std(guided, axis=axes, keepdims=True))
+  return jnp.where(phi > 0, phi * rescaled + (1 - phi) * guided, guided)
 
 
 def _solver_state(spec: SamplerSpec, x: jax.Array):
@@ -223,7 +240,7 @@ def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSp
   One jitted function per (mesh, mode, tree shape, unet, spec), built once.
 
   Returns:
-    (fn, in_shardings): call `fn(*args)` with the ten positional arguments of
+    (fn, in_shardings): call `fn(*args)` with the eleven positional arguments of
     `sample` placed by `in_shardings` (parallel.put).
   """
   leaves, treedef = jax.tree.flatten(unet_params)
@@ -232,7 +249,7 @@ def sample_on_mesh(mesh, frozen_mode: str, unet_params, *, unet, spec: SamplerSp
   if key not in _ON_MESH:
     rep, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     params = parallel.frozen_shardings(unet_params, mesh, frozen_mode, fsdp_min_size)
-    in_shardings = (params, rep, batch, rep, batch, batch, batch, rep, rep, rep)
+    in_shardings = (params, rep, batch, rep, batch, batch, batch, rep, rep, rep, rep)
     # jit takes no static keywords together with in_shardings: bind them instead.
     fn = jax.jit(functools.partial(sample, unet=unet, spec=spec), in_shardings=in_shardings,
                  out_shardings=batch)

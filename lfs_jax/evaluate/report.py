@@ -48,6 +48,11 @@ PROTOCOLS = {
 }
 
 
+def _rescale(st) -> str:
+  phi = st.get("sample.guidance_rescale", 0.0)
+  return f" (rescale {phi})" if phi else ""
+
+
 def protocol_columns(protocol: str, computed: Sequence[str]) -> List[Tuple[str, str]]:
   """(published name, our metric) of a protocol's table; IA of held-out photos stands in
   for the training photos' when only held-out references were scored."""
@@ -171,7 +176,8 @@ def markdown(summary: Mapping[str, Any], grids: Sequence[str] = ()) -> str:
            f"{st['num_images']} image(s) per prompt, "
            f"{st['num_prompts'] or 'all'} prompt(s) per concept, "
            f"{st['sample.sampler']} {st['sample.steps']} steps (eta {st['sample.eta']}), "
-           f"guidance {st['sample.guidance']}, ICGen strength {st['icgen.strength']} "
+           f"guidance {st['sample.guidance']}{_rescale(st)}, "
+           f"ICGen strength {st['icgen.strength']} "
            f"({st['icgen.select']}); CLIP `{st['clip']}`{dino}; image alignment against "
            f"the {st.get('references', 'train')} reference photos.", "",
            "TA: CLIP cosine of image and prompt (modifier token "

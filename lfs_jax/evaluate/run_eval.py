@@ -47,7 +47,8 @@ _CHOICES = {"image_encoders": {"clip": ("clip",), "dino": ("dino",), "both": ("c
 PROTOCOLS = ("", "customconcept101", "dreambooth")
 _CELLS_VERSION = 1
 # What a cells.json from before a fingerprint field existed was computed with.
-_FINGERPRINT_DEFAULTS = {"image_encoders": "clip", "dino": "", "references": "train"}
+_FINGERPRINT_DEFAULTS = {"image_encoders": "clip", "dino": "", "references": "train",
+                         "sample.guidance_rescale": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,8 @@ def fingerprint(cfg, settings: EvalSettings) -> Dict[str, Any]:
   return {"clip": paths.abspath(settings.clip), "num_prompts": settings.num_prompts,
           "num_images": settings.num_images, "keep_token": settings.keep_token,
           "sample.sampler": s.sampler, "sample.steps": s.steps,
-          "sample.guidance": float(s.guidance), "sample.eta": float(s.eta),
+          "sample.guidance": float(s.guidance),
+          "sample.guidance_rescale": float(s.guidance_rescale), "sample.eta": float(s.eta),
           "sample.seed": s.seed, "icgen.strength": float(cfg.icgen.strength),
           "icgen.select": cfg.icgen.select, "image_encoders": settings.image_encoders,
           "dino": paths.abspath(settings.dino) if settings.dino else "",

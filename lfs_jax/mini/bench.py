@@ -553,7 +553,7 @@ def run_seed(cfg, workdir: str) -> Dict[str, Any]:
         got = json.load(f)
       got_stamp = got.get("stamp") or {}
       if ("trained_by" in got_stamp and runs.same_config(got_stamp["trained_by"], trained_by)
-          and dict(got_stamp, trained_by=None) == stamp_of(None)):
+          and runs.same_config(dict(got_stamp, trained_by=None), stamp_of(None))):
         return got
     return None
 

@@ -210,7 +210,9 @@ def markdown(per_seed: Sequence[Summaries], bases: Sequence[float], seeds: Seque
   lines = ["# Mini-world lifelong benchmark", "",
            f"Sessions: `{cfg.data.sessions}`; {cfg.train.steps} steps per session; "
            f"sampler {cfg.sample.sampler} {cfg.sample.steps} steps, guidance "
-           f"{cfg.sample.guidance}; ICGen strength {cfg.icgen.strength}; "
+           f"{cfg.sample.guidance}" + (f" (rescale {cfg.sample.guidance_rescale})"
+                                         if cfg.sample.guidance_rescale else "")
+           + f"; ICGen strength {cfg.icgen.strength}; "
            f"DFKD weight {cfg.kd.weight}, mode {cfg.kd.mode}, T_tau {cfg.kd.steps}; "
            f"K/V anchor weight {cfg.kd.kv_weight} (the +kv variants and anchor only); "
            f"prior preservation weight {cfg.prior.weight}, {cfg.prior.count} class images "

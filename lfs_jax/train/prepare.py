@@ -113,7 +113,8 @@ def prepare(cfg, workdir: str, *, resume: bool = False,
   _check_shared(workdir)
   prior_images = {}
   if spec.prior_weight > 0:  # the base, before any session: generated once, then cached
-    prior_images = prior_lib.class_images(cfg, workdir, pipe, sum(session_classes, []))
+    prior_images = prior_lib.class_images(prior_lib.run_sampling(cfg, stored), workdir, pipe,
+                                          sum(session_classes, []))
     parallel.barrier("lfs_jax: class images written")
   return Run(
       cfg, workdir, pipe, mesh,

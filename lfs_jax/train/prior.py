@@ -18,7 +18,7 @@ import io
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -32,7 +32,9 @@ from lfs_jax.errors import ConfigError
 PRIOR_DIR = "prior"
 CLASS_JSON = "class.json"
 _SEED_PURPOSE = 47  # folded with `seed` into the class images' seeds
-_SAMPLE_KEYS = ("sampler", "steps", "guidance", "eta")
+_SAMPLE_KEYS = ("sampler", "steps", "guidance", "guidance_rescale", "eta")
+# sample.* fields added since class images were first recorded, at the value they were made with
+_SAMPLE_DEFAULTS = {"guidance_rescale": 0.0}
 _MODEL_KEYS = ("source", "path", "variant", "param_dtype", "compute_dtype")
 # record key -> the config field that sets it (named in a refusal)
 _FIELDS = {"class": "data.classes", "prompt": "prior.template", "count": "prior.count",
@@ -54,11 +56,27 @@ def record(cfg, class_word: str) -> Dict[str, Any]:
           "model": {k: cfg.model[k] for k in _MODEL_KEYS}}
 
 
+def run_sampling(cfg, stored: Optional[Dict[str, Any]]):
+  """`cfg` with the sample.* settings the run began with (`stored`, its config.json; None
+  for a new run). Class images are training data made with those; sample.* is free to
+  change on a resume (to sample or evaluate differently) and must not reach them."""
+  if stored is None:
+    return cfg
+  out = cfg.copy_and_resolve_references()
+  for key in _SAMPLE_KEYS:
+    if key in stored.get("sample", {}):
+      out.sample[key] = stored["sample"][key]
+    elif key in _SAMPLE_DEFAULTS:  # a run begun before the field existed: its default
+      out.sample[key] = _SAMPLE_DEFAULTS[key]
+  return out
+
+
 def folder(workdir: str, class_word: str) -> str:
   return os.path.join(workdir, PRIOR_DIR, sample_lib.slug(class_word))
 
 
 def _check(got: Dict[str, Any], want: Dict[str, Any], path: str) -> None:
+  got = dict(got, sample={**_SAMPLE_DEFAULTS, **got.get("sample", {})})
   for key, value in want.items():
     if got.get(key) == value:
       continue
