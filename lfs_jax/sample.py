@@ -78,9 +78,9 @@ class SampleSettings:
   def from_config(cls, cfg) -> "SampleSettings":
     s = cfg.sample
     return cls(sampler=s.sampler, steps=s.steps, guidance=float(s.guidance),
-               guidance_rescale=float(s.guidance_rescale), eta=float(s.eta), num_images=s.num_images, seed=s.seed,
-               batch_size=s.batch_size, strength=float(cfg.icgen.strength),
-               select=cfg.icgen.select)
+               guidance_rescale=float(s.guidance_rescale), eta=float(s.eta),
+               num_images=s.num_images, seed=s.seed, batch_size=s.batch_size,
+               strength=float(cfg.icgen.strength), select=cfg.icgen.select)
 
 
 def expand(prompts: Sequence[str], settings: SampleSettings) -> Tuple[List[str], List[int]]:
