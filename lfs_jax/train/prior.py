@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from lfs_jax import concepts as concepts_lib
+from lfs_jax import config_base
 from lfs_jax import paths
 from lfs_jax import runs
 from lfs_jax import sample as sample_lib
@@ -33,8 +34,6 @@ PRIOR_DIR = "prior"
 CLASS_JSON = "class.json"
 _SEED_PURPOSE = 47  # folded with `seed` into the class images' seeds
 _SAMPLE_KEYS = ("sampler", "steps", "guidance", "guidance_rescale", "eta")
-# sample.* fields added since class images were first recorded, at the value they were made with
-_SAMPLE_DEFAULTS = {"guidance_rescale": 0.0}
 _MODEL_KEYS = ("source", "path", "variant", "param_dtype", "compute_dtype")
 # record key -> the config field that sets it (named in a refusal)
 _FIELDS = {"class": "data.classes", "prompt": "prior.template", "count": "prior.count",
@@ -56,6 +55,13 @@ def record(cfg, class_word: str) -> Dict[str, Any]:
           "model": {k: cfg.model[k] for k in _MODEL_KEYS}}
 
 
+def _added_at_default(sample: Dict[str, Any]) -> Dict[str, Any]:
+  """A record's sample settings, a field it lacks (added to the code since it was
+  written) at its config_base default: what those images were made with."""
+  defaults = config_base.get_config().sample
+  return {**{k: defaults[k] for k in _SAMPLE_KEYS}, **sample}
+
+
 def run_sampling(cfg, stored: Optional[Dict[str, Any]]):
   """`cfg` with the sample.* settings the run began with (`stored`, its config.json; None
   for a new run). Class images are training data made with those; sample.* is free to
@@ -63,11 +69,9 @@ def run_sampling(cfg, stored: Optional[Dict[str, Any]]):
   if stored is None:
     return cfg
   out = cfg.copy_and_resolve_references()
+  began = _added_at_default(stored.get("sample", {}))
   for key in _SAMPLE_KEYS:
-    if key in stored.get("sample", {}):
-      out.sample[key] = stored["sample"][key]
-    elif key in _SAMPLE_DEFAULTS:  # a run begun before the field existed: its default
-      out.sample[key] = _SAMPLE_DEFAULTS[key]
+    out.sample[key] = began[key]
   return out
 
 
@@ -76,7 +80,7 @@ def folder(workdir: str, class_word: str) -> str:
 
 
 def _check(got: Dict[str, Any], want: Dict[str, Any], path: str) -> None:
-  got = dict(got, sample={**_SAMPLE_DEFAULTS, **got.get("sample", {})})
+  got = dict(got, sample=_added_at_default(got.get("sample", {})))
   for key, value in want.items():
     if got.get(key) == value:
       continue
