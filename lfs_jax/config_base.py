@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.high_noise = 0.0        # share of the concept rows' timesteps drawn from [0.6 T, T) instead
   # ^ of [0, T): where a sample's shape and colours are decided (Custom Diffusion: 0, uniform);
   # ^ on the mini world's :plastic 0.5 learned less (acc own 0.653 against 0.722; docs/mini_world.md)
+  c.train.snr_gamma = 0.0         # Min-SNR-gamma weights on the concept rows' denoising loss (Hang et
+  # ^ al. 2023; diffusers' --snr_gamma, 5 suggested); 0 = off (Custom Diffusion: off, unweighted)
   c.train.token_lr_scale = 1.0    # the modifier tokens' embedding rows learn at the learning rate
   # ^ x this (the attention weights at the rate itself) (Custom Diffusion: 1.0, one rate for both)
   c.train.selection = "crossattn_kv"  # trainable UNet weights: crossattn_kv | crossattn | attn | lora | unet (all)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from lfs_jax import config_base
+from lfs_jax.diffusion import schedule as schedule_lib
 from lfs_jax.train import inputs, losses, session
 from lfs_jax.train import step as step_lib
 
@@ -140,6 +141,8 @@ def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
     ({"train__token_lr_scale": 0.0}, "train.token_lr_scale"),
     ({"train__high_noise": 1.5}, "train.high_noise"),
     ({"train__high_noise": -0.1}, "train.high_noise"),
+    ({"train__snr_gamma": -1.0}, "train.snr_gamma"),
+    ({"train__snr_gamma": float("nan")}, "train.snr_gamma"),
 ])
 def test_bad_recipe_fields_are_named(tmp_path, tiny_config, overrides, needle):
   with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
@@ -201,3 +204,35 @@ def test_high_noise_draws_that_share_of_timesteps_from_the_top_and_is_off_at_zer
   spec = losses.make_spec(cfg, mesh=types.SimpleNamespace(size=1), scaling_factor=1.0,
                           scheduler=None, selection=None, lfs=False)
   assert spec.high_noise == 0.25
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_snr_weights_are_diffusers_min_snr_weights(prediction_type, zero_snr):
+  """train.snr_gamma: our Min-SNR weights against the formula of diffusers' training
+  scripts (compute_snr on its DDPMScheduler, min(SNR, gamma) / SNR for epsilon, / (SNR + 1)
+  for v), on SD's schedule and the zero-terminal-SNR one the mini base uses; where that
+  formula divides by zero (epsilon at SNR 0) ours is its limit, 1."""
+  torch = pytest.importorskip("torch")
+  from diffusers import DDPMScheduler
+  from diffusers.training_utils import compute_snr
+  kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+  ref_sched = DDPMScheduler(**kw)
+  ours_sched = schedule_lib.make_schedule(schedule_lib.SchedulerConfig(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr))
+  t = np.array([0, 1, 10, 100, 250, 400, 500, 700, 900, 998, 999])
+  gamma = 5.0
+  snr = compute_snr(ref_sched, torch.tensor(t))
+  w = torch.minimum(snr, torch.full_like(snr, gamma))
+  w = (w / snr if prediction_type == "epsilon" else w / (snr + 1)).double().numpy()
+  ours = np.asarray(losses.snr_weights(ours_sched, jnp.asarray(t), prediction_type, gamma))
+  finite = np.isfinite(w)
+  assert finite.sum() >= len(t) - 1
+  # float32 (both): 1 - alpha_bar near t = 0 keeps ~4 digits
+  np.testing.assert_allclose(ours[finite], w[finite], rtol=1e-4, atol=1e-7)
+  if zero_snr:
+    assert ours[-1] == (1.0 if prediction_type == "epsilon" else 0.0)
+  # the weights do something on this range: below 1 somewhere, not constant
+  assert ours.min() < 0.5 and np.ptp(ours) > 0.3

@@ -371,6 +371,30 @@ def test_high_noise_moves_the_concept_rows_timesteps_to_the_top():
   assert low[0] > 0 and low[1] == 0, low
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_snr_gamma_weights_each_concept_row_by_its_timestep(seed):
+  """train.snr_gamma: the denoising term is the batch mean of each concept row's loss times
+  its Min-SNR weight min(SNR(t), gamma) / SNR(t) (epsilon); the total is that term; at
+  gamma 0 the plain mean."""
+  out = {}
+  for gamma in (0.0, 2.0):
+    trainable, frozen, _, data, spec = _problem(use_kd=False, kv_weight=0.0, batch_size=4,
+                                                snr_gamma=gamma)
+    loss, m, ((x, t, c),) = _run_loss(trainable, frozen, None, data, spec, seed)
+    z0 = np.asarray(data.latent_mean[0], np.float64) * spec.scaling_factor
+    a = SD_ALPHAS_CUMPROD[t][:, None, None, None]
+    noise = (x - np.sqrt(a) * z0) / np.sqrt(1 - a)
+    per_row = np.mean((_unet_np({**trainable["unet"], **frozen["unet"]}, x.astype(np.float64),
+                                t, c.astype(np.float64)) - noise) ** 2, axis=(1, 2, 3))
+    snr = SD_ALPHAS_CUMPROD[t] / (1 - SD_ALPHAS_CUMPROD[t])
+    w = np.minimum(snr, gamma) / snr if gamma else np.ones_like(snr)
+    np.testing.assert_allclose(m["denoise"], np.mean(w * per_row), rtol=2e-4)
+    np.testing.assert_allclose(loss, m["denoise"], rtol=1e-6)
+    out[gamma] = (m["denoise"], np.mean(per_row), t)
+  np.testing.assert_array_equal(out[0.0][2], out[2.0][2])  # same draw, weighted differently
+  assert abs(out[2.0][0] - out[2.0][1]) > 0.05 * out[2.0][1]
+
+
 # ---------------------------------------------------------------------------
 # Augmentation and the loss mask
 

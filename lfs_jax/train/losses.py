@@ -44,6 +44,7 @@ class LossSpec:
   rescale_cues: bool = False  # data.rescale_cues: prompt_ids hold len(RESCALE_CUES) per template
   prior_weight: float = 0.0  # prior.weight: class-image rows (batch_size of them) in every step
   high_noise: float = 0.0    # train.high_noise: share of the concept rows' t in [HIGH_NOISE_FROM T, T)
+  snr_gamma: float = 0.0     # train.snr_gamma: Min-SNR-gamma weights on the concept rows (0 = off)
 
   @property
   def regularised(self) -> bool:
@@ -79,6 +80,9 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
   if not 0.0 <= cfg.train.high_noise <= 1.0:
     raise ConfigError(f"train.high_noise is a share of the timesteps, in [0, 1]; got "
                       f"{cfg.train.high_noise!r}")
+  gamma = cfg.train.snr_gamma
+  if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+    raise ConfigError(f"train.snr_gamma is Min-SNR's gamma, >= 0 (0 = off); got {gamma!r}")
   if cfg.data.rescale_cues and not cfg.data.rescale:
     raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
                       "needs data.rescale=True")
@@ -101,7 +105,8 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
       kd_from_base=use_kd and bool(kd_lib.kinds(cfg, "from_base")),
       kv_weight=float(cfg.kd.kv_weight) if lfs else 0.0,
       loss_reduction=cfg.train.loss_reduction, rescale_cues=bool(cfg.data.rescale_cues),
-      prior_weight=float(cfg.prior.weight), high_noise=float(cfg.train.high_noise))
+      prior_weight=float(cfg.prior.weight), high_noise=float(cfg.train.high_noise),
+      snr_gamma=float(gamma))
 
 
 def check_token_lr(train_cfg) -> None:
@@ -176,19 +181,46 @@ def cue_index(scale: jax.Array, u: jax.Array) -> jax.Array:
                    jnp.where(scale > CUE_ENLARGED, 3 + second, 0)).astype(jnp.int32)
 
 
-def denoise_loss(sq: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
+def denoise_loss(sq: jax.Array, mask: jax.Array, reduction: str,
+                 weights: Optional[jax.Array] = None) -> jax.Array:
   """Masked squared error [B, h, w, c] (mask [B, h, w, 1]) -> the scalar denoising loss.
 
   "mean": per image, the mean over the masked elements (every channel), then over
   the batch. "cd": Custom Diffusion's, per image the masked sum over all channels
   divided by the mask's pixel count (c times "mean"), then the mean over the batch.
+  `weights` [B] (train.snr_gamma's `snr_weights`) scale each image's loss before the
+  batch mean; None is the unweighted loss.
   """
   masked = (sq * mask).sum(axis=(1, 2, 3))
   if reduction == "cd":
-    return (masked / mask.sum(axis=(1, 2, 3))).mean()
-  if reduction == "mean":
-    return (masked / (mask.sum(axis=(1, 2, 3)) * sq.shape[-1])).mean()
-  raise ValueError(f"train.loss_reduction must be 'mean' or 'cd', got {reduction!r}")
+    per_image = masked / mask.sum(axis=(1, 2, 3))
+  elif reduction == "mean":
+    per_image = masked / (mask.sum(axis=(1, 2, 3)) * sq.shape[-1])
+  else:
+    raise ValueError(f"train.loss_reduction must be 'mean' or 'cd', got {reduction!r}")
+  if weights is not None:
+    per_image = per_image * weights
+  return per_image.mean()
+
+
+def snr_weights(schedule, t: jax.Array, prediction_type: str, gamma: float) -> jax.Array:
+  """[B] float32 Min-SNR-gamma loss weights of timesteps t (Hang et al. 2023, "Efficient
+  Diffusion Training via Min-SNR Weighting Strategy"; diffusers' training scripts'
+  `--snr_gamma`): each prediction type's squared error rescaled so that the loss is
+  the x0 error weighted by min(SNR, gamma), SNR(t) = alpha_bar / (1 - alpha_bar):
+  min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v, min(SNR,
+  gamma) for x0. At zero terminal SNR the epsilon weight is its limit 1 (where
+  diffusers' formula divides by zero) and the v weight 0.
+  """
+  acp = schedule.alphas_cumprod[t].astype(jnp.float32)
+  snr = acp / (1.0 - acp)
+  prediction_type = schedule_lib.prediction_type_of(prediction_type)
+  if prediction_type == "epsilon":
+    return jnp.minimum(1.0, gamma / snr)
+  clipped = jnp.minimum(snr, gamma)
+  if prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  return clipped
 
 
 def _augment(z: jax.Array, rng: jax.Array, spec: LossSpec
@@ -333,8 +365,10 @@ def loss_fn(trainable, frozen, teacher, batch: SessionData, schedule, rng, *,
   out = models.unet.apply({"params": unet_params}, x_in, t_in, c_in).astype(jnp.float32)
   out_data = out[:spec.batch_size]
 
+  weights = (snr_weights(schedule, t, spec.scheduler.prediction_type, spec.snr_gamma)
+             if spec.snr_gamma else None)
   denoise = denoise_loss(jnp.square(out_data - target.astype(jnp.float32)), mask,
-                         spec.loss_reduction)
+                         spec.loss_reduction, weights)
   metrics = {"denoise": denoise}
   loss = denoise
   if n_prior:
