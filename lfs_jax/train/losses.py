@@ -81,7 +81,7 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
     raise ConfigError(f"train.high_noise is a share of the timesteps, in [0, 1]; got "
                       f"{cfg.train.high_noise!r}")
   gamma = cfg.train.snr_gamma
-  if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+  if not (math.isfinite(gamma) and gamma >= 0):
     raise ConfigError(f"train.snr_gamma is Min-SNR's gamma, >= 0 (0 = off); got {gamma!r}")
   if cfg.data.rescale_cues and not cfg.data.rescale:
     raise ConfigError("data.rescale_cues describes the random rescale in the prompt; it "
