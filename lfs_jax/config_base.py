@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.adam_b2 = 0.999
   c.train.adam_eps = 1e-8
   c.train.grad_clip = 1.0         # global-norm clip
+  c.train.lr_schedule = "constant"  # the rate over a session: constant | cosine (from the full rate
+  # ^ at the first step along half a cosine towards 0 at train.steps) (Custom Diffusion: constant)
   c.train.loss_reduction = "mean"  # denoising loss per image: mean (over masked elements) | cd
   # ^ (Custom Diffusion: "cd", the masked sum over the latent channels / mask pixels = 4x mean on SD)
   c.train.regulariser_lr_scale = 1.0  # learning rate x this when a regulariser doubles the batch

@@ -97,6 +97,41 @@ def test_token_rows_learn_at_their_own_rate():
   assert jax.tree.structure(state) == jax.tree.structure(today)
 
 
+def test_cosine_schedule_is_adamw_at_optax_cosine_rate_over_the_session():
+  """train.lr_schedule=cosine: every update of a session is optax's AdamW at optax's own
+  cosine-decay rate for that step (to 0 at train.steps), token rows at their scale."""
+  cfg = config_base.get_config().train
+  cfg.lr_schedule, cfg.steps, cfg.token_lr_scale = "cosine", 6, 2.0
+  lr = cfg.learning_rate * cfg.batch_size
+  rs = np.random.default_rng(3)
+  tree = {"unet": {"k": jnp.asarray(rs.standard_normal((3, 2)), jnp.float32)},
+          "tokens": jnp.asarray(rs.standard_normal((1, 4)), jnp.float32)}
+
+  def reference(rate):
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
+        rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay))
+
+  ours = step_lib.make_optimizer(cfg)
+  unet_ref = reference(optax.cosine_decay_schedule(lr, cfg.steps))
+  token_ref = reference(optax.cosine_decay_schedule(2.0 * lr, cfg.steps))
+  p_ours, s_ours = tree, ours.init(tree)
+  s_u, s_t = unet_ref.init(tree), token_ref.init(tree)
+  sizes = []
+  for _ in range(cfg.steps + 1):
+    g = jax.tree.map(lambda a: jnp.asarray(rs.standard_normal(a.shape), jnp.float32), tree)
+    u, s_ours = ours.update(g, s_ours, p_ours)
+    p_next = optax.apply_updates(p_ours, u)
+    # Each reference is stepped from our parameters, so errors cannot compound.
+    uu, s_u = unet_ref.update(g, s_u, p_ours)
+    ut, s_t = token_ref.update(g, s_t, p_ours)
+    np.testing.assert_allclose(u["unet"]["k"], uu["unet"]["k"], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(u["tokens"], ut["tokens"], rtol=1e-5, atol=1e-12)
+    sizes.append(float(jnp.abs(u["unet"]["k"]).max()))
+    p_ours = p_next
+  assert sizes[-1] < 1e-6 * lr < 0.5 * lr < sizes[0]  # the rate ends at 0, starts at lr
+
+
 @pytest.mark.parametrize("scale,train_tokens", [(-1.0, True), (float("nan"), True),
                                                 (10.0, False)])
 def test_bad_token_lr_scale_is_named(scale, train_tokens):
@@ -143,6 +178,7 @@ def test_recipe_fields_reach_the_session(tmp_path, tiny_config):
     ({"train__high_noise": -0.1}, "train.high_noise"),
     ({"train__snr_gamma": -1.0}, "train.snr_gamma"),
     ({"train__snr_gamma": float("nan")}, "train.snr_gamma"),
+    ({"train__lr_schedule": "linear"}, "train.lr_schedule"),
 ])
 def test_bad_recipe_fields_are_named(tmp_path, tiny_config, overrides, needle):
   with pytest.raises(ValueError, match=needle.replace(".", r"\.")):

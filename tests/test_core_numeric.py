@@ -273,7 +273,7 @@ def test_kd_weight_zero_keeps_the_anchor_its_weight_and_its_gradient():
   class Train:  # the few train-config fields make_optimizer reads
     learning_rate, batch_size, scale_lr, grad_clip = 1e-2, 2, False, 1e9
     adam_b1, adam_b2, adam_eps, weight_decay = 0.9, 0.999, 1e-8, 0.0
-    token_lr_scale = 1.0
+    token_lr_scale, lr_schedule, steps = 1.0, "constant", 1
   optimizer = step_lib.make_optimizer(Train)
   state = step_lib.init_state(trainable, optimizer)
   new, metrics = jax.jit(lambda st: step_lib.train_step(

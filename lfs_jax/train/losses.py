@@ -77,6 +77,9 @@ def make_spec(cfg, *, mesh, scaling_factor: float, scheduler, selection: delta_l
     raise ConfigError(f"train.regulariser_lr_scale must be > 0, got "
                       f"{cfg.train.regulariser_lr_scale}")
   check_token_lr(cfg.train)
+  if cfg.train.lr_schedule not in ("constant", "cosine"):
+    raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got "
+                      f"{cfg.train.lr_schedule!r}")
   if not 0.0 <= cfg.train.high_noise <= 1.0:
     raise ConfigError(f"train.high_noise is a share of the timesteps, in [0, 1]; got "
                       f"{cfg.train.high_noise!r}")

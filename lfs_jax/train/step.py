@@ -34,6 +34,8 @@ def make_optimizer(train_cfg, regularised: bool = False) -> optax.GradientTransf
   `regularised`: a regulariser adds rows to every batch (DFKD), so the rate is also
   multiplied by train.regulariser_lr_scale (Custom Diffusion doubles it). The
   modifier tokens' embedding rows train at that rate x train.token_lr_scale.
+  train.lr_schedule="cosine" lowers the rate over the session's train.steps, from the
+  full rate at the first step along half a cosine towards 0.
   """
   lr = train_cfg.learning_rate * (train_cfg.batch_size if train_cfg.scale_lr else 1)
   lr *= train_cfg.regulariser_lr_scale if regularised else 1.0
@@ -45,7 +47,20 @@ def make_optimizer(train_cfg, regularised: bool = False) -> optax.GradientTransf
     # tokens' final update is AdamW at lr x scale on them; at 1.0 the chain (and its
     # state, which checkpoints hold) stays as it always was.
     parts.append(optax.masked(optax.scale(train_cfg.token_lr_scale), _tokens_only))
+  if train_cfg.lr_schedule == "cosine":
+    # The same linearity: the final update x the schedule's factor is AdamW at the
+    # scheduled rate. Its own step count sits in the state (resumed with it); "constant"
+    # adds nothing, so the chain and its checkpoints stay as they always were.
+    parts.append(optax.scale_by_schedule(_cosine_factor(train_cfg.steps)))
   return optax.chain(*parts)
+
+
+def _cosine_factor(steps: int):
+  """Step n's share of the full rate: 1 at n = 0, half a cosine down to 0 at n = steps."""
+  def factor(count):
+    done = jnp.minimum(count, steps).astype(jnp.float32) / max(int(steps), 1)
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+  return factor
 
 
 def leafwise(inner: optax.GradientTransformation) -> optax.GradientTransformation:
