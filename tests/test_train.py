@@ -217,6 +217,29 @@ def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_conf
   _assert_trees_equal(checkpoint.restore_session(term, 1)["delta"], want)
 
 
+@pytest.mark.slow  # whole loops (CI runs it)
+def test_cosine_schedule_resumes_on_its_curve(tmp_path, tiny_config, monkeypatch):
+  """train.lr_schedule=cosine: the schedule's step count is restored with the progress
+  checkpoint, so a session killed at step 5 ends where an uninterrupted one does, and
+  not where the constant rate does."""
+  cfg = tiny_config(data__sessions="dog", train__steps=6, train__progress_every=2,
+                    train__lr_schedule="cosine")
+  full = str(tmp_path / "full")
+  session.run(cfg, full)
+  want = checkpoint.restore_session(full, 1)["delta"]
+  killed = str(tmp_path / "killed")
+  with monkeypatch.context() as m:
+    _interrupt_at(m, 5, _kill)
+    with pytest.raises(KeyboardInterrupt):
+      session.run(cfg, killed)
+  session.run(cfg, killed, resume=True)
+  _assert_trees_equal(checkpoint.restore_session(killed, 1)["delta"], want)
+  constant = str(tmp_path / "constant")
+  session.run(tiny_config(data__sessions="dog", train__steps=6), constant)
+  got = checkpoint.restore_session(constant, 1)["delta"]
+  assert not np.allclose(np.asarray(got["tokens"]), np.asarray(want["tokens"]))
+
+
 def test_data_parallel_step_matches_one_device(tmp_path, tiny_config):
   assert jax.device_count() == 8
   cfg = tiny_config(data__sessions="dog", train__batch_size=8, kd__batch_size=8, mesh__data=-1)
