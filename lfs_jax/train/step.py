@@ -51,16 +51,9 @@ def make_optimizer(train_cfg, regularised: bool = False) -> optax.GradientTransf
     # The same linearity: the final update x the schedule's factor is AdamW at the
     # scheduled rate. Its own step count sits in the state (resumed with it); "constant"
     # adds nothing, so the chain and its checkpoints stay as they always were.
-    parts.append(optax.scale_by_schedule(_cosine_factor(train_cfg.steps)))
+    parts.append(optax.scale_by_schedule(
+        optax.cosine_decay_schedule(1.0, max(int(train_cfg.steps), 1))))
   return optax.chain(*parts)
-
-
-def _cosine_factor(steps: int):
-  """Step n's share of the full rate: 1 at n = 0, half a cosine down to 0 at n = steps."""
-  def factor(count):
-    done = jnp.minimum(count, steps).astype(jnp.float32) / max(int(steps), 1)
-    return 0.5 * (1.0 + jnp.cos(jnp.pi * done))
-  return factor
 
 
 def leafwise(inner: optax.GradientTransformation) -> optax.GradientTransformation:
