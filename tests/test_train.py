@@ -179,6 +179,15 @@ def _kill():
   raise KeyboardInterrupt("killed")
 
 
+def _killed_during_step(cfg, workdir, monkeypatch, step):
+  """`workdir` after session.run was killed (KeyboardInterrupt) during `step`."""
+  with monkeypatch.context() as m:
+    _interrupt_at(m, step, _kill)
+    with pytest.raises(KeyboardInterrupt):
+      session.run(cfg, workdir)
+  return workdir
+
+
 @pytest.mark.slow  # a whole loop (CI runs it)
 def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_config,
                                                              monkeypatch, capsys):
@@ -188,11 +197,7 @@ def test_resume_after_kill_and_sigterm_matches_uninterrupted(tmp_path, tiny_conf
   want = checkpoint.restore_session(full, 1)["delta"]
 
   # Killed during step 5: progress from step 4 survives; resume finishes the session.
-  killed = str(tmp_path / "killed")
-  with monkeypatch.context() as m:
-    _interrupt_at(m, 5, _kill)
-    with pytest.raises(KeyboardInterrupt):
-      session.run(cfg, killed)
+  killed = _killed_during_step(cfg, str(tmp_path / "killed"), monkeypatch, 5)
   assert checkpoint.finished_sessions(killed) == []
   assert checkpoint.progress_meta(killed) == {"session": 1}
   capsys.readouterr()
@@ -227,11 +232,7 @@ def test_cosine_schedule_resumes_on_its_curve(tmp_path, tiny_config, monkeypatch
   full = str(tmp_path / "full")
   session.run(cfg, full)
   want = checkpoint.restore_session(full, 1)["delta"]
-  killed = str(tmp_path / "killed")
-  with monkeypatch.context() as m:
-    _interrupt_at(m, 5, _kill)
-    with pytest.raises(KeyboardInterrupt):
-      session.run(cfg, killed)
+  killed = _killed_during_step(cfg, str(tmp_path / "killed"), monkeypatch, 5)
   session.run(cfg, killed, resume=True)
   _assert_trees_equal(checkpoint.restore_session(killed, 1)["delta"], want)
   constant = str(tmp_path / "constant")
