@@ -216,8 +216,8 @@ def _second_colour(pattern: str, shape: str, u: np.ndarray, v: np.ndarray) -> np
     return np.zeros(u.shape, bool)
   # The lattices are coarse: at 32 px a feature must span several latent pixels
   # for a small base to draw it (with stripes of period 0.4 and checks of 0.5 its
-  # samples were blotchy textures, read as the wrong lattice; docs/mini_world.md,
-  # "Coarser patterns").
+  # samples were blotchy textures, read as the wrong lattice;
+  # docs/mini_world_history.md, "Coarser patterns").
   if pattern == "stripes":  # period 0.8 of the radius: two bands across a star
     return (v + 1) * 1.25 % 1 > 0.62
   if pattern == "checks":  # squares 0.4 of the radius on a side: four on a square
