@@ -19,7 +19,7 @@
 # killed at the run's time limit is continued by the next `train` call while the
 # machine is still warm. Prints, and writes to $OUT/<arch>_table.md: the named-design
 # rates (ceiling --named, 32 seeds) and Custom Diffusion's row (bench: acc own, nIA
-# own, class accuracy; 3 seeds, 16 samples a concept, striped_star, checked_square,
+# own, class accuracy; 3 seeds, 64 samples a concept, striped_star, checked_square,
 # dotted_star), as docs/mini_world.md scores the shipped base.
 #
 # Wheels: as bench/gpu.sh's header says (carry .whl). A CPU dry run of every command,
@@ -35,7 +35,7 @@ STEPS="${STEPS:-24000}"      # N1's schedule length
 IMAGES="${IMAGES:-60000}"
 SEEDS="${SEEDS:-0,1,2}"
 NAMED="${NAMED:-32}"         # seeds a design for ceiling --named
-EVAL="${EVAL:-16}"           # samples a concept for the bench
+EVAL="${EVAL:-64}"           # samples a concept for the bench (:plastic's; 16 until 2026-12-07)
 case "$arch" in wide|cross16|base) ;; *) echo "ARCH must be wide, cross16 or base, got $arch" >&2; exit 2 ;; esac
 mkdir -p "$OUT" "$BASES"
 cd "$(dirname "$0")/.."
